@@ -1,0 +1,21 @@
+//! Compiles proto/ with protox (pure Rust, no protoc on the machine).
+
+fn main() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let includes = [root.join("etcd"), root.join("corral")];
+    let files = [
+        root.join("etcd/kv.proto"),
+        root.join("etcd/auth.proto"),
+        root.join("etcd/rpc.proto"),
+        root.join("corral/store.proto"),
+    ];
+    for dir in &includes {
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
+    let fds = protox::compile(&files, &includes).expect("proto/ does not compile");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .expect("code generation from proto/ failed");
+}

@@ -1,0 +1,29 @@
+//! Generated protobuf types and gRPC stubs.
+//!
+//! - [`etcdserverpb`], [`mvccpb`], [`authpb`]: etcd's v3 API, wire-compatible with etcd 3.4+.
+//! - [`store`]: Corral's Raft entries and server-to-server RPCs.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// Nested as its package is, so the generated paths to `etcdserverpb` resolve.
+pub mod corral {
+    pub mod store {
+        pub mod v1 {
+            tonic::include_proto!("corral.store.v1");
+        }
+    }
+}
+
+pub use corral::store::v1 as store;

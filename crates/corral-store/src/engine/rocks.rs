@@ -1,0 +1,144 @@
+//! The RocksDB engine: one database per server, one column family per [`Cf`].
+
+use std::path::Path;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBRawIterator, Options, ReadOptions, Snapshot, WriteBatch, WriteOptions, DB,
+};
+
+use super::{Batch, Cf, Cursor, Engine, Result, View, WriteOp};
+
+pub struct RocksEngine {
+    db: DB,
+}
+
+impl RocksEngine {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        // Keep the WAL bounded: memtables are flushed when it grows past this.
+        opts.set_max_total_wal_size(256 << 20);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut cf_opts = Options::default();
+            if matches!(cf, Cf::Kv | Cf::Log) {
+                cf_opts.set_write_buffer_size(64 << 20);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Self { db })
+    }
+
+    fn handle(&self, cf: Cf) -> &ColumnFamily {
+        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+    }
+}
+
+impl Engine for RocksEngine {
+    fn view(&self) -> Box<dyn View + '_> {
+        Box::new(RocksView { engine: self, snapshot: self.db.snapshot() })
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { cf, key, value } => wb.put_cf(self.handle(cf), key, value),
+                WriteOp::Delete { cf, key } => wb.delete_cf(self.handle(cf), key),
+                WriteOp::DeleteRange { cf, start, end } => wb.delete_range_cf(self.handle(cf), start, end),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        Cf::ALL
+            .iter()
+            .map(|cf| {
+                let h = self.handle(*cf);
+                let sst = self.db.property_int_value_cf(h, "rocksdb.total-sst-files-size").ok().flatten();
+                let mem = self.db.property_int_value_cf(h, "rocksdb.cur-size-all-mem-tables").ok().flatten();
+                sst.unwrap_or(0) + mem.unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn defragment(&self) -> Result<()> {
+        for cf in Cf::ALL {
+            self.db.compact_range_cf(self.handle(cf), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<()> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+}
+
+struct RocksView<'a> {
+    engine: &'a RocksEngine,
+    snapshot: Snapshot<'a>,
+}
+
+impl View for RocksView<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snapshot.get_cf(self.engine.handle(cf), key)?)
+    }
+
+    fn cursor(&self, cf: Cf) -> Box<dyn Cursor + '_> {
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&self.snapshot);
+        Box::new(RocksCursor { inner: self.engine.db.raw_iterator_cf_opt(self.engine.handle(cf), ro) })
+    }
+}
+
+struct RocksCursor<'a> {
+    inner: DBRawIterator<'a>,
+}
+
+impl Cursor for RocksCursor<'_> {
+    fn seek(&mut self, key: &[u8]) {
+        self.inner.seek(key);
+    }
+
+    fn seek_for_prev(&mut self, key: &[u8]) {
+        self.inner.seek_for_prev(key);
+    }
+
+    fn valid(&self) -> bool {
+        self.inner.valid()
+    }
+
+    fn key(&self) -> &[u8] {
+        self.inner.key().expect("cursor is valid")
+    }
+
+    fn value(&self) -> &[u8] {
+        self.inner.value().expect("cursor is valid")
+    }
+
+    fn next(&mut self) {
+        self.inner.next();
+    }
+
+    fn prev(&mut self) {
+        self.inner.prev();
+    }
+
+    fn status(&self) -> Result<()> {
+        Ok(self.inner.status()?)
+    }
+}

@@ -1,0 +1,197 @@
+//! etcd's data model over an [`Engine`]: one global revision, every key's create revision,
+//! mod revision, version and lease, and the history of every key until compaction.
+//!
+//! Writes happen only through a [`Writer`], from one task (the Raft state machine); reads
+//! run concurrently from any task on consistent views. The in-memory revision counters are
+//! bumped only after a batch is written, so a reader never sees a revision that it cannot
+//! read.
+
+mod keys;
+mod read;
+mod record;
+mod write;
+
+pub use read::{KeyRange, RangeOptions};
+pub use record::Record;
+pub use write::{Applied, Writer};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use corral_proto::mvccpb;
+
+use crate::engine::{Cf, EngineError, SharedEngine};
+use crate::error::{StoreError, StoreResult};
+
+/// Meta keys of the state machine.
+pub(crate) mod meta {
+    pub const CURRENT_REV: &[u8] = b"current_rev";
+    pub const COMPACT_REV: &[u8] = b"compact_rev";
+    pub const COMPACT_FINISHED: &[u8] = b"compact_finished";
+    pub const ALARMS: &[u8] = b"alarms";
+}
+
+/// Lease column family key prefixes.
+const LEASE_PREFIX: u8 = b'L';
+const LEASE_KEY_PREFIX: u8 = b'K';
+
+/// A lease as the state machine knows it. Deadlines are the leader's business, not state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub ttl_s: i64,
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+/// One change, as a watcher receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub sub: u32,
+    pub inner: mvccpb::Event,
+}
+
+impl Event {
+    pub fn revision(&self) -> i64 {
+        self.inner.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0)
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.inner.kv.as_ref().map(|kv| kv.key.as_slice()).unwrap_or(&[])
+    }
+}
+
+/// The MVCC store.
+pub struct Mvcc {
+    engine: SharedEngine,
+    current_rev: AtomicI64,
+    compact_rev: AtomicI64,
+    leases: Mutex<BTreeMap<i64, LeaseInfo>>,
+    alarms: Mutex<Vec<(u64, i32)>>,
+}
+
+impl Mvcc {
+    /// Opens the store over `engine`, loading the revisions and leases it holds.
+    pub fn open(engine: SharedEngine) -> StoreResult<Arc<Self>> {
+        let view = engine.view();
+        let read_i64 = |key: &[u8]| -> Result<Option<i64>, EngineError> {
+            Ok(view.get(Cf::Meta, key)?.map(|raw| i64::from_be_bytes(raw.as_slice().try_into().unwrap_or([0; 8]))))
+        };
+        let current_rev = read_i64(meta::CURRENT_REV)?.unwrap_or(1);
+        let compact_rev = read_i64(meta::COMPACT_REV)?.unwrap_or(0);
+        let compact_finished = read_i64(meta::COMPACT_FINISHED)?.unwrap_or(0);
+        let alarms = match view.get(Cf::Meta, meta::ALARMS)? {
+            Some(raw) => decode_alarms(&raw),
+            None => Vec::new(),
+        };
+        let mut leases = BTreeMap::<i64, LeaseInfo>::new();
+        let mut cursor = view.cursor(Cf::Lease);
+        cursor.seek(&[]);
+        while cursor.valid() {
+            let key = cursor.key();
+            if key.len() >= 9 {
+                let id = i64::from_be_bytes(key[1..9].try_into().expect("8 bytes"));
+                match key[0] {
+                    LEASE_PREFIX => {
+                        let ttl = i64::from_be_bytes(cursor.value().try_into().unwrap_or([0; 8]));
+                        leases.entry(id).or_default().ttl_s = ttl;
+                    }
+                    LEASE_KEY_PREFIX => {
+                        leases.entry(id).or_default().keys.insert(key[9..].to_vec());
+                    }
+                    _ => {}
+                }
+            }
+            cursor.next();
+        }
+        cursor.status()?;
+        drop(cursor);
+        drop(view);
+        let mvcc = Self {
+            engine,
+            current_rev: AtomicI64::new(current_rev),
+            compact_rev: AtomicI64::new(compact_rev),
+            leases: Mutex::new(leases),
+            alarms: Mutex::new(alarms),
+        };
+        if compact_finished < compact_rev {
+            // A crash interrupted a compaction: finish it before anyone reads.
+            mvcc.run_compaction(compact_rev)?;
+        }
+        Ok(Arc::new(mvcc))
+    }
+
+    pub fn engine(&self) -> &SharedEngine {
+        &self.engine
+    }
+
+    /// The revision of the last write applied.
+    pub fn current_revision(&self) -> i64 {
+        self.current_rev.load(Ordering::Acquire)
+    }
+
+    /// Revisions below this one are gone.
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_rev.load(Ordering::Acquire)
+    }
+
+    /// Every lease with its TTL and keys.
+    pub fn leases(&self) -> BTreeMap<i64, LeaseInfo> {
+        self.leases.lock().expect("lease lock").clone()
+    }
+
+    pub fn lease(&self, id: i64) -> Option<LeaseInfo> {
+        self.leases.lock().expect("lease lock").get(&id).cloned()
+    }
+
+    /// Active alarms as (member id, alarm type).
+    pub fn alarms(&self) -> Vec<(u64, i32)> {
+        self.alarms.lock().expect("alarm lock").clone()
+    }
+
+    /// Starts a batch of writes. Only one writer may exist at a time.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer::new(self)
+    }
+
+    /// Checks that `rev` can be read: not compacted away, not in the future. 0 means current.
+    fn check_revision(&self, rev: i64) -> StoreResult<i64> {
+        let current = self.current_revision();
+        if rev <= 0 {
+            return Ok(current);
+        }
+        if rev > current {
+            return Err(StoreError::FutureRev);
+        }
+        let compact_rev = self.compact_revision();
+        if rev < compact_rev {
+            return Err(StoreError::Compacted { compact_rev });
+        }
+        Ok(rev)
+    }
+}
+
+pub(crate) fn lease_key(id: i64) -> Vec<u8> {
+    let mut k = vec![LEASE_PREFIX];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub(crate) fn lease_attachment_key(id: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = vec![LEASE_KEY_PREFIX];
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+pub(crate) fn encode_alarms(alarms: &[(u64, i32)]) -> Vec<u8> {
+    alarms.iter().flat_map(|(member, alarm)| member.to_be_bytes().into_iter().chain(alarm.to_be_bytes())).collect()
+}
+
+fn decode_alarms(raw: &[u8]) -> Vec<(u64, i32)> {
+    raw.chunks_exact(12)
+        .map(|c| (u64::from_be_bytes(c[..8].try_into().expect("8")), i32::from_be_bytes(c[8..].try_into().expect("4"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
