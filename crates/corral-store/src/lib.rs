@@ -2,9 +2,16 @@
 //!
 //! - [`engine`]: the ordered key-value engine (RocksDB, or memory for tests).
 //! - [`mvcc`]: revisions, versions, history, txns, leases, compaction.
+//! - [`raft`]: openraft's log storage, state machine and snapshots over the engine.
+//! - [`watch`]: fan-out of applied events to watchers on one server.
 
 pub mod engine;
+pub mod etcd;
 pub mod error;
 pub mod mvcc;
+pub mod node;
+pub mod peer;
+pub mod raft;
+pub mod watch;
 
 pub use error::{StoreError, StoreResult};

@@ -1,1 +1,45 @@
-fn main() {}
+//! `corral`: the one binary. Servers, local clusters, benchmarks.
+
+mod local;
+mod server;
+mod tls;
+mod urls;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "corral", version, about = "A Kubernetes-compatible orchestrator in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one control-plane server (store, etcd v3 API, Raft).
+    Server(server::ServerArgs),
+    /// Start a local cluster in the background and wait until it is healthy.
+    Up(local::UpArgs),
+    /// Stop a local cluster and remove everything it made.
+    Down(local::DownArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Server(args) => {
+            init_logging();
+            runtime.block_on(server::run(args))
+        }
+        Command::Up(args) => runtime.block_on(local::up(args)),
+        Command::Down(args) => runtime.block_on(local::down(args)),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}

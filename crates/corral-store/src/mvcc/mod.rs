@@ -13,7 +13,7 @@ mod write;
 
 pub use read::{KeyRange, RangeOptions};
 pub use record::Record;
-pub use write::{Applied, Writer};
+pub use write::{check_txn_request, txn_is_read_only, Applied, Writer};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -72,52 +72,33 @@ pub struct Mvcc {
 impl Mvcc {
     /// Opens the store over `engine`, loading the revisions and leases it holds.
     pub fn open(engine: SharedEngine) -> StoreResult<Arc<Self>> {
-        let view = engine.view();
-        let read_i64 = |key: &[u8]| -> Result<Option<i64>, EngineError> {
-            Ok(view.get(Cf::Meta, key)?.map(|raw| i64::from_be_bytes(raw.as_slice().try_into().unwrap_or([0; 8]))))
-        };
-        let current_rev = read_i64(meta::CURRENT_REV)?.unwrap_or(1);
-        let compact_rev = read_i64(meta::COMPACT_REV)?.unwrap_or(0);
-        let compact_finished = read_i64(meta::COMPACT_FINISHED)?.unwrap_or(0);
-        let alarms = match view.get(Cf::Meta, meta::ALARMS)? {
-            Some(raw) => decode_alarms(&raw),
-            None => Vec::new(),
-        };
-        let mut leases = BTreeMap::<i64, LeaseInfo>::new();
-        let mut cursor = view.cursor(Cf::Lease);
-        cursor.seek(&[]);
-        while cursor.valid() {
-            let key = cursor.key();
-            if key.len() >= 9 {
-                let id = i64::from_be_bytes(key[1..9].try_into().expect("8 bytes"));
-                match key[0] {
-                    LEASE_PREFIX => {
-                        let ttl = i64::from_be_bytes(cursor.value().try_into().unwrap_or([0; 8]));
-                        leases.entry(id).or_default().ttl_s = ttl;
-                    }
-                    LEASE_KEY_PREFIX => {
-                        leases.entry(id).or_default().keys.insert(key[9..].to_vec());
-                    }
-                    _ => {}
-                }
-            }
-            cursor.next();
-        }
-        cursor.status()?;
-        drop(cursor);
-        drop(view);
+        let loaded = Loaded::read(engine.as_ref())?;
         let mvcc = Self {
             engine,
-            current_rev: AtomicI64::new(current_rev),
-            compact_rev: AtomicI64::new(compact_rev),
-            leases: Mutex::new(leases),
-            alarms: Mutex::new(alarms),
+            current_rev: AtomicI64::new(loaded.current_rev),
+            compact_rev: AtomicI64::new(loaded.compact_rev),
+            leases: Mutex::new(loaded.leases),
+            alarms: Mutex::new(loaded.alarms),
         };
-        if compact_finished < compact_rev {
+        if loaded.compact_finished < loaded.compact_rev {
             // A crash interrupted a compaction: finish it before anyone reads.
-            mvcc.run_compaction(compact_rev)?;
+            mvcc.run_compaction(loaded.compact_rev)?;
         }
         Ok(Arc::new(mvcc))
+    }
+
+    /// Re-reads the in-memory state after the engine's contents were replaced (a snapshot
+    /// was installed). The caller is the only writer.
+    pub fn reload(&self) -> StoreResult<()> {
+        let loaded = Loaded::read(self.engine.as_ref())?;
+        *self.leases.lock().expect("lease lock") = loaded.leases;
+        *self.alarms.lock().expect("alarm lock") = loaded.alarms;
+        self.compact_rev.store(loaded.compact_rev, Ordering::Release);
+        self.current_rev.store(loaded.current_rev, Ordering::Release);
+        if loaded.compact_finished < loaded.compact_rev {
+            self.run_compaction(loaded.compact_rev)?;
+        }
+        Ok(())
     }
 
     pub fn engine(&self) -> &SharedEngine {
@@ -167,6 +148,53 @@ impl Mvcc {
             return Err(StoreError::Compacted { compact_rev });
         }
         Ok(rev)
+    }
+}
+
+/// The state kept in memory, as read from the engine.
+struct Loaded {
+    current_rev: i64,
+    compact_rev: i64,
+    compact_finished: i64,
+    leases: BTreeMap<i64, LeaseInfo>,
+    alarms: Vec<(u64, i32)>,
+}
+
+impl Loaded {
+    fn read(engine: &dyn crate::engine::Engine) -> Result<Self, EngineError> {
+        let view = engine.view();
+        let read_i64 = |key: &[u8]| -> Result<Option<i64>, EngineError> {
+            Ok(view.get(Cf::Meta, key)?.map(|raw| i64::from_be_bytes(raw.as_slice().try_into().unwrap_or([0; 8]))))
+        };
+        let current_rev = read_i64(meta::CURRENT_REV)?.unwrap_or(1);
+        let compact_rev = read_i64(meta::COMPACT_REV)?.unwrap_or(0);
+        let compact_finished = read_i64(meta::COMPACT_FINISHED)?.unwrap_or(0);
+        let alarms = match view.get(Cf::Meta, meta::ALARMS)? {
+            Some(raw) => decode_alarms(&raw),
+            None => Vec::new(),
+        };
+        let mut leases = BTreeMap::<i64, LeaseInfo>::new();
+        let mut cursor = view.cursor(Cf::Lease);
+        cursor.seek(&[]);
+        while cursor.valid() {
+            let key = cursor.key();
+            if key.len() >= 9 {
+                let id = i64::from_be_bytes(key[1..9].try_into().expect("8 bytes"));
+                match key[0] {
+                    LEASE_PREFIX => {
+                        let ttl = i64::from_be_bytes(cursor.value().try_into().unwrap_or([0; 8]));
+                        leases.entry(id).or_default().ttl_s = ttl;
+                    }
+                    LEASE_KEY_PREFIX => {
+                        leases.entry(id).or_default().keys.insert(key[9..].to_vec());
+                    }
+                    _ => {}
+                }
+            }
+            cursor.next();
+        }
+        cursor.status()?;
+        Ok(Loaded { current_rev, compact_rev, compact_finished, leases, alarms })
     }
 }
 

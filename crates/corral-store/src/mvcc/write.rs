@@ -294,7 +294,7 @@ impl<'a> Writer<'a> {
     // ---- txn ----
 
     fn txn(&mut self, req: &TxnRequest) -> StoreResult<TxnResponse> {
-        check_txn_shape(req)?;
+        check_txn_request(req)?;
         let mut step = Step { rev: self.rev + 1, sub: 0 };
         let resp = self.txn_at(&mut step, req)?;
         if step.sub > 0 {
@@ -475,7 +475,7 @@ fn compare_one(cmp: &Compare, target: compare::CompareTarget, kv: &KeyValue) -> 
 }
 
 /// etcd's checks on a txn's shape: the number of ops, and no key written twice in a branch.
-pub(crate) fn check_txn_shape(req: &TxnRequest) -> StoreResult<()> {
+pub fn check_txn_request(req: &TxnRequest) -> StoreResult<()> {
     if req.compare.len() > MAX_TXN_OPS || req.success.len() > MAX_TXN_OPS || req.failure.len() > MAX_TXN_OPS {
         return Err(StoreError::TooManyOps);
     }
@@ -502,7 +502,7 @@ fn collect_writes(ops: &[RequestOp], puts: &mut BTreeSet<Vec<u8>>, deletes: &mut
             }
             Some(request_op::Request::RequestDeleteRange(d)) => deletes.push(KeyRange::new(&d.key, &d.range_end)),
             Some(request_op::Request::RequestTxn(t)) => {
-                check_txn_shape(t)?;
+                check_txn_request(t)?;
                 // Only one of a nested txn's branches runs: its writes are checked per branch.
                 let mut branch_puts = puts.clone();
                 collect_writes(&t.success, &mut branch_puts, deletes)?;
@@ -571,5 +571,23 @@ impl Mvcc {
                 return Ok(());
             }
         }
+    }
+}
+
+/// True when no branch of the txn, however deep, writes.
+pub fn txn_is_read_only(req: &TxnRequest) -> bool {
+    req.success.iter().chain(req.failure.iter()).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
+        _ => false,
+    })
+}
+
+impl Mvcc {
+    /// Runs a txn that writes nothing against the current state, off the Raft log.
+    pub fn read_only_txn(&self, req: &TxnRequest) -> StoreResult<TxnResponse> {
+        debug_assert!(txn_is_read_only(req));
+        let mut writer = Writer::new(self);
+        writer.txn(req)
     }
 }

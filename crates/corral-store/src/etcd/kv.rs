@@ -1,0 +1,113 @@
+use std::sync::Arc;
+
+use corral_proto::etcdserverpb::kv_server::Kv;
+use corral_proto::etcdserverpb::{
+    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use corral_proto::store::command_result::Result as R;
+use corral_proto::store::{command, Command};
+use tonic::{Request, Response, Status};
+
+use super::check_size;
+use crate::mvcc::{txn_is_read_only, KeyRange};
+use crate::node::StoreNode;
+use crate::StoreError;
+
+pub struct KvService {
+    node: Arc<StoreNode>,
+}
+
+impl KvService {
+    pub fn new(node: Arc<StoreNode>) -> Self {
+        Self { node }
+    }
+
+    async fn write(&self, op: command::Op) -> Result<R, Status> {
+        let result = self.node.propose(Command { op: Some(op) }).await?;
+        result.result.ok_or_else(|| Status::internal("etcdserver: empty result"))
+    }
+
+    fn header(&self) -> Option<corral_proto::etcdserverpb::ResponseHeader> {
+        Some(self.node.header(self.node.mvcc().current_revision()))
+    }
+}
+
+fn check_range(key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(StoreError::EmptyKey.into());
+    }
+    let _ = KeyRange::new(key, range_end);
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[tracing::instrument(skip_all, fields(key_len = req.get_ref().key.len()))]
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = req.into_inner();
+        check_range(&req.key, &req.range_end)?;
+        Ok(Response::new(self.node.range(&req).await?))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = req.into_inner();
+        check_size(&req)?;
+        if req.key.is_empty() {
+            return Err(StoreError::EmptyKey.into());
+        }
+        match self.write(command::Op::Put(req)).await? {
+            R::Put(mut resp) => {
+                resp.header = self.header();
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = req.into_inner();
+        check_range(&req.key, &req.range_end)?;
+        match self.write(command::Op::DeleteRange(req)).await? {
+            R::DeleteRange(mut resp) => {
+                resp.header = self.header();
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = req.into_inner();
+        check_size(&req)?;
+        crate::mvcc::check_txn_request(&req)?;
+        if txn_is_read_only(&req) {
+            let serializable = req.success.iter().chain(req.failure.iter()).all(|op| {
+                matches!(&op.request, Some(request_op::Request::RequestRange(r)) if r.serializable)
+            });
+            if !serializable {
+                self.node.read_barrier().await?;
+            }
+            let mut resp = self.node.mvcc().read_only_txn(&req)?;
+            resp.header = self.header();
+            return Ok(Response::new(resp));
+        }
+        match self.write(command::Op::Txn(req)).await? {
+            R::Txn(mut resp) => {
+                resp.header = self.header();
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        match self.write(command::Op::Compaction(req.into_inner())).await? {
+            R::Compaction(mut resp) => {
+                resp.header = self.header();
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! One server's store: the Raft instance, the MVCC state it applies to, watchers, and the
+//! leader's lease clock. Everything the etcd API does goes through a [`StoreNode`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corral_proto::etcdserverpb::{self as pb, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, RangeRequest, RangeResponse, ResponseHeader};
+use corral_proto::store::{command, Command, CommandResult, MemberChangeRequest, ReadIndexRequest};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{RocksEngine, SharedEngine};
+use crate::error::{StoreError, StoreResult};
+use crate::mvcc::{KeyRange, Mvcc};
+use crate::raft::network::Peers;
+use crate::raft::{decode, encode, LogStore, Member, NodeId, Raft, RaftMetrics, Request, StateMachine};
+use crate::watch::{WatchHub, WatchStream};
+
+/// A store server's settings. Defaults suit a cluster on one machine.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub member_id: NodeId,
+    pub cluster_id: u64,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is built after this many entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept behind a snapshot, for followers that are only a little behind.
+    pub logs_kept_behind_snapshot: u64,
+    /// Beyond this many bytes on disk, writes get "database space exceeded".
+    pub quota_bytes: u64,
+    pub request_timeout_ms: u64,
+    /// Allows an even number of voters (refused by default: it adds no fault tolerance).
+    pub allow_even_voters: bool,
+}
+
+impl StoreConfig {
+    pub fn new(member_id: NodeId, cluster_id: u64, data_dir: PathBuf) -> Self {
+        Self {
+            member_id,
+            cluster_id,
+            data_dir,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 500,
+            snapshot_every_entries: 50_000,
+            logs_kept_behind_snapshot: 5_000,
+            quota_bytes: 8 << 30,
+            request_timeout_ms: 5_000,
+            allow_even_voters: false,
+        }
+    }
+
+    /// Checks the settings before anything starts.
+    pub fn validate(&self) -> StoreResult<()> {
+        if self.member_id == 0 {
+            return Err(StoreError::InvalidArgument("member id must not be 0".into()));
+        }
+        if self.heartbeat_interval_ms * 2 > self.election_timeout_min_ms
+            || self.election_timeout_min_ms >= self.election_timeout_max_ms
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "election timeouts ({}..{} ms) must exceed twice the heartbeat ({} ms), min below max",
+                self.election_timeout_min_ms, self.election_timeout_max_ms, self.heartbeat_interval_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// etcd's minimum lease TTL: leases shorter than an election could expire during one.
+    pub fn min_lease_ttl_s(&self) -> i64 {
+        ((self.election_timeout_max_ms * 3 / 2).div_ceil(1000)).max(1) as i64
+    }
+}
+
+/// A membership change, forwarded to the leader as bincode.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MemberChange {
+    Add { peer_urls: Vec<String>, is_learner: bool },
+    Remove { id: NodeId },
+    Promote { id: NodeId },
+    Update { id: NodeId, peer_urls: Vec<String> },
+    /// A server announces its name and client URLs once it runs.
+    Publish { id: NodeId, name: String, client_urls: Vec<String> },
+}
+
+/// Status of this server, for etcd's Maintenance.Status.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub leader: NodeId,
+    pub term: u64,
+    pub raft_index: u64,
+    pub applied_index: u64,
+    pub db_size: i64,
+    pub is_learner: bool,
+    pub revision: i64,
+}
+
+pub struct StoreNode {
+    cfg: StoreConfig,
+    raft: Raft,
+    mvcc: Arc<Mvcc>,
+    hub: Arc<WatchHub>,
+    peers: Peers,
+    engine: SharedEngine,
+    /// Lease deadlines, kept by the leader only.
+    lease_deadlines: Mutex<HashMap<i64, Instant>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl StoreNode {
+    /// Opens the server's data directory and starts Raft. The cluster is formed by
+    /// [`StoreNode::bootstrap`] on a new cluster, or by joining through MemberAdd.
+    pub async fn open(cfg: StoreConfig, peers: Peers) -> StoreResult<Arc<Self>> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StoreError::Internal(format!("data dir: {e}")))?;
+        let engine: SharedEngine = Arc::new(RocksEngine::open(&cfg.data_dir.join("db"))?);
+        let mvcc = Mvcc::open(engine.clone())?;
+        let hub = WatchHub::new(mvcc.current_revision());
+        let sm = StateMachine::open(mvcc.clone(), hub.clone(), cfg.data_dir.join("snapshots"))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let log = LogStore::new(engine.clone());
+        let raft_config = openraft::Config {
+            cluster_name: format!("corral-{:x}", cfg.cluster_id),
+            heartbeat_interval: cfg.heartbeat_interval_ms,
+            election_timeout_min: cfg.election_timeout_min_ms,
+            election_timeout_max: cfg.election_timeout_max_ms,
+            install_snapshot_timeout: 60_000,
+            max_payload_entries: 512,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: cfg.logs_kept_behind_snapshot,
+            purge_batch_size: 256,
+            snapshot_max_chunk_size: 4 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StoreError::InvalidArgument(format!("raft config: {e}")))?;
+        let raft = Raft::new(cfg.member_id, Arc::new(raft_config), peers.clone(), log, sm)
+            .await
+            .map_err(|e| StoreError::Internal(format!("raft did not start: {e}")))?;
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let node = Arc::new(Self {
+            cfg,
+            raft,
+            mvcc,
+            hub,
+            peers,
+            engine,
+            lease_deadlines: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        tokio::spawn(lease_clock(Arc::downgrade(&node), node.shutdown.subscribe()));
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.member_id
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn mvcc(&self) -> &Arc<Mvcc> {
+        &self.mvcc
+    }
+
+    pub fn engine(&self) -> &SharedEngine {
+        &self.engine
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Forms a new cluster from the initial members. Safe to call on every initial member
+    /// and on every restart: an initialized server ignores it.
+    pub async fn bootstrap(&self, members: BTreeMap<NodeId, Member>) -> StoreResult<()> {
+        if members.len() % 2 == 0 && !self.cfg.allow_even_voters {
+            return Err(StoreError::InvalidArgument(format!(
+                "refusing to bootstrap {} voters: an even count tolerates no more failures than one fewer; \
+                 use an odd count or --allow-even-voters",
+                members.len()
+            )));
+        }
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(StoreError::Internal(format!("bootstrap: {e}"))),
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.raft.shutdown().await;
+    }
+
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cfg.cluster_id,
+            member_id: self.cfg.member_id,
+            revision,
+            raft_term: self.metrics().current_term,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.request_timeout_ms)
+    }
+
+    /// The leader's member record, waiting up to one election for one to be known.
+    async fn leader(&self) -> StoreResult<(NodeId, Member)> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 3);
+        let mut metrics = self.raft.metrics();
+        loop {
+            let found = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned().map(|n| (id, n)))
+            };
+            if let Some(found) = found {
+                return Ok(found);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, metrics.changed()).await.is_err() {
+                return Err(StoreError::NoLeader);
+            }
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader
+    }
+
+    /// A leader that has not heard from a quorum for an election timeout is cut off:
+    /// it fails requests at once instead of letting them hang.
+    fn check_quorum(&self) -> StoreResult<()> {
+        let m = self.raft.metrics().borrow().clone();
+        match m.millis_since_quorum_ack {
+            Some(ms) if ms > self.cfg.election_timeout_max_ms * 2 => Err(StoreError::NoLeader),
+            _ => Ok(()),
+        }
+    }
+
+    // ---- writes ----
+
+    /// Replicates a write and returns what applying it produced. On a follower, the write
+    /// is forwarded to the leader.
+    pub async fn propose(&self, cmd: Command) -> StoreResult<CommandResult> {
+        if is_quota_bound(&cmd) {
+            self.check_space(&cmd).await?;
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let outcome = if self.is_leader() { self.propose_local(cmd.clone()).await } else { self.forward(cmd.clone()).await };
+            match outcome {
+                Err(StoreError::LeaderChanged) if attempts < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes on this server, which must be the leader.
+    pub async fn propose_local(&self, cmd: Command) -> StoreResult<CommandResult> {
+        self.check_quorum()?;
+        let written = tokio::time::timeout(self.timeout(), self.raft.client_write(Request(cmd))).await;
+        match written {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok(resp)) => result_of(resp.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(StoreError::LeaderChanged),
+            Ok(Err(e)) => Err(StoreError::Internal(e.to_string())),
+        }
+    }
+
+    async fn forward(&self, cmd: Command) -> StoreResult<CommandResult> {
+        let (_, leader) = self.leader().await?;
+        let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+        let mut request = tonic::Request::new(cmd);
+        request.set_timeout(self.timeout());
+        match client.propose(request).await {
+            Ok(reply) => result_of(reply.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable => Err(StoreError::LeaderChanged),
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    async fn check_space(&self, _cmd: &Command) -> StoreResult<()> {
+        let nospace = corral_proto::etcdserverpb::AlarmType::Nospace as i32;
+        if self.mvcc.alarms().iter().any(|(_, a)| *a == nospace) {
+            return Err(StoreError::NoSpace);
+        }
+        if self.engine.size_bytes() > self.cfg.quota_bytes {
+            let alarm = pb::AlarmRequest {
+                action: pb::alarm_request::AlarmAction::Activate as i32,
+                member_id: self.cfg.member_id,
+                alarm: nospace,
+            };
+            let _ = Box::pin(self.propose(Command { op: Some(command::Op::Alarm(alarm)) })).await;
+            return Err(StoreError::NoSpace);
+        }
+        Ok(())
+    }
+
+    // ---- reads ----
+
+    /// Waits until this server has applied everything committed before the call: after it,
+    /// a local read is linearizable.
+    pub async fn read_barrier(&self) -> StoreResult<()> {
+        if self.is_leader() {
+            self.check_quorum()?;
+            let confirmed = tokio::time::timeout(self.timeout(), self.raft.ensure_linearizable()).await;
+            return match confirmed {
+                Err(_) => Err(StoreError::Timeout),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                    Box::pin(self.follower_barrier()).await
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(StoreError::NoLeader),
+                Ok(Err(e)) => Err(StoreError::Internal(e.to_string())),
+            };
+        }
+        self.follower_barrier().await
+    }
+
+    async fn follower_barrier(&self) -> StoreResult<()> {
+        let (_, leader) = self.leader().await?;
+        let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(self.timeout());
+        let index = client.read_index(request).await.map_err(StoreError::from)?.into_inner().read_index;
+        self.raft
+            .wait(Some(self.timeout()))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map_err(|_| StoreError::Timeout)?;
+        Ok(())
+    }
+
+    /// The read index this leader confirms with a quorum, for a follower's read.
+    pub async fn read_index(&self) -> StoreResult<u64> {
+        if !self.is_leader() {
+            return Err(StoreError::LeaderChanged);
+        }
+        self.check_quorum()?;
+        let confirmed = tokio::time::timeout(self.timeout(), self.raft.get_read_log_id()).await;
+        match confirmed {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok((read_log_id, _))) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(StoreError::NoLeader),
+            Ok(Err(_)) => Err(StoreError::LeaderChanged),
+        }
+    }
+
+    /// A Range: linearizable unless the request asks for a serializable read.
+    pub async fn range(&self, req: &RangeRequest) -> StoreResult<RangeResponse> {
+        if !req.serializable {
+            self.read_barrier().await?;
+        }
+        let mut resp = self.mvcc.range(req)?;
+        let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        resp.header = Some(self.header(rev));
+        Ok(resp)
+    }
+
+    /// A watcher of `range` from `start_rev` (0: from now on).
+    pub fn watch(&self, range: KeyRange, start_rev: i64, prev_kv: bool) -> StoreResult<WatchStream> {
+        WatchStream::new(self.mvcc.clone(), &self.hub, range, start_rev, prev_kv)
+    }
+
+    // ---- leases ----
+
+    /// Grants a lease; the id is chosen here when the client leaves it 0.
+    pub async fn lease_grant(&self, mut req: pb::LeaseGrantRequest) -> StoreResult<pb::LeaseGrantResponse> {
+        if req.id == 0 {
+            req.id = (rand::random::<u64>() >> 1).max(1) as i64;
+        }
+        req.ttl = req.ttl.max(self.cfg.min_lease_ttl_s());
+        match self.propose(Command { op: Some(command::Op::LeaseGrant(req)) }).await?.result {
+            Some(corral_proto::store::command_result::Result::LeaseGrant(mut resp)) => {
+                resp.header = Some(self.header(self.mvcc.current_revision()));
+                Ok(resp)
+            }
+            other => Err(StoreError::Internal(format!("unexpected lease grant result {other:?}"))),
+        }
+    }
+
+    /// Renews a lease's deadline on the leader; followers forward.
+    pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> StoreResult<LeaseKeepAliveResponse> {
+        if !self.is_leader() {
+            let (_, leader) = self.leader().await?;
+            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            return Ok(client.lease_keep_alive(req).await?.into_inner());
+        }
+        self.check_quorum()?;
+        let Some(info) = self.mvcc.lease(req.id) else { return Err(StoreError::LeaseNotFound) };
+        self.lease_deadlines
+            .lock()
+            .expect("lease lock")
+            .insert(req.id, Instant::now() + Duration::from_secs(info.ttl_s as u64));
+        Ok(LeaseKeepAliveResponse { header: Some(self.header(self.mvcc.current_revision())), id: req.id, ttl: info.ttl_s })
+    }
+
+    pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
+        if !self.is_leader() {
+            let (_, leader) = self.leader().await?;
+            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            return Ok(client.lease_time_to_live(req).await?.into_inner());
+        }
+        let header = Some(self.header(self.mvcc.current_revision()));
+        let Some(info) = self.mvcc.lease(req.id) else {
+            // etcd answers a missing lease with TTL -1 rather than an error.
+            return Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, granted_ttl: 0, keys: vec![] });
+        };
+        let remaining = self
+            .lease_deadlines
+            .lock()
+            .expect("lease lock")
+            .get(&req.id)
+            .map(|d| d.saturating_duration_since(Instant::now()).as_secs() as i64)
+            .unwrap_or(info.ttl_s);
+        let keys = if req.keys { info.keys.into_iter().collect() } else { vec![] };
+        Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: remaining, granted_ttl: info.ttl_s, keys })
+    }
+
+    // ---- membership ----
+
+    /// Every member, with learners marked.
+    pub fn members(&self) -> Vec<pb::Member> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                id: *id,
+                name: node.name.clone(),
+                peer_ur_ls: node.peer_urls.clone(),
+                client_ur_ls: node.client_urls.clone(),
+                is_learner: !voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// Applies a membership change on the leader (forwarding if this server is not).
+    pub async fn member_change(&self, change: MemberChange) -> StoreResult<(Vec<pb::Member>, NodeId)> {
+        if !self.is_leader() {
+            let (_, leader) = self.leader().await?;
+            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            let reply = client.member_change(MemberChangeRequest { change: encode(&change) }).await?.into_inner();
+            return Ok((reply.members, reply.member_id));
+        }
+        self.check_quorum()?;
+        let m = self.metrics();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let wrap = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => StoreError::LeaderChanged,
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                StoreError::Unavailable(format!("etcdserver: membership change refused: {e}"))
+            }
+            e => StoreError::Internal(e.to_string()),
+        };
+        let check_even = |count: usize| {
+            if count % 2 == 0 && !self.cfg.allow_even_voters {
+                Err(StoreError::InvalidArgument(format!(
+                    "corral: refusing to make the voter count even ({count}): it tolerates no more failures than {}; \
+                     add the member as a learner, or start the servers with --allow-even-voters",
+                    count - 1
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let id = match change {
+            MemberChange::Add { peer_urls, is_learner } => {
+                if membership.nodes().any(|(_, n)| n.peer_urls.iter().any(|u| peer_urls.contains(u))) {
+                    return Err(StoreError::PeerUrlExists);
+                }
+                if !is_learner {
+                    check_even(voters.len() + 1)?;
+                }
+                let id = loop {
+                    let id = rand::random::<u64>();
+                    if id != 0 && membership.get_node(&id).is_none() {
+                        break id;
+                    }
+                };
+                let node = Member { name: String::new(), peer_urls, client_urls: vec![] };
+                self.raft.add_learner(id, node, false).await.map_err(wrap)?;
+                if !is_learner {
+                    self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                }
+                id
+            }
+            MemberChange::Remove { id } => {
+                if membership.get_node(&id).is_none() {
+                    return Err(StoreError::MemberNotFound);
+                }
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(StoreError::InvalidArgument("etcdserver: cannot remove the only voting member".into()));
+                    }
+                    self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                } else {
+                    self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                }
+                id
+            }
+            MemberChange::Promote { id } => {
+                if membership.get_node(&id).is_none() {
+                    return Err(StoreError::MemberNotFound);
+                }
+                if voters.contains(&id) {
+                    return Err(StoreError::NotLearner);
+                }
+                let matched = m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+                let last = m.last_log_index.unwrap_or(0);
+                if last.saturating_sub(matched) > 1000 {
+                    return Err(StoreError::LearnerNotReady);
+                }
+                check_even(voters.len() + 1)?;
+                self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                id
+            }
+            MemberChange::Update { id, peer_urls } => {
+                let Some(node) = membership.get_node(&id) else { return Err(StoreError::MemberNotFound) };
+                let node = Member { peer_urls, ..node.clone() };
+                self.raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), false).await.map_err(wrap)?;
+                id
+            }
+            MemberChange::Publish { id, name, client_urls } => {
+                let Some(node) = membership.get_node(&id) else { return Err(StoreError::MemberNotFound) };
+                if node.name != name || node.client_urls != client_urls {
+                    let node = Member { name, client_urls, ..node.clone() };
+                    self.raft
+                        .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), false)
+                        .await
+                        .map_err(wrap)?;
+                }
+                id
+            }
+        };
+        Ok((self.members(), id))
+    }
+
+    /// Decodes a forwarded membership change.
+    pub fn decode_member_change(raw: &[u8]) -> StoreResult<MemberChange> {
+        decode(raw).map_err(|e| StoreError::InvalidArgument(format!("bad member change: {e}")))
+    }
+
+    // ---- maintenance ----
+
+    pub fn status(&self) -> NodeStatus {
+        let m = self.metrics();
+        let is_learner = !m.membership_config.membership().voter_ids().any(|id| id == self.cfg.member_id);
+        NodeStatus {
+            leader: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            raft_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            db_size: self.engine.size_bytes() as i64,
+            is_learner,
+            revision: self.mvcc.current_revision(),
+        }
+    }
+}
+
+fn is_quota_bound(cmd: &Command) -> bool {
+    matches!(cmd.op, Some(command::Op::Put(_)) | Some(command::Op::Txn(_)) | Some(command::Op::LeaseGrant(_)))
+}
+
+fn result_of(result: CommandResult) -> StoreResult<CommandResult> {
+    if result.error_code != 0 {
+        return Err(StoreError::from_code(tonic::Code::from(result.error_code as i32), result.error_message));
+    }
+    Ok(result)
+}
+
+/// The leader's lease clock: expires leases whose deadline passed, by proposing their
+/// revocation, so every server deletes their keys at the same revision. A new leader
+/// starts every deadline afresh, extended by one election timeout.
+async fn lease_clock(node: std::sync::Weak<StoreNode>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut was_leader = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(node) = node.upgrade() else { return };
+        if !node.is_leader() {
+            was_leader = false;
+            node.lease_deadlines.lock().expect("lease lock").clear();
+            continue;
+        }
+        let now = Instant::now();
+        let leases = node.mvcc.leases();
+        let expired: Vec<i64> = {
+            let mut deadlines = node.lease_deadlines.lock().expect("lease lock");
+            let extension = if was_leader { Duration::ZERO } else { Duration::from_millis(node.cfg.election_timeout_max_ms) };
+            deadlines.retain(|id, _| leases.contains_key(id));
+            for (id, info) in &leases {
+                deadlines.entry(*id).or_insert(now + Duration::from_secs(info.ttl_s as u64) + extension);
+            }
+            deadlines.iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).take(64).collect()
+        };
+        was_leader = true;
+        for id in expired {
+            let revoke = Command { op: Some(command::Op::LeaseRevoke(pb::LeaseRevokeRequest { id })) };
+            match node.propose_local(revoke).await {
+                Ok(_) => tracing::debug!(lease = id, "lease expired"),
+                Err(e) => tracing::warn!(lease = id, error = %e, "could not expire lease"),
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The server side of the Raft peer service: openraft's RPCs, and what followers forward
+//! to the leader.
+
+use std::sync::Arc;
+
+use corral_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
+use corral_proto::store::raft_peer_server::{RaftPeer, RaftPeerServer};
+use corral_proto::store::{
+    ClusterInfoRequest, ClusterInfoResponse, Command, CommandResult, MemberChangeRequest, MemberChangeResponse,
+    RaftPayload, ReadIndexRequest, ReadIndexResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::node::StoreNode;
+use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
+use crate::raft::{decode, encode};
+
+pub struct PeerService {
+    node: Arc<StoreNode>,
+}
+
+impl PeerService {
+    pub fn server(node: Arc<StoreNode>) -> RaftPeerServer<Self> {
+        RaftPeerServer::new(Self { node })
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    }
+}
+
+fn bad_payload(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable raft payload: {e}"))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let result = self.node.raft().append_entries(rpc).await;
+        Ok(Response::new(RaftPayload { data: encode(&result) }))
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let result = self.node.raft().vote(rpc).await;
+        Ok(Response::new(RaftPayload { data: encode(&result) }))
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_payload)?;
+        let result = self.node.raft().install_snapshot(rpc).await;
+        Ok(Response::new(RaftPayload { data: encode(&result) }))
+    }
+
+    async fn propose(&self, req: Request<Command>) -> Result<Response<CommandResult>, Status> {
+        // A client error travels inside the result; only "not the leader" is a status, so
+        // the follower retries with the new leader.
+        match self.node.propose_local(req.into_inner()).await {
+            Ok(result) => Ok(Response::new(result)),
+            Err(crate::StoreError::LeaderChanged) => Err(Status::unavailable("etcdserver: leader changed")),
+            Err(e) => Ok(Response::new(CommandResult { error_code: e.code() as u32, error_message: e.to_string(), result: None })),
+        }
+    }
+
+    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        let read_index = self.node.read_index().await?;
+        Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    async fn lease_keep_alive(&self, req: Request<LeaseKeepAliveRequest>) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+        Ok(Response::new(self.node.lease_keep_alive(req.into_inner()).await?))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        Ok(Response::new(self.node.lease_time_to_live(req.into_inner()).await?))
+    }
+
+    async fn member_change(&self, req: Request<MemberChangeRequest>) -> Result<Response<MemberChangeResponse>, Status> {
+        let change = StoreNode::decode_member_change(&req.into_inner().change)?;
+        let (members, member_id) = self.node.member_change(change).await?;
+        Ok(Response::new(MemberChangeResponse { members, member_id }))
+    }
+
+    async fn cluster_info(&self, _req: Request<ClusterInfoRequest>) -> Result<Response<ClusterInfoResponse>, Status> {
+        let status = self.node.status();
+        Ok(Response::new(ClusterInfoResponse {
+            cluster_id: self.node.config().cluster_id,
+            leader_id: status.leader,
+            members: self.node.members(),
+        }))
+    }
+}

@@ -1,0 +1,327 @@
+//! The Raft state machine: applies entries to the MVCC store, builds and installs snapshots.
+//!
+//! To ensure correctness, the applied log id and membership are written in the same engine
+//! batch as the writes they cover. A snapshot is a file holding every state-machine column
+//! family as of one engine view, so its `last_log_id` is exactly what it contains; it is
+//! streamed in chunks by openraft and never held in memory whole.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
+
+use super::types::{
+    decode, encode, Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+use crate::engine::{Batch, Cf, Engine, EngineError};
+use crate::mvcc::Mvcc;
+use crate::watch::{Published, WatchHub};
+
+const APPLIED: &[u8] = b"raft_applied";
+const MEMBERSHIP: &[u8] = b"raft_membership";
+/// Present while a snapshot is being installed: the state machine is incomplete until the
+/// install finishes, and a restart must redo it.
+const RESTORING: &[u8] = b"raft_restoring";
+const MAGIC: &[u8] = b"CORRAL-SNAPSHOT-1\n";
+/// The column families a snapshot carries.
+const SNAPSHOT_CFS: [Cf; 4] = [Cf::Kv, Cf::Rev, Cf::Lease, Cf::Meta];
+const RESTORE_BATCH_BYTES: usize = 8 << 20;
+
+fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+/// Where snapshots live, and which one is current.
+struct SnapshotDir {
+    dir: PathBuf,
+    current: Mutex<Option<SnapshotMeta>>,
+}
+
+impl SnapshotDir {
+    fn open(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let current = match std::fs::read(dir.join("current.meta")) {
+            Ok(raw) => decode::<SnapshotMeta>(&raw).ok().filter(|m| dir.join(file_name(m)).exists()),
+            Err(_) => None,
+        };
+        Ok(Self { dir, current: Mutex::new(current) })
+    }
+
+    fn path(&self, meta: &SnapshotMeta) -> PathBuf {
+        self.dir.join(file_name(meta))
+    }
+
+    /// Makes `meta` current unless a newer snapshot already is; removes the older files.
+    fn publish(&self, meta: &SnapshotMeta) -> std::io::Result<bool> {
+        let mut current = self.current.lock().expect("snapshot lock");
+        if let Some(cur) = current.as_ref()
+            && cur.last_log_id >= meta.last_log_id
+            && cur.snapshot_id != meta.snapshot_id
+        {
+            let _ = std::fs::remove_file(self.path(meta));
+            return Ok(false);
+        }
+        let tmp = self.dir.join("current.meta.tmp");
+        std::fs::write(&tmp, encode(meta))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("current.meta"))?;
+        let keep = file_name(meta);
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.ends_with(".snap") && name != keep {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        *current = Some(meta.clone());
+        Ok(true)
+    }
+}
+
+fn file_name(meta: &SnapshotMeta) -> String {
+    format!("{}.snap", meta.snapshot_id)
+}
+
+/// The state machine handed to openraft.
+pub struct StateMachine {
+    mvcc: Arc<Mvcc>,
+    hub: Arc<WatchHub>,
+    snapshots: Arc<SnapshotDir>,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+impl StateMachine {
+    /// Opens the state machine; finishes an install that a crash interrupted.
+    pub fn open(mvcc: Arc<Mvcc>, hub: Arc<WatchHub>, snapshot_dir: PathBuf) -> Result<Self, StorageError> {
+        let snapshots = Arc::new(SnapshotDir::open(snapshot_dir).map_err(snap_err)?);
+        let engine = mvcc.engine().clone();
+        if engine.view().get(Cf::Meta, RESTORING).map_err(sm_err)?.is_some() {
+            let meta = snapshots.current.lock().expect("snapshot lock").clone();
+            let meta = meta.ok_or_else(|| {
+                StorageError::from(StorageIOError::read_snapshot(None, AnyError::error("interrupted install has no snapshot file")))
+            })?;
+            tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
+            restore(engine.as_ref(), &snapshots.path(&meta)).map_err(sm_err)?;
+            mvcc.reload().map_err(|e| sm_err(std::io::Error::other(e.to_string())))?;
+        }
+        let view = engine.view();
+        let applied = match view.get(Cf::Meta, APPLIED).map_err(sm_err)? {
+            Some(raw) => decode::<Option<LogId>>(&raw).map_err(sm_err)?,
+            None => None,
+        };
+        let membership = match view.get(Cf::Meta, MEMBERSHIP).map_err(sm_err)? {
+            Some(raw) => decode::<StoredMembership>(&raw).map_err(sm_err)?,
+            None => StoredMembership::default(),
+        };
+        drop(view);
+        Ok(Self { mvcc, hub, snapshots, applied, membership })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut writer = self.mvcc.writer();
+        let from_rev = writer.revision();
+        let mut replies = Vec::new();
+        for entry in entries {
+            self.applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(Response::default()),
+                EntryPayload::Normal(request) => {
+                    let result = writer.apply(&request.0).map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                    replies.push(Response(result));
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    replies.push(Response::default());
+                }
+            }
+        }
+        writer.put_meta(APPLIED, encode(&self.applied));
+        writer.put_meta(MEMBERSHIP, encode(&self.membership));
+        fail::fail_point!("sm-before-batch");
+        let applied = writer.finish(false).map_err(sm_err)?;
+        fail::fail_point!("sm-after-batch");
+        self.hub.publish(Published { from_rev, to_rev: applied.revision, events: applied.events });
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { mvcc: self.mvcc.clone(), snapshots: self.snapshots.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.snapshots.dir.join(format!("receiving-{}.tmp", rand::random::<u64>()));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(snap_err)?;
+        // The name is not needed again: the install copies the data into its own file.
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<tokio::fs::File>) -> Result<(), StorageError> {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        tracing::info!(snapshot = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installing snapshot");
+        let mut source = *snapshot;
+        source.flush().await.map_err(snap_err)?;
+        source.seek(std::io::SeekFrom::Start(0)).await.map_err(snap_err)?;
+        let path = self.snapshots.path(meta);
+        let mut target = tokio::fs::File::create(&path).await.map_err(snap_err)?;
+        tokio::io::copy(&mut source, &mut target).await.map_err(snap_err)?;
+        target.sync_all().await.map_err(snap_err)?;
+        drop(target);
+        self.snapshots.publish(meta).map_err(snap_err)?;
+        fail::fail_point!("snapshot-install-before-restore");
+        let engine = self.mvcc.engine().clone();
+        let restore_path = path.clone();
+        tokio::task::spawn_blocking(move || restore(engine.as_ref(), &restore_path))
+            .await
+            .map_err(|e| sm_err(std::io::Error::other(e.to_string())))?
+            .map_err(sm_err)?;
+        self.mvcc.reload().map_err(|e| sm_err(std::io::Error::other(e.to_string())))?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.hub.reset(self.mvcc.current_revision());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let meta = self.snapshots.current.lock().expect("snapshot lock").clone();
+        let Some(meta) = meta else { return Ok(None) };
+        let file = tokio::fs::File::open(self.snapshots.path(&meta)).await.map_err(snap_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+    }
+}
+
+/// Builds snapshots from a consistent engine view, off the apply path.
+pub struct SnapshotBuilder {
+    mvcc: Arc<Mvcc>,
+    snapshots: Arc<SnapshotDir>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let engine = self.mvcc.engine().clone();
+        let snapshots = self.snapshots.clone();
+        let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
+            fail::fail_point!("snapshot-build", |_| Err(snap_err(std::io::Error::other("failpoint"))));
+            let tmp = snapshots.dir.join(format!("building-{}.tmp", rand::random::<u64>()));
+            let (applied, membership) = write_snapshot(engine.as_ref(), &tmp).map_err(snap_err)?;
+            let snapshot_id = match applied {
+                Some(id) => format!("{}-{}-{}-{:x}", id.leader_id.term, id.leader_id.node_id, id.index, rand::random::<u32>()),
+                None => format!("0-0-0-{:x}", rand::random::<u32>()),
+            };
+            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            std::fs::rename(&tmp, snapshots.path(&meta)).map_err(snap_err)?;
+            snapshots.publish(&meta).map_err(snap_err)?;
+            Ok(meta)
+        })
+        .await
+        .map_err(|e| snap_err(std::io::Error::other(e.to_string())))??;
+        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
+        // A newer snapshot may have been installed meanwhile: serve whichever is current.
+        let current = self.snapshots.current.lock().expect("snapshot lock").clone().unwrap_or(meta);
+        let file = tokio::fs::File::open(self.snapshots.path(&current)).await.map_err(snap_err)?;
+        Ok(Snapshot { meta: current, snapshot: Box::new(file) })
+    }
+}
+
+/// Writes every snapshot column family of one view to `path`; returns the applied log id
+/// and membership of that view.
+pub(crate) fn write_snapshot(engine: &dyn Engine, path: &Path) -> Result<(Option<LogId>, StoredMembership), EngineError> {
+    let view = engine.view();
+    let applied = match view.get(Cf::Meta, APPLIED)? {
+        Some(raw) => decode::<Option<LogId>>(&raw).map_err(|e| corrupt(e.to_string()))?,
+        None => None,
+    };
+    let membership = match view.get(Cf::Meta, MEMBERSHIP)? {
+        Some(raw) => decode::<StoredMembership>(&raw).map_err(|e| corrupt(e.to_string()))?,
+        None => StoredMembership::default(),
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    out.write_all(MAGIC)?;
+    for cf in SNAPSHOT_CFS {
+        let mut cursor = view.cursor(cf);
+        cursor.seek(&[]);
+        while cursor.valid() {
+            let (k, v) = (cursor.key(), cursor.value());
+            out.write_all(&[cf as u8])?;
+            out.write_all(&(k.len() as u32).to_le_bytes())?;
+            out.write_all(&(v.len() as u32).to_le_bytes())?;
+            out.write_all(k)?;
+            out.write_all(v)?;
+            cursor.next();
+        }
+        cursor.status()?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((applied, membership))
+}
+
+fn corrupt(what: String) -> EngineError {
+    EngineError::Corrupt { cf: Cf::Meta, what }
+}
+
+/// Replaces the state machine's column families with a snapshot file's contents.
+fn restore(engine: &dyn Engine, path: &Path) -> Result<(), EngineError> {
+    let mut start = Batch::default();
+    for cf in SNAPSHOT_CFS {
+        start.delete_range(cf, Vec::new(), vec![0xFF; 64]);
+    }
+    start.put(Cf::Meta, RESTORING.to_vec(), path.to_string_lossy().as_bytes().to_vec());
+    engine.write(start, true)?;
+    let mut input = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut magic = vec![0u8; MAGIC.len()];
+    input.read_exact(&mut magic)?;
+    if magic != MAGIC {
+        return Err(corrupt(format!("{} is not a snapshot", path.display())));
+    }
+    let mut batch = Batch::default();
+    let mut bytes = 0usize;
+    loop {
+        let mut head = [0u8; 9];
+        match input.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+        let cf = *SNAPSHOT_CFS.iter().find(|cf| **cf as u8 == head[0]).ok_or_else(|| corrupt("unknown column family".into()))?;
+        let klen = u32::from_le_bytes(head[1..5].try_into().expect("4")) as usize;
+        let vlen = u32::from_le_bytes(head[5..9].try_into().expect("4")) as usize;
+        let mut kv = vec![0u8; klen + vlen];
+        input.read_exact(&mut kv)?;
+        let value = kv.split_off(klen);
+        bytes += klen + vlen;
+        batch.put(cf, kv, value);
+        if bytes >= RESTORE_BATCH_BYTES {
+            engine.write(std::mem::take(&mut batch), false)?;
+            bytes = 0;
+        }
+    }
+    // The snapshot's Meta records carry the applied id and membership; the marker goes last.
+    batch.delete(Cf::Meta, RESTORING.to_vec());
+    engine.write(batch, true)
+}

@@ -1,0 +1,151 @@
+//! Watch fan-out on one server: every applied batch is published once, and each watcher
+//! reads what it missed from the store's history, so a slow watcher never loses an event
+//! and never holds the applier back.
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::mvcc::{Event, KeyRange, Mvcc};
+use crate::error::{StoreError, StoreResult};
+
+/// Batches kept for live watchers; a watcher further behind reads from storage.
+const PUBLISHED_BATCHES: usize = 1024;
+/// Events read from storage per catch-up step.
+const CATCH_UP_EVENTS: usize = 1000;
+
+/// Events of revisions `(from_rev, to_rev]`, as one applied batch produced them.
+#[derive(Debug)]
+pub struct Published {
+    pub from_rev: i64,
+    pub to_rev: i64,
+    pub events: Vec<Event>,
+}
+
+pub struct WatchHub {
+    batches: broadcast::Sender<Arc<Published>>,
+    revision: watch::Sender<i64>,
+}
+
+impl WatchHub {
+    pub fn new(current_rev: i64) -> Arc<Self> {
+        let (batches, _) = broadcast::channel(PUBLISHED_BATCHES);
+        let (revision, _) = watch::channel(current_rev);
+        Arc::new(Self { batches, revision })
+    }
+
+    /// Called by the applier after a batch is durable in the store.
+    pub fn publish(&self, batch: Published) {
+        let to_rev = batch.to_rev;
+        if !batch.events.is_empty() {
+            let _ = self.batches.send(Arc::new(batch));
+        }
+        self.revision.send_replace(to_rev);
+    }
+
+    /// Called after a snapshot replaced the state: watchers re-read from storage.
+    pub fn reset(&self, current_rev: i64) {
+        self.revision.send_replace(current_rev);
+    }
+
+    pub fn revision(&self) -> watch::Receiver<i64> {
+        self.revision.subscribe()
+    }
+}
+
+/// One watcher's cursor over the history: yields each event of `range` from `next_rev` on,
+/// in revision order, once.
+pub struct WatchStream {
+    mvcc: Arc<Mvcc>,
+    range: KeyRange,
+    prev_kv: bool,
+    next_rev: i64,
+    batches: broadcast::Receiver<Arc<Published>>,
+    revision: watch::Receiver<i64>,
+}
+
+impl WatchStream {
+    /// Starts at `start_rev` (0: after the current revision).
+    pub fn new(mvcc: Arc<Mvcc>, hub: &WatchHub, range: KeyRange, start_rev: i64, prev_kv: bool) -> StoreResult<Self> {
+        // Subscribe before reading the revision, so no batch falls between the two.
+        let batches = hub.batches.subscribe();
+        let revision = hub.revision.subscribe();
+        let current = *revision.borrow();
+        let next_rev = if start_rev <= 0 { current + 1 } else { start_rev };
+        let compact_rev = mvcc.compact_revision();
+        if next_rev < compact_rev {
+            return Err(StoreError::Compacted { compact_rev });
+        }
+        Ok(Self { mvcc, range, prev_kv, next_rev, batches, revision })
+    }
+
+    /// The next revision this watcher will deliver.
+    pub fn next_revision(&self) -> i64 {
+        self.next_rev
+    }
+
+    /// Waits for the next events. Returns them with all events of one revision together,
+    /// and `Err(Compacted)` if the history it needs is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is consumed that is not returned, except batches whose events
+    /// stay readable from storage.
+    pub async fn next(&mut self) -> StoreResult<Vec<Event>> {
+        loop {
+            let applied = *self.revision.borrow_and_update();
+            if self.next_rev > applied {
+                if self.revision.changed().await.is_err() {
+                    return Err(StoreError::Unavailable("etcdserver: server is shutting down".into()));
+                }
+                continue;
+            }
+            let out = match self.batches.try_recv() {
+                Ok(batch) if batch.to_rev < self.next_rev => continue,
+                // Contiguous with what was delivered: serve from memory.
+                Ok(batch) if batch.from_rev < self.next_rev => {
+                    let out = self.filter_batch(&batch);
+                    self.next_rev = batch.to_rev + 1;
+                    out
+                }
+                // A gap, a lag, or batches without events: the store has it all.
+                _ => self.catch_up(applied)?,
+            };
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn filter_batch(&self, batch: &Published) -> Vec<Event> {
+        batch
+            .events
+            .iter()
+            .filter(|e| e.revision() >= self.next_rev && self.range.contains(e.key()))
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.prev_kv {
+                    e.inner.prev_kv = None;
+                }
+                e
+            })
+            .collect()
+    }
+
+    /// Reads history up to revision `upto` (exclusive of later ones) from storage.
+    fn catch_up(&mut self, upto: i64) -> StoreResult<Vec<Event>> {
+        let mut out = Vec::new();
+        while self.next_rev <= upto {
+            let events = self.mvcc.events(self.next_rev, upto, CATCH_UP_EVENTS, self.prev_kv)?;
+            let last = events.last().map(|e| e.revision());
+            out.extend(events.into_iter().filter(|e| self.range.contains(e.key())));
+            match last {
+                Some(rev) if rev < upto => self.next_rev = rev + 1,
+                _ => self.next_rev = upto + 1,
+            }
+            if out.len() >= CATCH_UP_EVENTS {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

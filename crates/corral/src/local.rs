@@ -1,0 +1,341 @@
+//! `corral up` and `corral down`: a cluster of server processes on this machine.
+//!
+//! Layout of the state directory:
+//! ```text
+//! DIR/cluster.json          what was started: ports, pids
+//! DIR/pki/                  ca.crt/key, server.crt/key, admin.crt/key
+//! DIR/servers/sN/           data, server.log
+//! DIR/kubeconfig            admin credentials for kubectl
+//! DIR/etcdctl.env           ETCDCTL_* for etcdctl
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use corral_proto::etcdserverpb::StatusRequest;
+use corral_transport::{CertificateAuthority, Usage};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Endpoint;
+
+use crate::tls;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Control-plane servers (odd: 1, 3, 5, 7).
+    #[arg(long, default_value_t = 3)]
+    pub servers: usize,
+    /// Worker agents (not yet: must be 0).
+    #[arg(long, default_value_t = 0)]
+    pub agents: usize,
+    /// Where the cluster keeps everything.
+    #[arg(long, default_value = "/var/lib/corral/local")]
+    pub state_dir: PathBuf,
+    /// First port: server i uses base+10*i (etcd API), +1 (peers), +2 (Kubernetes API).
+    #[arg(long, default_value_t = 23790)]
+    pub base_port: u16,
+    /// Seconds to wait for the cluster to become healthy.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    #[arg(long, default_value = "/var/lib/corral/local")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    pub api_url: String,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub servers: Vec<ServerRecord>,
+}
+
+impl ClusterRecord {
+    pub fn load(state_dir: &Path) -> Result<Option<Self>> {
+        match std::fs::read(state_dir.join("cluster.json")) {
+            Ok(raw) => Ok(Some(serde_json::from_slice(&raw).context("cluster.json is corrupt")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<()> {
+        let tmp = state_dir.join("cluster.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, state_dir.join("cluster.json"))?;
+        Ok(())
+    }
+}
+
+/// Prints one step of a long operation with how long it took.
+struct Progress {
+    total: usize,
+    step: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self { total, step: 0, started: Instant::now() }
+    }
+
+    fn start(&mut self, what: &str) {
+        use std::io::Write;
+        self.step += 1;
+        self.started = Instant::now();
+        print!("[{}/{}] {what} ... ", self.step, self.total);
+        let _ = std::io::stdout().flush();
+    }
+
+    fn done(&self, note: &str) {
+        println!("{note} ({:.1}s)", self.started.elapsed().as_secs_f64());
+    }
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    if args.servers == 0 || args.servers > 7 {
+        bail!("--servers {}: want 1 to 7", args.servers);
+    }
+    if args.servers % 2 == 0 {
+        bail!("--servers {}: an even count tolerates no more failures than one fewer; use {}", args.servers, args.servers + 1);
+    }
+    if args.agents != 0 {
+        bail!("--agents {}: agents are not available yet; use --agents 0", args.agents);
+    }
+    let dir = &args.state_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = &dir.canonicalize()?;
+    let mut progress = Progress::new(4);
+
+    let existing = ClusterRecord::load(dir)?;
+    if let Some(record) = &existing
+        && record.servers.len() != args.servers
+    {
+        bail!(
+            "{} holds a cluster of {} servers; run `corral down --state-dir {}` first to make one of {}",
+            dir.display(),
+            record.servers.len(),
+            dir.display(),
+            args.servers
+        );
+    }
+
+    progress.start("certificates");
+    let pki = dir.join("pki");
+    if pki.join("ca.crt").exists() {
+        progress.done("kept");
+    } else {
+        std::fs::create_dir_all(&pki)?;
+        let ca = CertificateAuthority::generate("corral-ca")?;
+        let sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        ca.issue("corral-server", &["corral:servers"], &sans, Usage::ServerAndClient)?.write(&pki, "server")?;
+        ca.issue("admin", &["system:masters"], &[], Usage::Client)?.write(&pki, "admin")?;
+        ca.write(&pki)?;
+        progress.done("cluster CA, server and admin certificates");
+    }
+
+    progress.start(&format!("starting {} servers", args.servers));
+    let mut record = existing.unwrap_or_else(|| ClusterRecord {
+        servers: (0..args.servers)
+            .map(|i| {
+                let port = args.base_port + 10 * i as u16;
+                ServerRecord {
+                    name: format!("s{}", i + 1),
+                    client_url: format!("https://127.0.0.1:{port}"),
+                    peer_url: format!("https://127.0.0.1:{}", port + 1),
+                    api_url: format!("https://127.0.0.1:{}", port + 2),
+                    pid: None,
+                }
+            })
+            .collect(),
+    });
+    let initial_cluster =
+        record.servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect::<Vec<_>>().join(",");
+    let mut started = 0;
+    for server in &mut record.servers {
+        if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
+            continue;
+        }
+        server.pid = Some(spawn_server(dir, server, &initial_cluster)?);
+        started += 1;
+    }
+    record.save(dir)?;
+    progress.done(&if started == record.servers.len() {
+        "started".to_string()
+    } else {
+        format!("{} already running, {} started", record.servers.len() - started, started)
+    });
+
+    progress.start("waiting for a leader");
+    let leader = wait_healthy(dir, &record, Duration::from_secs(args.timeout_s)).await?;
+    progress.done(&format!("leader is {leader}"));
+
+    progress.start("writing kubeconfig and etcdctl.env");
+    write_client_files(dir, &record)?;
+    progress.done("done");
+    println!();
+    println!("Cluster is up. Try:");
+    println!("  set -a; . {}/etcdctl.env; set +a; etcdctl member list -w table", dir.display());
+    println!("Stop it with: corral down --state-dir {}", dir.display());
+    Ok(())
+}
+
+fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let server_dir = dir.join("servers").join(&server.name);
+    std::fs::create_dir_all(&server_dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(server_dir.join("server.log"))?;
+    let exe = std::env::current_exe().context("locating the corral binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("server")
+        .args(["--name", &server.name])
+        .arg("--data-dir")
+        .arg(server_dir.join("data"))
+        .args(["--listen-client-urls", &server.client_url])
+        .args(["--listen-peer-urls", &server.peer_url])
+        .args(["--initial-cluster", initial_cluster])
+        .arg("--tls-dir")
+        .arg(dir.join("pki"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // A session of its own: the server outlives `corral up` and its terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting corral server")?;
+    Ok(child.id())
+}
+
+/// True if `pid` is a corral server started for this state directory.
+fn is_our_server(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let text = String::from_utf8_lossy(&cmdline);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+    !zombie && text.contains("server\0") && text.contains(&*dir.join("pki").to_string_lossy())
+}
+
+/// Waits until every server reports the same leader; returns its name.
+async fn wait_healthy(dir: &Path, record: &ClusterRecord, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let tls = tls::client_config(&dir.join("pki"), "admin")?;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let mut leaders = Vec::new();
+        for server in &record.servers {
+            match status(&server.client_url, &tls).await {
+                Ok((leader, member)) => leaders.push((leader, member)),
+                Err(e) => last = format!("{}: {e}", server.name),
+            }
+        }
+        if leaders.len() == record.servers.len() && leaders[0].0 != 0 && leaders.iter().all(|l| l.0 == leaders[0].0) {
+            let leader = leaders[0].0;
+            let name = record
+                .servers
+                .iter()
+                .zip(&leaders)
+                .find(|(_, (_, member))| *member == leader)
+                .map(|(s, _)| s.name.clone())
+                .unwrap_or_else(|| format!("{leader:x}"));
+            return Ok(name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the cluster did not become healthy in {}s (last: {last}); see {}/servers/*/server.log", timeout.as_secs(), dir.display())
+}
+
+/// (leader id, own member id) of the server at `url`.
+pub async fn status(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Result<(u64, u64)> {
+    let channel = Endpoint::from_shared(url.to_string())?
+        .tls_config(tls.clone())?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let resp = MaintenanceClient::new(channel).status(StatusRequest {}).await?.into_inner();
+    let member = resp.header.map(|h| h.member_id).unwrap_or(0);
+    Ok((resp.leader, member))
+}
+
+fn write_client_files(dir: &Path, record: &ClusterRecord) -> Result<()> {
+    let pki = dir.join("pki");
+    let endpoints = record.servers.iter().map(|s| s.client_url.as_str()).collect::<Vec<_>>().join(",");
+    let env = format!(
+        "ETCDCTL_API=3\nETCDCTL_ENDPOINTS={endpoints}\nETCDCTL_CACERT={}\nETCDCTL_CERT={}\nETCDCTL_KEY={}\n",
+        pki.join("ca.crt").display(),
+        pki.join("admin.crt").display(),
+        pki.join("admin.key").display()
+    );
+    std::fs::write(dir.join("etcdctl.env"), env)?;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: corral\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+         users:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\n\
+         contexts:\n- name: corral\n  context:\n    cluster: corral\n    user: admin\ncurrent-context: corral\n",
+        record.servers[0].api_url,
+        pki.join("ca.crt").display(),
+        pki.join("admin.crt").display(),
+        pki.join("admin.key").display()
+    );
+    std::fs::write(dir.join("kubeconfig"), kubeconfig)?;
+    Ok(())
+}
+
+pub async fn down(args: DownArgs) -> Result<()> {
+    let dir = &args.state_dir;
+    if !dir.exists() {
+        println!("nothing to stop: {} does not exist", dir.display());
+        return Ok(());
+    }
+    let dir = &dir.canonicalize()?;
+    let record = ClusterRecord::load(dir)?;
+    let pids: Vec<(String, u32)> = record
+        .iter()
+        .flat_map(|r| r.servers.iter())
+        .filter_map(|s| s.pid.filter(|pid| is_our_server(*pid, dir)).map(|pid| (s.name.clone(), pid)))
+        .collect();
+    let mut progress = Progress::new(2);
+    progress.start(&format!("stopping {} servers", pids.len()));
+    for (_, pid) in &pids {
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|(_, pid)| is_our_server(*pid, dir)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut killed = 0;
+    for (_, pid) in &pids {
+        if is_our_server(*pid, dir) {
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    progress.done(&if killed > 0 { format!("{killed} did not stop in 10s and were killed") } else { "stopped".into() });
+    progress.start(&format!("removing {}", dir.display()));
+    for name in ["servers", "pki", "cluster.json", "kubeconfig", "etcdctl.env"] {
+        let path = dir.join(name);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        } else if path.exists() {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    progress.done("removed");
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! `corral server`: one control-plane node (store, etcd API, Raft peers).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use corral_proto::store::ClusterInfoRequest;
+use corral_store::node::{MemberChange, StoreConfig, StoreNode};
+use corral_store::peer::PeerService;
+use corral_store::raft::network::Peers;
+use corral_store::raft::Member;
+use serde::{Deserialize, Serialize};
+use tonic::transport::Server;
+
+use crate::tls;
+use crate::urls::{parse_initial_cluster, socket_addr, stable_id};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    /// Form a new cluster from --initial-cluster.
+    New,
+    /// Join a running cluster that already lists this server (etcdctl member add).
+    Existing,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// This server's name, unique in the cluster.
+    #[arg(long)]
+    pub name: String,
+    /// Where the store keeps its data.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The etcd API address.
+    #[arg(long, default_value = "https://127.0.0.1:2379")]
+    pub listen_client_urls: String,
+    /// The etcd API address other servers and clients use (default: the listen URL).
+    #[arg(long)]
+    pub advertise_client_urls: Option<String>,
+    /// The Raft peer address.
+    #[arg(long, default_value = "https://127.0.0.1:2380")]
+    pub listen_peer_urls: String,
+    /// The peer address other servers use (default: the listen URL).
+    #[arg(long)]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// Every initial member as NAME=PEER_URL, comma-separated.
+    #[arg(long)]
+    pub initial_cluster: String,
+    #[arg(long, value_enum, default_value = "new")]
+    pub initial_cluster_state: ClusterState,
+    /// Distinguishes clusters formed from the same member list.
+    #[arg(long, default_value = "corral")]
+    pub initial_cluster_token: String,
+    /// Directory with ca.crt, server.crt and server.key (mutual TLS on every port).
+    #[arg(long, required_unless_present = "plaintext")]
+    pub tls_dir: Option<PathBuf>,
+    /// Serve without TLS. For debugging only: anyone who can reach the ports owns the data.
+    #[arg(long)]
+    pub plaintext: bool,
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_interval_ms: u64,
+    #[arg(long, default_value_t = 300)]
+    pub election_timeout_min_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    pub election_timeout_max_ms: u64,
+    /// Writes are refused ("database space exceeded") beyond this many bytes on disk.
+    #[arg(long, default_value_t = 8 << 30)]
+    pub quota_backend_bytes: u64,
+    /// Entries between Raft snapshots.
+    #[arg(long, default_value_t = 50_000)]
+    pub snapshot_count: u64,
+    /// Allow an even number of voters.
+    #[arg(long)]
+    pub allow_even_voters: bool,
+}
+
+/// Who this server is, kept in the data directory across restarts.
+#[derive(Debug, Serialize, Deserialize)]
+struct Identity {
+    member_id: u64,
+    cluster_id: u64,
+}
+
+impl ServerArgs {
+    fn peer_url(&self) -> &str {
+        self.initial_advertise_peer_urls.as_deref().unwrap_or(&self.listen_peer_urls)
+    }
+
+    fn client_url(&self) -> &str {
+        self.advertise_client_urls.as_deref().unwrap_or(&self.listen_client_urls)
+    }
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    let initial = parse_initial_cluster(&args.initial_cluster)?;
+    let peer_addr = socket_addr(&args.listen_peer_urls)?;
+    let client_addr = socket_addr(&args.listen_client_urls)?;
+    if !initial.iter().any(|(name, url)| name == &args.name && url == args.peer_url()) {
+        bail!(
+            "--initial-cluster does not list this server as {}={}: add it, or fix --name/--initial-advertise-peer-urls",
+            args.name,
+            args.peer_url()
+        );
+    }
+    let client_tls = match &args.tls_dir {
+        Some(dir) => Some(tls::client_config(dir, "server")?),
+        None => None,
+    };
+    let peers = Peers::new(client_tls);
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let identity = identify(&args, &initial, &peers).await?;
+    tracing::info!(member = format_args!("{:x}", identity.member_id), cluster = format_args!("{:x}", identity.cluster_id), "starting server");
+
+    let mut cfg = StoreConfig::new(identity.member_id, identity.cluster_id, args.data_dir.clone());
+    cfg.heartbeat_interval_ms = args.heartbeat_interval_ms;
+    cfg.election_timeout_min_ms = args.election_timeout_min_ms;
+    cfg.election_timeout_max_ms = args.election_timeout_max_ms;
+    cfg.quota_bytes = args.quota_backend_bytes;
+    cfg.snapshot_every_entries = args.snapshot_count;
+    cfg.allow_even_voters = args.allow_even_voters;
+    let node = StoreNode::open(cfg, peers).await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut peer_server = Server::builder();
+    let mut client_server = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(10)));
+    if let Some(dir) = &args.tls_dir {
+        peer_server = peer_server.tls_config(tls::server_config(dir, "server")?)?;
+        client_server = client_server.tls_config(tls::server_config(dir, "server")?)?;
+    }
+    let peer_task = tokio::spawn(
+        peer_server
+            .add_service(PeerService::server(node.clone()))
+            .serve_with_shutdown(peer_addr, stopped(stop_rx.clone())),
+    );
+    let client_task = tokio::spawn(
+        corral_store::etcd::add_services(&mut client_server, node.clone()).serve_with_shutdown(client_addr, stopped(stop_rx.clone())),
+    );
+
+    if args.initial_cluster_state == ClusterState::New {
+        let members: BTreeMap<u64, Member> = initial
+            .iter()
+            .map(|(name, url)| {
+                let id = stable_id(&[name, url, &args.initial_cluster_token]);
+                (id, Member { name: name.clone(), peer_urls: vec![url.clone()], client_urls: vec![] })
+            })
+            .collect();
+        node.bootstrap(members).await?;
+    }
+    tokio::spawn(publish(node.clone(), args.name.clone(), args.client_url().to_string(), stop_rx.clone()));
+    println!("corral server {} ready: etcd API on {}, peers on {}", args.name, args.client_url(), args.peer_url());
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    node.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = peer_task.await;
+        let _ = client_task.await;
+    })
+    .await;
+    Ok(())
+}
+
+/// This server's member and cluster ids: from its data directory, else derived from the
+/// initial cluster (new), else learned from a running member (existing).
+async fn identify(args: &ServerArgs, initial: &[(String, String)], peers: &Peers) -> Result<Identity> {
+    let path = args.data_dir.join("member.json");
+    if let Ok(raw) = std::fs::read(&path) {
+        return serde_json::from_slice(&raw).with_context(|| format!("{} is corrupt", path.display()));
+    }
+    let identity = match args.initial_cluster_state {
+        ClusterState::New => {
+            let mut ids: Vec<u64> =
+                initial.iter().map(|(name, url)| stable_id(&[name, url, &args.initial_cluster_token])).collect();
+            ids.sort();
+            let ids_text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            Identity {
+                member_id: stable_id(&[&args.name, args.peer_url(), &args.initial_cluster_token]),
+                cluster_id: stable_id(&[&ids_text.join(","), &args.initial_cluster_token]),
+            }
+        }
+        ClusterState::Existing => join(args, initial, peers).await?,
+    };
+    write_atomic(&path, &serde_json::to_vec(&identity)?)?;
+    Ok(identity)
+}
+
+async fn join(args: &ServerArgs, initial: &[(String, String)], peers: &Peers) -> Result<Identity> {
+    let mut last_error = String::from("no other member in --initial-cluster");
+    for attempt in 0..30 {
+        for (_, url) in initial.iter().filter(|(name, _)| name != &args.name) {
+            let Ok(mut client) = peers.client(url) else { continue };
+            match client.cluster_info(ClusterInfoRequest {}).await {
+                Ok(info) => {
+                    let info = info.into_inner();
+                    let me = info.members.iter().find(|m| m.peer_ur_ls.iter().any(|u| u == args.peer_url()));
+                    match me {
+                        Some(m) => return Ok(Identity { member_id: m.id, cluster_id: info.cluster_id }),
+                        None => bail!(
+                            "the cluster at {url} has no member with peer URL {}: run `etcdctl member add {} --peer-urls={}` first",
+                            args.peer_url(),
+                            args.name,
+                            args.peer_url()
+                        ),
+                    }
+                }
+                Err(e) => last_error = format!("{url}: {}", e.message()),
+            }
+        }
+        if attempt == 0 {
+            tracing::info!("waiting for a running member to join through");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("could not reach any member to join: {last_error}")
+}
+
+/// Announces this server's name and client URL in the membership, retrying until a leader
+/// accepts it (bounded by shutdown).
+async fn publish(node: Arc<StoreNode>, name: String, client_url: String, mut stop: tokio::sync::watch::Receiver<bool>) {
+    for attempt in 0u32.. {
+        let current = node.members().into_iter().find(|m| m.id == node.id());
+        if let Some(m) = &current
+            && m.name == name
+            && m.client_ur_ls == [client_url.clone()]
+        {
+            return;
+        }
+        if current.is_some() {
+            let change = MemberChange::Publish { id: node.id(), name: name.clone(), client_urls: vec![client_url.clone()] };
+            match node.member_change(change).await {
+                Ok(_) => return,
+                Err(e) if attempt % 10 == 9 => tracing::warn!(error = %e, "still publishing member attributes"),
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
