@@ -1,1 +1,225 @@
-//! See the files under tests/tests/.
+//! The end-to-end harness: a local cluster of real `corral server` processes made with
+//! `corral up`, and the real `etcdctl` pointed at it. Each test takes its own ports and
+//! state directory, and the cluster is taken down when the test ends, pass or fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// The corral binary under test: `$CORRAL_BIN`, or the one beside the test's target dir.
+pub fn corral_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("CORRAL_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    // target/debug/deps/test-HASH -> target/debug/corral
+    exe.parent().and_then(Path::parent).map(|d| d.join("corral")).expect("target dir")
+}
+
+/// Starts tracing output for a test, once.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+}
+
+/// A server of the cluster, as `corral up` recorded it.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    pub pid: u32,
+}
+
+/// A local cluster made by `corral up`.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    pub base_port: u16,
+}
+
+impl Cluster {
+    /// `corral up --servers N` on ports from `base_port`, with extra flags.
+    pub fn up(servers: usize, base_port: u16, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("corral-e2e-").tempdir()?;
+        let cluster = Self { dir, base_port };
+        cluster.run_up(servers, extra)?;
+        Ok(cluster)
+    }
+
+    fn run_up(&self, servers: usize, extra: &[&str]) -> Result<()> {
+        let out = Command::new(corral_bin())
+            .args(["up", "--servers", &servers.to_string(), "--base-port", &self.base_port.to_string()])
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .args(extra)
+            .output()
+            .context("running corral up")?;
+        if !out.status.success() {
+            bail!("corral up failed:\n{}{}\n{}", text(&out.stdout), text(&out.stderr), self.logs());
+        }
+        Ok(())
+    }
+
+    /// Runs `corral up` again: restarts any server that is not running.
+    pub fn restart_stopped(&self, servers: usize) -> Result<()> {
+        self.run_up(servers, &[])
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn servers(&self) -> Result<Vec<Server>> {
+        let raw = std::fs::read(self.dir.path().join("cluster.json"))?;
+        let record: serde_json::Value = serde_json::from_slice(&raw)?;
+        let servers = record["servers"].as_array().context("cluster.json has no servers")?;
+        Ok(servers
+            .iter()
+            .map(|s| Server {
+                name: s["name"].as_str().unwrap_or_default().to_string(),
+                client_url: s["client_url"].as_str().unwrap_or_default().to_string(),
+                peer_url: s["peer_url"].as_str().unwrap_or_default().to_string(),
+                pid: s["pid"].as_u64().unwrap_or(0) as u32,
+            })
+            .collect())
+    }
+
+    /// The environment etcdctl needs, from `DIR/etcdctl.env`.
+    pub fn etcdctl_env(&self) -> Result<Vec<(String, String)>> {
+        let raw = std::fs::read_to_string(self.dir.path().join("etcdctl.env"))?;
+        Ok(raw.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    /// An etcdctl command against every endpoint.
+    pub fn etcdctl(&self) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.envs(self.etcdctl_env().expect("etcdctl.env"));
+        cmd
+    }
+
+    /// An etcdctl command against one endpoint only.
+    pub fn etcdctl_at(&self, url: &str) -> Command {
+        let mut cmd = self.etcdctl();
+        cmd.env_remove("ETCDCTL_ENDPOINTS").arg(format!("--endpoints={url}"));
+        cmd
+    }
+
+    /// Runs etcdctl with `args`; fails with its output if it fails.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        run(self.etcdctl().args(args), None)
+    }
+
+    /// Runs etcdctl with `args`; its stdout and stderr (some commands report on stderr).
+    pub fn ctl_combined(&self, args: &[&str]) -> Result<String> {
+        let out = self.etcdctl().args(args).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?} failed ({}):\n{}{}", out.status, text(&out.stdout), text(&out.stderr));
+        }
+        Ok(text(&out.stdout) + &text(&out.stderr))
+    }
+
+    /// Runs etcdctl with `args` and `stdin`.
+    pub fn ctl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        run(self.etcdctl().args(args), Some(stdin))
+    }
+
+    /// Every server's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("servers")) {
+            for e in entries.flatten() {
+                let log = std::fs::read_to_string(e.path().join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                out.push_str(&format!("--- {} (last lines) ---\n", e.file_name().to_string_lossy()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// SIGKILLs one server.
+    pub fn kill(&self, name: &str) -> Result<()> {
+        let server = self.servers()?.into_iter().find(|s| s.name == name).context("no such server")?;
+        unsafe { libc::kill(server.pid as i32, libc::SIGKILL) };
+        // Reap it if it was our child (it is not: corral up detached it), and wait until gone.
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{}", server.pid)).exists() || is_zombie(server.pid) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("server {name} (pid {}) did not die", server.pid)
+    }
+
+    /// The leader's name, as the first answering server reports it.
+    pub fn leader(&self) -> Result<Server> {
+        let servers = self.servers()?;
+        for s in &servers {
+            let Ok(out) = run(self.etcdctl_at(&s.client_url).args(["endpoint", "status", "-w", "json"]), None) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            let leader = v[0]["Status"]["leader"].as_u64().unwrap_or(0);
+            let me = v[0]["Status"]["header"]["member_id"].as_u64().unwrap_or(0);
+            if leader == 0 {
+                continue;
+            }
+            if leader == me {
+                return Ok(s.clone());
+            }
+            // Ask the others who they are.
+            for other in &servers {
+                if let Ok(out) = run(self.etcdctl_at(&other.client_url).args(["endpoint", "status", "-w", "json"]), None) {
+                    let v: serde_json::Value = serde_json::from_str(&out)?;
+                    if v[0]["Status"]["header"]["member_id"].as_u64() == Some(leader) {
+                        return Ok(other.clone());
+                    }
+                }
+            }
+        }
+        bail!("no server reports a leader")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let _ = Command::new(corral_bin()).arg("down").arg("--state-dir").arg(self.dir.path()).stdout(Stdio::null()).status();
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'))
+}
+
+/// Runs a command to completion with an optional stdin; its stdout if it succeeded.
+pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let shown: String = format!("{cmd:?}").chars().take(300).collect();
+    let mut child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
+    if let Some(input) = stdin {
+        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+    }
+    let out: Output = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{shown} failed ({}):\n{}{}", out.status, clip(&text(&out.stdout)), clip(&text(&out.stderr)));
+    }
+    Ok(text(&out.stdout))
+}
+
+/// The first 2000 characters of `s`: enough to see what failed, never a flood.
+pub fn clip(s: &str) -> String {
+    s.chars().take(2000).collect()
+}
+
+pub fn text(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).into_owned()
+}

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use corral_proto::etcdserverpb::StatusRequest;
+use corral_proto::etcdserverpb::cluster_client::ClusterClient;
+use corral_proto::etcdserverpb::{MemberListRequest, StatusRequest};
 use corral_transport::{CertificateAuthority, Usage};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
@@ -244,7 +245,11 @@ async fn wait_healthy(dir: &Path, record: &ClusterRecord, timeout: Duration) -> 
                 Err(e) => last = format!("{}: {e}", server.name),
             }
         }
-        if leaders.len() == record.servers.len() && leaders[0].0 != 0 && leaders.iter().all(|l| l.0 == leaders[0].0) {
+        let agreed =
+            leaders.len() == record.servers.len() && leaders[0].0 != 0 && leaders.iter().all(|l| l.0 == leaders[0].0);
+        // Healthy also means every member has published its client URL (etcdctl --cluster).
+        let published = agreed && all_published(&record.servers[0].client_url, &tls, record.servers.len()).await;
+        if published {
             let leader = leaders[0].0;
             let name = record
                 .servers
@@ -260,14 +265,27 @@ async fn wait_healthy(dir: &Path, record: &ClusterRecord, timeout: Duration) -> 
     bail!("the cluster did not become healthy in {}s (last: {last}); see {}/servers/*/server.log", timeout.as_secs(), dir.display())
 }
 
-/// (leader id, own member id) of the server at `url`.
-pub async fn status(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Result<(u64, u64)> {
-    let channel = Endpoint::from_shared(url.to_string())?
+async fn all_published(url: &str, tls: &tonic::transport::ClientTlsConfig, expected: usize) -> bool {
+    let Ok(channel) = connect(url, tls).await else { return false };
+    let Ok(resp) = ClusterClient::new(channel).member_list(MemberListRequest { linearizable: false }).await else {
+        return false;
+    };
+    let members = resp.into_inner().members;
+    members.len() == expected && members.iter().all(|m| !m.client_ur_ls.is_empty() && !m.name.is_empty())
+}
+
+async fn connect(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Result<tonic::transport::Channel> {
+    Ok(Endpoint::from_shared(url.to_string())?
         .tls_config(tls.clone())?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(2))
         .connect()
-        .await?;
+        .await?)
+}
+
+/// (leader id, own member id) of the server at `url`.
+pub async fn status(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Result<(u64, u64)> {
+    let channel = connect(url, tls).await?;
     let resp = MaintenanceClient::new(channel).status(StatusRequest {}).await?.into_inner();
     let member = resp.header.map(|h| h.member_id).unwrap_or(0);
     Ok((resp.leader, member))

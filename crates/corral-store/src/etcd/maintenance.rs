@@ -10,7 +10,7 @@ use corral_proto::etcdserverpb::{
 use corral_proto::store::command_result::Result as R;
 use corral_proto::store::{command, Command};
 use futures::Stream;
-use tokio::io::AsyncReadExt;
+use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -108,26 +108,22 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+        // etcdctl wants what a bolt file looks like: a multiple of 512 bytes, then the
+        // SHA-256 of all of it. Our records end with a marker, so padding is harmless.
+        let mut data = tokio::fs::read(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let _ = tokio::fs::remove_file(&path).await;
-        let total = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
+        data.push(crate::raft::END_OF_RECORDS);
+        data.resize(data.len().div_ceil(512) * 512, 0);
+        let digest = sha2::Sha256::digest(&data);
+        data.extend_from_slice(&digest);
+        let total = data.len() as u64;
         let header = self.header();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut sent = 0u64;
-            loop {
-                let mut blob = vec![0u8; SNAPSHOT_CHUNK_BYTES];
-                let n = match file.read(&mut blob).await {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                        return;
-                    }
-                };
-                blob.truncate(n);
-                sent += n as u64;
-                let resp = SnapshotResponse { header: header.clone(), remaining_bytes: total - sent, blob };
+            for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+                sent += chunk.len() as u64;
+                let resp = SnapshotResponse { header: header.clone(), remaining_bytes: total - sent, blob: chunk.to_vec() };
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }

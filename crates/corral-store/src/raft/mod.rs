@@ -7,5 +7,5 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
-pub(crate) use state_machine::write_snapshot;
+pub(crate) use state_machine::{write_snapshot, END_OF_RECORDS};
 pub use types::*;

@@ -28,6 +28,8 @@ const MAGIC: &[u8] = b"CORRAL-SNAPSHOT-1\n";
 /// The column families a snapshot carries.
 const SNAPSHOT_CFS: [Cf; 4] = [Cf::Kv, Cf::Rev, Cf::Lease, Cf::Meta];
 const RESTORE_BATCH_BYTES: usize = 8 << 20;
+/// Marks the end of the records; what follows (padding, a checksum) is not state.
+pub(crate) const END_OF_RECORDS: u8 = 0xFF;
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(&e).into()
@@ -303,8 +305,9 @@ fn restore(engine: &dyn Engine, path: &Path) -> Result<(), EngineError> {
     let mut bytes = 0usize;
     loop {
         let mut head = [0u8; 9];
-        match input.read_exact(&mut head) {
-            Ok(()) => {}
+        match input.read_exact(&mut head[..1]) {
+            Ok(()) if head[0] == END_OF_RECORDS => break,
+            Ok(()) => input.read_exact(&mut head[1..])?,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e.into()),
         }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Corral builds and tests against, from Debian's packages:
+#   librocksdb-dev, libclang-dev   the store's RocksDB (system library: minutes, not a quarter hour, to build)
+#   etcd-client                    etcdctl 3.4, the reference client in the end-to-end tests
+#   etcd-server                    etcd 3.4, the side-by-side anchor for compatibility tests and benchmarks
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+packages=(librocksdb-dev libclang-dev etcd-client etcd-server)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing: ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "need root to install packages: run as root, or: sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+# Debian starts etcd as a service on install; Corral only wants its binary.
+no_start=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$no_start" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$no_start"
+  chmod +x "$no_start"
+  created_policy=1
+fi
+trap '[ $created_policy -eq 1 ] && rm -f "$no_start"' EXIT
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
