@@ -34,7 +34,9 @@ pub struct Server {
 
 /// A local cluster made by `corral up`.
 pub struct Cluster {
-    dir: tempfile::TempDir,
+    /// Owned by the handle that made the cluster; None for an adopted handle.
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
     pub base_port: u16,
 }
 
@@ -42,7 +44,7 @@ impl Cluster {
     /// `corral up --servers N` on ports from `base_port`, with extra flags.
     pub fn up(servers: usize, base_port: u16, extra: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("corral-e2e-").tempdir()?;
-        let cluster = Self { dir, base_port };
+        let cluster = Self { path: dir.path().to_path_buf(), dir: Some(dir), base_port };
         cluster.run_up(servers, extra)?;
         Ok(cluster)
     }
@@ -51,7 +53,7 @@ impl Cluster {
         let out = Command::new(corral_bin())
             .args(["up", "--servers", &servers.to_string(), "--base-port", &self.base_port.to_string()])
             .arg("--state-dir")
-            .arg(self.dir.path())
+            .arg(self.state_dir())
             .args(extra)
             .output()
             .context("running corral up")?;
@@ -66,12 +68,18 @@ impl Cluster {
         self.run_up(servers, &[])
     }
 
+    /// A second handle on the same cluster, for tasks that outlive a borrow; it does not
+    /// take the cluster down when dropped.
+    pub fn adopt(other: &Cluster) -> Cluster {
+        Cluster { dir: None, path: other.path.clone(), base_port: other.base_port }
+    }
+
     pub fn state_dir(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     pub fn servers(&self) -> Result<Vec<Server>> {
-        let raw = std::fs::read(self.dir.path().join("cluster.json"))?;
+        let raw = std::fs::read(self.state_dir().join("cluster.json"))?;
         let record: serde_json::Value = serde_json::from_slice(&raw)?;
         let servers = record["servers"].as_array().context("cluster.json has no servers")?;
         Ok(servers
@@ -87,7 +95,7 @@ impl Cluster {
 
     /// The environment etcdctl needs, from `DIR/etcdctl.env`.
     pub fn etcdctl_env(&self) -> Result<Vec<(String, String)>> {
-        let raw = std::fs::read_to_string(self.dir.path().join("etcdctl.env"))?;
+        let raw = std::fs::read_to_string(self.state_dir().join("etcdctl.env"))?;
         Ok(raw.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
@@ -127,7 +135,7 @@ impl Cluster {
     /// Every server's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("servers")) {
+        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("servers")) {
             for e in entries.flatten() {
                 let log = std::fs::read_to_string(e.path().join("server.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -185,12 +193,64 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A gRPC channel to one server, with the admin certificate.
+    pub async fn channel(&self, url: &str) -> Result<tonic::transport::Channel> {
+        let pki = self.state_dir().join("pki");
+        let read = |name: &str| std::fs::read_to_string(pki.join(name));
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")?))
+            .identity(tonic::transport::Identity::from_pem(read("admin.crt")?, read("admin.key")?));
+        Ok(tonic::transport::Endpoint::from_shared(url.to_string())?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy())
+    }
+
+    /// Starts `corral server` for `name` by hand with extra flags (joining, say), and records
+    /// its pid so `corral down` stops it.
+    pub fn start_server(&self, name: &str, extra: &[&str]) -> Result<()> {
+        let servers = self.servers()?;
+        let me = servers.iter().find(|s| s.name == name).context("no such server")?;
+        let initial: Vec<String> = servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect();
+        let server_dir = self.state_dir().join("servers").join(name);
+        std::fs::create_dir_all(&server_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(server_dir.join("server.log"))?;
+        let child = Command::new(corral_bin())
+            .args(["server", "--name", name, "--listen-client-urls", &me.client_url, "--listen-peer-urls", &me.peer_url])
+            .arg("--data-dir")
+            .arg(server_dir.join("data"))
+            .args(["--initial-cluster", &initial.join(",")])
+            .arg("--tls-dir")
+            .arg(self.state_dir().join("pki"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let path = self.state_dir().join("cluster.json");
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        for s in record["servers"].as_array_mut().context("servers")? {
+            if s["name"] == name {
+                s["pid"] = child.id().into();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&record)?)?;
+        // The child is reaped by nobody until the test ends; corral down stops it by pid.
+        std::mem::forget(child);
+        Ok(())
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.dir.is_none() {
+            return;
+        }
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        let _ = Command::new(corral_bin()).arg("down").arg("--state-dir").arg(self.dir.path()).stdout(Stdio::null()).status();
+        let _ = Command::new(corral_bin()).arg("down").arg("--state-dir").arg(self.state_dir()).stdout(Stdio::null()).status();
     }
 }
 

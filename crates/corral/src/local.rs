@@ -38,6 +38,12 @@ pub struct UpArgs {
     /// First port: server i uses base+10*i (etcd API), +1 (peers), +2 (Kubernetes API).
     #[arg(long, default_value_t = 23790)]
     pub base_port: u16,
+    /// Raft entries between snapshots (passed to every server).
+    #[arg(long)]
+    pub snapshot_count: Option<u64>,
+    /// Entries kept behind a snapshot (passed to every server).
+    #[arg(long)]
+    pub snapshot_catchup_entries: Option<u64>,
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -169,7 +175,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
         if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
             continue;
         }
-        server.pid = Some(spawn_server(dir, server, &initial_cluster)?);
+        let mut extra = Vec::new();
+        if let Some(n) = args.snapshot_count {
+            extra.extend(["--snapshot-count".to_string(), n.to_string()]);
+        }
+        if let Some(n) = args.snapshot_catchup_entries {
+            extra.extend(["--snapshot-catchup-entries".to_string(), n.to_string()]);
+        }
+        server.pid = Some(spawn_server(dir, server, &initial_cluster, &extra)?);
         started += 1;
     }
     record.save(dir)?;
@@ -193,7 +206,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str) -> Result<u32> {
+fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra: &[String]) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let server_dir = dir.join("servers").join(&server.name);
     std::fs::create_dir_all(&server_dir)?;
@@ -209,6 +222,7 @@ fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str) -> Res
         .args(["--initial-cluster", initial_cluster])
         .arg("--tls-dir")
         .arg(dir.join("pki"))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -1,5 +1,6 @@
 //! `corral`: the one binary. Servers, local clusters, benchmarks.
 
+mod bench;
 mod local;
 mod server;
 mod tls;
@@ -23,6 +24,9 @@ enum Command {
     Up(local::UpArgs),
     /// Stop a local cluster and remove everything it made.
     Down(local::DownArgs),
+    /// Benchmarks that print figures, run the same way against Corral and etcd.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> Result<()> {
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
         }
         Command::Up(args) => runtime.block_on(local::up(args)),
         Command::Down(args) => runtime.block_on(local::down(args)),
+        Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
     }
 }
 

@@ -72,6 +72,9 @@ pub struct ServerArgs {
     /// Entries between Raft snapshots.
     #[arg(long, default_value_t = 50_000)]
     pub snapshot_count: u64,
+    /// Entries kept behind a snapshot for slow followers; one further behind gets the snapshot.
+    #[arg(long, default_value_t = 5_000)]
+    pub snapshot_catchup_entries: u64,
     /// Allow an even number of voters.
     #[arg(long)]
     pub allow_even_voters: bool,
@@ -120,6 +123,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     cfg.election_timeout_max_ms = args.election_timeout_max_ms;
     cfg.quota_bytes = args.quota_backend_bytes;
     cfg.snapshot_every_entries = args.snapshot_count;
+    cfg.logs_kept_behind_snapshot = args.snapshot_catchup_entries;
     cfg.allow_even_voters = args.allow_even_voters;
     let node = StoreNode::open(cfg, peers).await?;
 

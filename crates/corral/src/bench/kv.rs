@@ -1,0 +1,135 @@
+//! `corral bench kv`: a put or range load with many concurrent clients.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use corral_proto::etcdserverpb::kv_client::KvClient;
+use corral_proto::etcdserverpb::{PutRequest, RangeRequest};
+use hdrhistogram::Histogram;
+
+use super::{Target, TargetArgs};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Op {
+    Put,
+    /// Linearizable single-key reads.
+    Range,
+    /// Serializable single-key reads.
+    RangeSerializable,
+}
+
+#[derive(Args, Debug)]
+pub struct KvArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[arg(long, value_enum, default_value = "put")]
+    pub op: Op,
+    /// Concurrent clients (each one request at a time).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// gRPC connections the clients share, spread over the endpoints.
+    #[arg(long, default_value_t = 16)]
+    pub conns: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 10_000)]
+    pub total: u64,
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Distinct keys written or read.
+    #[arg(long, default_value_t = 100_000)]
+    pub key_space: u64,
+}
+
+pub async fn run(args: KvArgs) -> Result<()> {
+    let target = Target::from_args(&args.target)?;
+    let conns = args.conns.max(1);
+    let channels: Vec<_> = (0..conns)
+        .map(|i| target.channel(&target.endpoints[i % target.endpoints.len()]))
+        .collect::<Result<_>>()?;
+    if matches!(args.op, Op::Range | Op::RangeSerializable) {
+        // Something to read.
+        let mut kv = KvClient::new(channels[0].clone());
+        for k in 0..args.key_space.min(1000) {
+            kv.put(PutRequest { key: key(k), value: vec![b'v'; args.value_size], ..Default::default() }).await?;
+        }
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let channel = channels[c % conns].clone();
+        let next = next.clone();
+        let errors = errors.clone();
+        let op = args.op;
+        let (value_size, key_space, total) = (args.value_size, args.key_space, args.total);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut kv = KvClient::new(channel);
+            let value = vec![b'v'; value_size];
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return hist;
+                }
+                let t = Instant::now();
+                let ok = match op {
+                    Op::Put => kv.put(PutRequest { key: key(n % key_space), value: value.clone(), ..Default::default() }).await.is_ok(),
+                    Op::Range | Op::RangeSerializable => {
+                        let req = RangeRequest {
+                            key: key(n % key_space.min(1000)),
+                            serializable: matches!(op, Op::RangeSerializable),
+                            ..Default::default()
+                        };
+                        kv.range(req).await.is_ok()
+                    }
+                };
+                if ok {
+                    hist.record(t.elapsed().as_micros().max(1) as u64).ok();
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let progress = tokio::spawn({
+        let next = next.clone();
+        let total = args.total;
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let done = next.load(Ordering::Relaxed).min(total);
+                eprintln!("  {done}/{total} requests");
+            }
+        }
+    });
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        hist.add(t.await?)?;
+    }
+    progress.abort();
+    let elapsed = started.elapsed();
+    let ok = hist.len();
+    println!(
+        "op={:?} clients={} conns={} value_size={} requests={} errors={} elapsed_s={:.2} ops_per_s={:.0} latency_ms_p50={:.2} latency_ms_p99={:.2} latency_ms_max={:.2}",
+        args.op,
+        args.clients,
+        conns,
+        args.value_size,
+        ok,
+        errors.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        ok as f64 / elapsed.as_secs_f64(),
+        hist.value_at_quantile(0.50) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+fn key(n: u64) -> Vec<u8> {
+    format!("bench/{n:010}").into_bytes()
+}

@@ -1,0 +1,50 @@
+//! `corral bench`: load generators that run the same client against Corral and against etcd,
+//! and print figures (throughput, latency percentiles, unavailability) to compare side by side.
+
+mod etcd;
+mod failover;
+mod kv;
+mod target;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+pub use target::Target;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Put or range load against an etcd-v3 endpoint set; prints throughput and latency.
+    Kv(kv::KvArgs),
+    /// Kill the leader repeatedly under a write load; prints write unavailability per kill.
+    Failover(failover::FailoverArgs),
+    /// Start or stop a 3-member Debian etcd 3.4 cluster for side-by-side runs.
+    Etcd(etcd::EtcdArgs),
+}
+
+/// Where a benchmark connects: a local cluster's state directory (Corral's from `corral up`,
+/// or etcd's from `corral bench etcd up`), or explicit endpoints and certificates.
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// A state directory from `corral up` or `corral bench etcd up`.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Comma-separated https:// endpoints (instead of --state-dir).
+    #[arg(long)]
+    pub endpoints: Option<String>,
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+}
+
+pub async fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Kv(args) => kv::run(args).await,
+        BenchCommand::Failover(args) => failover::run(args).await,
+        BenchCommand::Etcd(args) => etcd::run(args).await,
+    }
+}

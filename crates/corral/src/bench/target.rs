@@ -1,0 +1,114 @@
+//! A benchmark target: endpoints, TLS, and (for local clusters) the server processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use corral_proto::etcdserverpb::StatusRequest;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::TargetArgs;
+
+/// One server process of a local cluster, and how to start it again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Process {
+    pub name: String,
+    pub client_url: String,
+    pub pid: u32,
+    /// argv to start it again (etcd); empty for Corral, which `corral up` restarts.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub endpoints: Vec<String>,
+    pub tls: Option<ClientTlsConfig>,
+    pub state_dir: Option<PathBuf>,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Corral,
+    Etcd,
+    Remote,
+}
+
+impl Target {
+    pub fn from_args(args: &TargetArgs) -> Result<Self> {
+        if let Some(dir) = &args.state_dir {
+            let env = std::fs::read_to_string(dir.join("etcdctl.env"))
+                .with_context(|| format!("{} has no etcdctl.env: is a cluster up there?", dir.display()))?;
+            let get = |k: &str| {
+                env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string).with_context(|| format!("etcdctl.env lacks {k}"))
+            };
+            let endpoints = get("ETCDCTL_ENDPOINTS")?.split(',').map(str::to_string).collect();
+            let tls = tls(Path::new(&get("ETCDCTL_CACERT")?), Path::new(&get("ETCDCTL_CERT")?), Path::new(&get("ETCDCTL_KEY")?))?;
+            let kind = if dir.join("etcd.json").exists() { Kind::Etcd } else { Kind::Corral };
+            return Ok(Self { endpoints, tls: Some(tls), state_dir: Some(dir.clone()), kind });
+        }
+        let Some(endpoints) = &args.endpoints else { bail!("give --state-dir DIR or --endpoints URL[,URL...]") };
+        let tls = match (&args.cacert, &args.cert, &args.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(tls(ca, cert, key)?),
+            (None, None, None) => None,
+            _ => bail!("--cacert, --cert and --key go together"),
+        };
+        Ok(Self { endpoints: endpoints.split(',').map(str::to_string).collect(), tls, state_dir: None, kind: Kind::Remote })
+    }
+
+    pub fn channel(&self, url: &str) -> Result<Channel> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+
+    /// The server processes of a local cluster.
+    pub fn processes(&self) -> Result<Vec<Process>> {
+        let dir = self.state_dir.as_ref().context("failover needs --state-dir")?;
+        let (file, key) = match self.kind {
+            Kind::Etcd => ("etcd.json", "members"),
+            _ => ("cluster.json", "servers"),
+        };
+        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(file))?)?;
+        Ok(serde_json::from_value(raw[key].clone())?)
+    }
+
+    /// The endpoint of the current leader and the leader's member id.
+    pub async fn leader(&self) -> Result<(String, u64)> {
+        let mut leader = 0;
+        let mut ids = Vec::new();
+        for url in &self.endpoints {
+            let Ok(resp) = tokio::time::timeout(Duration::from_secs(1), async {
+                MaintenanceClient::new(self.channel(url)?).status(StatusRequest {}).await.map_err(anyhow::Error::from)
+            })
+            .await
+            else {
+                continue;
+            };
+            let Ok(resp) = resp else { continue };
+            let resp = resp.into_inner();
+            if resp.leader != 0 {
+                leader = resp.leader;
+            }
+            ids.push((url.clone(), resp.header.map(|h| h.member_id).unwrap_or(0)));
+        }
+        match ids.into_iter().find(|(_, id)| *id == leader && leader != 0) {
+            Some((url, id)) => Ok((url, id)),
+            None => bail!("no leader reachable"),
+        }
+    }
+}
+
+fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)).identity(Identity::from_pem(read(cert)?, read(key)?)))
+}
