@@ -144,7 +144,7 @@ async fn converge(cluster: &Cluster, urls: &[String], expected: i64) -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(3, 24200, &["--snapshot-count", "2000", "--snapshot-catchup-entries", "100"])?;
+    let c = Cluster::up(3, 24200, &["--snapshot-count", "1000", "--snapshot-catchup-entries", "100"])?;
     let servers = c.servers()?;
     let urls: Vec<String> = servers.iter().map(|s| s.client_url.clone()).collect();
     let leader = c.leader()?;
@@ -225,16 +225,21 @@ async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     c.ctl(&["member", "remove", &id])?;
     c.kill(&victim.name)?;
     std::fs::remove_dir_all(c.state_dir().join("servers").join(&victim.name).join("data"))?;
-    // Enough new entries that the leader's log no longer reaches back to what the wiped
-    // server needs.
+    // Enough new entries (one per sequential put) for several snapshots, so the leader's log
+    // no longer reaches back to what the wiped server needs.
     let mut kv = KvClient::new(c.channel(&c.leader()?.client_url).await?);
-    for i in 0..2500 {
+    for i in 0..3000 {
         kv.put(PutRequest { key: format!("filler/{i}").into(), value: b"f".to_vec(), ..Default::default() }).await?;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     c.ctl(&["member", "add", &victim.name, &format!("--peer-urls={}", victim.peer_url)])?;
     c.start_server(&victim.name, &["--initial-cluster-state", "existing"])?;
     converge(&c, &urls, total).await?;
     let log = std::fs::read_to_string(c.state_dir().join("servers").join(&victim.name).join("server.log"))?;
-    ensure!(log.contains("installing snapshot"), "the wiped server caught up without a snapshot");
+    if !log.contains("installing snapshot") {
+        let leader_log = std::fs::read_to_string(c.state_dir().join("servers").join(c.leader()?.name).join("server.log"))?;
+        let snaps: Vec<&str> = leader_log.lines().filter(|l| l.contains("snapshot")).take(10).collect();
+        anyhow::bail!("the wiped server caught up without a snapshot; leader snapshot lines: {snaps:#?}\nvictim log: {}", corral_e2e::clip(&log));
+    }
     Ok(())
 }

@@ -81,6 +81,17 @@ impl StoreError {
         }
     }
 
+    /// A copy of `e` for another waiter: the variants callers match on are kept.
+    pub fn from_code_keeping(e: &StoreError) -> Self {
+        match e {
+            StoreError::LeaderChanged => StoreError::LeaderChanged,
+            StoreError::Timeout => StoreError::Timeout,
+            StoreError::NoLeader => StoreError::NoLeader,
+            StoreError::Compacted { compact_rev } => StoreError::Compacted { compact_rev: *compact_rev },
+            e => StoreError::from_code(e.code(), e.to_string()),
+        }
+    }
+
     /// Rebuilds an error carried through a Raft entry's result or a forwarded call.
     pub fn from_code(code: Code, message: String) -> Self {
         StoreError::Remote { code, message }

@@ -5,6 +5,7 @@
 //! - [`raft`]: openraft's log storage, state machine and snapshots over the engine.
 //! - [`watch`]: fan-out of applied events to watchers on one server.
 
+mod batch;
 pub mod engine;
 pub mod etcd;
 pub mod error;

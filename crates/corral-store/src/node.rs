@@ -8,16 +8,17 @@ use std::time::{Duration, Instant};
 
 use corral_proto::etcdserverpb::{self as pb, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
     LeaseTimeToLiveResponse, RangeRequest, RangeResponse, ResponseHeader};
-use corral_proto::store::{command, Command, CommandResult, MemberChangeRequest, ReadIndexRequest};
+use corral_proto::store::{command, Command, CommandBatch, CommandResult, MemberChangeRequest, ReadIndexRequest};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
+use crate::batch::{append_batch, Proposer, ReadBarriers};
 use crate::engine::{RocksEngine, SharedEngine};
 use crate::error::{StoreError, StoreResult};
 use crate::mvcc::{KeyRange, Mvcc};
 use crate::raft::network::Peers;
-use crate::raft::{decode, encode, LogStore, Member, NodeId, Raft, RaftMetrics, Request, StateMachine};
+use crate::raft::{decode, encode, LogStore, Member, NodeId, Raft, RaftMetrics, StateMachine};
 use crate::watch::{WatchHub, WatchStream};
 
 /// A store server's settings. Defaults suit a cluster on one machine.
@@ -111,6 +112,12 @@ pub struct StoreNode {
     engine: SharedEngine,
     /// Lease deadlines, kept by the leader only.
     lease_deadlines: Mutex<HashMap<i64, Instant>>,
+    proposer: Proposer,
+    reads: ReadBarriers,
+    /// Raft's metrics, read on every request: borrowed, never cloned on the hot path.
+    metrics_rx: tokio::sync::watch::Receiver<RaftMetrics>,
+    /// Bytes on disk, refreshed at most once a second for the space quota.
+    size_cache: Mutex<(Instant, u64)>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -145,7 +152,9 @@ impl StoreNode {
             .await
             .map_err(|e| StoreError::Internal(format!("raft did not start: {e}")))?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
-        let node = Arc::new(Self {
+        let metrics_rx = raft.metrics();
+        let size_cache = Mutex::new((Instant::now(), engine.size_bytes()));
+        let node = Arc::new_cyclic(|weak: &std::sync::Weak<StoreNode>| Self {
             cfg,
             raft,
             mvcc,
@@ -153,6 +162,10 @@ impl StoreNode {
             peers,
             engine,
             lease_deadlines: Mutex::new(HashMap::new()),
+            metrics_rx,
+            size_cache,
+            proposer: Proposer::start(weak.clone()),
+            reads: ReadBarriers::start(weak.clone()),
             shutdown,
         });
         tokio::spawn(lease_clock(Arc::downgrade(&node), node.shutdown.subscribe()));
@@ -210,7 +223,7 @@ impl StoreNode {
             cluster_id: self.cfg.cluster_id,
             member_id: self.cfg.member_id,
             revision,
-            raft_term: self.metrics().current_term,
+            raft_term: self.metrics_rx.borrow().current_term,
         }
     }
 
@@ -238,15 +251,14 @@ impl StoreNode {
     }
 
     fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader
+        self.metrics_rx.borrow().state == ServerState::Leader
     }
 
     /// A leader that has not heard from a quorum for an election timeout is cut off:
     /// it fails requests at once instead of letting them hang.
     fn check_quorum(&self) -> StoreResult<()> {
-        let m = self.raft.metrics().borrow().clone();
-        match m.millis_since_quorum_ack {
+        let since_ack = self.metrics_rx.borrow().millis_since_quorum_ack;
+        match since_ack {
             Some(ms) if ms > self.cfg.election_timeout_max_ms * 2 => Err(StoreError::NoLeader),
             _ => Ok(()),
         }
@@ -254,8 +266,8 @@ impl StoreNode {
 
     // ---- writes ----
 
-    /// Replicates a write and returns what applying it produced. On a follower, the write
-    /// is forwarded to the leader.
+    /// Replicates a write and returns what applying it produced. Writes that arrive
+    /// together share a Raft entry; on a follower they are forwarded to the leader together.
     pub async fn propose(&self, cmd: Command) -> StoreResult<CommandResult> {
         if is_quota_bound(&cmd) {
             self.check_space(&cmd).await?;
@@ -263,36 +275,33 @@ impl StoreNode {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let outcome = if self.is_leader() { self.propose_local(cmd.clone()).await } else { self.forward(cmd.clone()).await };
-            match outcome {
+            match self.proposer.propose(cmd.clone()).await {
                 Err(StoreError::LeaderChanged) if attempts < 3 => continue,
                 other => return other,
             }
         }
     }
 
-    /// Proposes on this server, which must be the leader.
-    pub async fn propose_local(&self, cmd: Command) -> StoreResult<CommandResult> {
-        self.check_quorum()?;
-        let written = tokio::time::timeout(self.timeout(), self.raft.client_write(Request(cmd))).await;
-        match written {
-            Err(_) => Err(StoreError::Timeout),
-            Ok(Ok(resp)) => result_of(resp.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(StoreError::LeaderChanged),
-            Ok(Err(e)) => Err(StoreError::Internal(e.to_string())),
+    /// Commits one batch: appended here on the leader, forwarded to the leader otherwise.
+    pub(crate) async fn commit_batch(&self, batch: CommandBatch) -> StoreResult<Vec<CommandResult>> {
+        if self.is_leader() {
+            return self.commit_local(batch).await;
         }
-    }
-
-    async fn forward(&self, cmd: Command) -> StoreResult<CommandResult> {
         let (_, leader) = self.leader().await?;
         let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
-        let mut request = tonic::Request::new(cmd);
+        let mut request = tonic::Request::new(batch);
         request.set_timeout(self.timeout());
         match client.propose(request).await {
-            Ok(reply) => result_of(reply.into_inner()),
+            Ok(reply) => Ok(reply.into_inner().results),
             Err(status) if status.code() == tonic::Code::Unavailable => Err(StoreError::LeaderChanged),
             Err(status) => Err(status.into()),
         }
+    }
+
+    /// Appends a batch on this server, which must be the leader.
+    pub async fn commit_local(&self, batch: CommandBatch) -> StoreResult<Vec<CommandResult>> {
+        self.check_quorum()?;
+        append_batch(&self.raft, batch, self.timeout()).await
     }
 
     async fn check_space(&self, _cmd: &Command) -> StoreResult<()> {
@@ -300,7 +309,7 @@ impl StoreNode {
         if self.mvcc.alarms().iter().any(|(_, a)| *a == nospace) {
             return Err(StoreError::NoSpace);
         }
-        if self.engine.size_bytes() > self.cfg.quota_bytes {
+        if self.size_bytes() > self.cfg.quota_bytes {
             let alarm = pb::AlarmRequest {
                 action: pb::alarm_request::AlarmAction::Activate as i32,
                 member_id: self.cfg.member_id,
@@ -312,20 +321,32 @@ impl StoreNode {
         Ok(())
     }
 
+    /// Bytes on disk, at most a second old.
+    fn size_bytes(&self) -> u64 {
+        let mut cache = self.size_cache.lock().expect("size lock");
+        if cache.0.elapsed() > Duration::from_secs(1) {
+            *cache = (Instant::now(), self.engine.size_bytes());
+        }
+        cache.1
+    }
+
     // ---- reads ----
 
     /// Waits until this server has applied everything committed before the call: after it,
-    /// a local read is linearizable.
+    /// a local read is linearizable. Concurrent callers share one quorum round.
     pub async fn read_barrier(&self) -> StoreResult<()> {
+        self.reads.wait().await
+    }
+
+    /// One read barrier, now.
+    pub(crate) async fn read_barrier_now(&self) -> StoreResult<()> {
         if self.is_leader() {
             self.check_quorum()?;
             let confirmed = tokio::time::timeout(self.timeout(), self.raft.ensure_linearizable()).await;
             return match confirmed {
                 Err(_) => Err(StoreError::Timeout),
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                    Box::pin(self.follower_barrier()).await
-                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => self.follower_barrier().await,
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(StoreError::NoLeader),
                 Ok(Err(e)) => Err(StoreError::Internal(e.to_string())),
             };
@@ -580,12 +601,6 @@ fn is_quota_bound(cmd: &Command) -> bool {
     matches!(cmd.op, Some(command::Op::Put(_)) | Some(command::Op::Txn(_)) | Some(command::Op::LeaseGrant(_)))
 }
 
-fn result_of(result: CommandResult) -> StoreResult<CommandResult> {
-    if result.error_code != 0 {
-        return Err(StoreError::from_code(tonic::Code::from(result.error_code as i32), result.error_message));
-    }
-    Ok(result)
-}
 
 /// The leader's lease clock: expires leases whose deadline passed, by proposing their
 /// revocation, so every server deletes their keys at the same revision. A new leader
@@ -618,7 +633,7 @@ async fn lease_clock(node: std::sync::Weak<StoreNode>, mut shutdown: tokio::sync
         was_leader = true;
         for id in expired {
             let revoke = Command { op: Some(command::Op::LeaseRevoke(pb::LeaseRevokeRequest { id })) };
-            match node.propose_local(revoke).await {
+            match node.propose(revoke).await {
                 Ok(_) => tracing::debug!(lease = id, "lease expired"),
                 Err(e) => tracing::warn!(lease = id, error = %e, "could not expire lease"),
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use corral_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
 use corral_proto::store::raft_peer_server::{RaftPeer, RaftPeerServer};
 use corral_proto::store::{
-    ClusterInfoRequest, ClusterInfoResponse, Command, CommandResult, MemberChangeRequest, MemberChangeResponse,
+    ClusterInfoRequest, ClusterInfoResponse, CommandBatch, CommandResults, MemberChangeRequest, MemberChangeResponse,
     RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use tonic::{Request, Response, Status};
@@ -51,13 +51,13 @@ impl RaftPeer for PeerService {
         Ok(Response::new(RaftPayload { data: encode(&result) }))
     }
 
-    async fn propose(&self, req: Request<Command>) -> Result<Response<CommandResult>, Status> {
-        // A client error travels inside the result; only "not the leader" is a status, so
-        // the follower retries with the new leader.
-        match self.node.propose_local(req.into_inner()).await {
-            Ok(result) => Ok(Response::new(result)),
+    async fn propose(&self, req: Request<CommandBatch>) -> Result<Response<CommandResults>, Status> {
+        // Client errors travel inside the results; "not the leader" is Unavailable, so the
+        // follower retries with the new leader.
+        match self.node.commit_local(req.into_inner()).await {
+            Ok(results) => Ok(Response::new(CommandResults { results })),
             Err(crate::StoreError::LeaderChanged) => Err(Status::unavailable("etcdserver: leader changed")),
-            Err(e) => Ok(Response::new(CommandResult { error_code: e.code() as u32, error_message: e.to_string(), result: None })),
+            Err(e) => Err(e.into()),
         }
     }
 

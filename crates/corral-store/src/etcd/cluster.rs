@@ -18,8 +18,9 @@ impl ClusterService {
         Self { node }
     }
 
+    /// etcd's Cluster responses carry no revision: membership is not in the keyspace.
     fn header(&self) -> Option<corral_proto::etcdserverpb::ResponseHeader> {
-        Some(self.node.header(self.node.mvcc().current_revision()))
+        Some(self.node.header(0))
     }
 }
 

@@ -15,6 +15,8 @@ use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use super::types::{
     decode, encode, Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use corral_proto::store::CommandResults;
+
 use crate::engine::{Batch, Cf, Engine, EngineError};
 use crate::mvcc::Mvcc;
 use crate::watch::{Published, WatchHub};
@@ -146,8 +148,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             match entry.payload {
                 EntryPayload::Blank => replies.push(Response::default()),
                 EntryPayload::Normal(request) => {
-                    let result = writer.apply(&request.0).map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
-                    replies.push(Response(result));
+                    let mut results = Vec::with_capacity(request.0.commands.len());
+                    for cmd in &request.0.commands {
+                        results.push(writer.apply(cmd).map_err(|e| StorageIOError::apply(entry.log_id, &e))?);
+                    }
+                    replies.push(Response(CommandResults { results }));
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);

@@ -1,6 +1,6 @@
 //! The types openraft is instantiated with.
 
-use corral_proto::store::{Command, CommandResult};
+use corral_proto::store::{CommandBatch, CommandResults};
 use prost::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -12,13 +12,14 @@ pub struct Member {
     pub client_urls: Vec<String>,
 }
 
-/// A Raft entry's application data: one etcd write.
+/// A Raft entry's application data: the etcd writes the leader batched into it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Request(pub Command);
+pub struct Request(pub CommandBatch);
 
-/// What applying a [`Request`] produced. Blank and membership entries produce the default.
+/// What applying a [`Request`] produced, one result per command. Blank and membership
+/// entries produce the empty default.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Response(pub CommandResult);
+pub struct Response(pub CommandResults);
 
 macro_rules! serde_as_protobuf {
     ($outer:ident, $inner:ty) => {
@@ -37,8 +38,8 @@ macro_rules! serde_as_protobuf {
     };
 }
 
-serde_as_protobuf!(Request, Command);
-serde_as_protobuf!(Response, CommandResult);
+serde_as_protobuf!(Request, CommandBatch);
+serde_as_protobuf!(Response, CommandResults);
 
 openraft::declare_raft_types!(
     /// Corral's Raft: u64 member ids, etcd writes as entries, snapshots as files.
