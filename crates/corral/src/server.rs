@@ -60,11 +60,11 @@ pub struct ServerArgs {
     /// Serve without TLS. For debugging only: anyone who can reach the ports owns the data.
     #[arg(long)]
     pub plaintext: bool,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub heartbeat_interval_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 150)]
     pub election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 300)]
     pub election_timeout_max_ms: u64,
     /// Writes are refused ("database space exceeded") beyond this many bytes on disk.
     #[arg(long, default_value_t = 8 << 30)]

@@ -67,6 +67,24 @@ pub struct Mvcc {
     compact_rev: AtomicI64,
     leases: Mutex<BTreeMap<i64, LeaseInfo>>,
     alarms: Mutex<Vec<(u64, i32)>>,
+    /// The background compactor, stopped and joined when the store is dropped.
+    compactor: Mutex<Option<Compactor>>,
+}
+
+struct Compactor {
+    tx: std::sync::mpsc::Sender<i64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drop for Mvcc {
+    fn drop(&mut self) {
+        if let Some(c) = self.compactor.lock().expect("compactor lock").take() {
+            c.stop.store(true, Ordering::Release);
+            drop(c.tx);
+            let _ = c.thread.join();
+        }
+    }
 }
 
 impl Mvcc {
@@ -74,6 +92,7 @@ impl Mvcc {
     pub fn open(engine: SharedEngine) -> StoreResult<Arc<Self>> {
         let loaded = Loaded::read(engine.as_ref())?;
         let mvcc = Self {
+            compactor: Mutex::new(Some(spawn_compactor(engine.clone()))),
             engine,
             current_rev: AtomicI64::new(loaded.current_rev),
             compact_rev: AtomicI64::new(loaded.compact_rev),
@@ -81,8 +100,8 @@ impl Mvcc {
             alarms: Mutex::new(loaded.alarms),
         };
         if loaded.compact_finished < loaded.compact_rev {
-            // A crash interrupted a compaction: finish it before anyone reads.
-            mvcc.run_compaction(loaded.compact_rev)?;
+            // A crash interrupted a compaction: finish it in the background.
+            mvcc.schedule_compaction(loaded.compact_rev);
         }
         Ok(Arc::new(mvcc))
     }
@@ -96,9 +115,16 @@ impl Mvcc {
         self.compact_rev.store(loaded.compact_rev, Ordering::Release);
         self.current_rev.store(loaded.current_rev, Ordering::Release);
         if loaded.compact_finished < loaded.compact_rev {
-            self.run_compaction(loaded.compact_rev)?;
+            self.schedule_compaction(loaded.compact_rev);
         }
         Ok(())
+    }
+
+    /// Hands a compaction to the background compactor.
+    pub(crate) fn schedule_compaction(&self, compact_rev: i64) {
+        if let Some(c) = self.compactor.lock().expect("compactor lock").as_ref() {
+            let _ = c.tx.send(compact_rev);
+        }
     }
 
     pub fn engine(&self) -> &SharedEngine {
@@ -149,6 +175,28 @@ impl Mvcc {
         }
         Ok(rev)
     }
+}
+
+/// A thread that removes compacted history, one compaction at a time, the newest asked for.
+/// Stopped midway, a compaction resumes at the next start.
+fn spawn_compactor(engine: SharedEngine) -> Compactor {
+    let (tx, rx) = std::sync::mpsc::channel::<i64>();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("mvcc-compactor".into())
+        .spawn(move || {
+            while let Ok(mut target) = rx.recv() {
+                while let Ok(newer) = rx.try_recv() {
+                    target = target.max(newer);
+                }
+                if let Err(e) = write::compact(engine.as_ref(), target, &stopped) {
+                    tracing::error!(compact_rev = target, error = %e, "compaction failed; it resumes at the next start");
+                }
+            }
+        })
+        .expect("spawning the compactor thread");
+    Compactor { tx, stop, thread }
 }
 
 /// The state kept in memory, as read from the engine.

@@ -285,25 +285,40 @@ impl Mvcc {
         Ok(out)
     }
 
-    /// A hash of every version at or below `rev` (0: current), equal on members that applied
-    /// the same log. Returns the hash and the compact revision it covers from.
+    /// A hash of every version at or below `rev` (0: current) that compaction keeps, equal on
+    /// members that applied the same log however far their background compaction got.
+    /// Returns the hash and the compact revision it covers from.
     pub fn hash_kv(&self, rev: i64) -> StoreResult<(u32, i64)> {
         let rev = self.check_revision(rev)?;
+        let compact_rev = self.compact_revision();
         let view = self.engine.view();
         let mut hasher = crc32fast::Hasher::new();
         let mut cursor = view.cursor(Cf::Kv);
         cursor.seek(&[]);
+        // Versions of one key come newest first: below the compact revision only the first
+        // (if live, or a tombstone at exactly the compact revision) is logically there.
+        let mut key_seen_below: Option<Vec<u8>> = None;
         while cursor.valid() {
-            if let Some((_, version_rev)) = split_version_key(cursor.key())
+            if let Some((user_enc, version_rev)) = split_version_key(cursor.key())
                 && version_rev <= rev
             {
-                hasher.update(cursor.key());
-                hasher.update(cursor.value());
+                let counts = if version_rev > compact_rev {
+                    true
+                } else if key_seen_below.as_deref() == Some(user_enc) {
+                    false
+                } else {
+                    key_seen_below = Some(user_enc.to_vec());
+                    version_rev == compact_rev || Record::decode(cursor.value())?.is_live()
+                };
+                if counts {
+                    hasher.update(cursor.key());
+                    hasher.update(cursor.value());
+                }
             }
             cursor.next();
         }
         cursor.status()?;
-        Ok((hasher.finalize(), self.compact_revision()))
+        Ok((hasher.finalize(), compact_rev))
     }
 }
 

@@ -102,7 +102,8 @@ impl<'a> Writer<'a> {
     }
 
     /// Writes the batch (with `sync`, durably), then publishes the new revision. A compaction
-    /// applied in this batch runs after it, in batches of its own.
+    /// applied in this batch is recorded in it (reads below it are refused from now on) and
+    /// carried out in the background.
     pub fn finish(mut self, sync: bool) -> Result<Applied, EngineError> {
         self.batch.put(Cf::Meta, meta::CURRENT_REV.to_vec(), self.rev.to_be_bytes().to_vec());
         for id in std::mem::take(&mut self.leases_changed) {
@@ -118,7 +119,7 @@ impl<'a> Writer<'a> {
         mvcc.engine.write(batch, sync)?;
         mvcc.current_rev.store(rev, Ordering::Release);
         if let Some(compact_rev) = compact_to {
-            mvcc.run_compaction(compact_rev)?;
+            mvcc.schedule_compaction(compact_rev);
         }
         Ok(Applied { revision: rev, events })
     }
@@ -515,63 +516,72 @@ fn collect_writes(ops: &[RequestOp], puts: &mut BTreeSet<Vec<u8>>, deletes: &mut
     Ok(())
 }
 
-impl Mvcc {
-    /// Removes every version that no revision at or above `compact_rev` can read, and every
-    /// event below it. Idempotent: run again after a crash until it records itself finished.
-    pub(crate) fn run_compaction(&self, compact_rev: i64) -> Result<(), EngineError> {
-        loop {
-            let view = self.engine.view();
-            let mut cursor = view.cursor(Cf::Rev);
-            cursor.seek(&[]);
-            let mut keys = BTreeSet::new();
-            let mut batch = Batch::default();
-            while cursor.valid() && keys.len() < COMPACTION_BATCH {
-                let (main, _) = split_rev_key(cursor.key())
-                    .ok_or_else(|| EngineError::Corrupt { cf: Cf::Rev, what: "bad revision key".into() })?;
-                if main >= compact_rev {
-                    break;
-                }
-                keys.insert(cursor.value().to_vec());
-                batch.delete(Cf::Rev, cursor.key().to_vec());
-                cursor.next();
+/// Removes every version that no revision at or above `compact_rev` can read, and every
+/// event below it, in batches. Idempotent: run again after a crash until it records itself
+/// finished. Safe beside the writer: it only touches versions below the compact revision,
+/// which no later write changes.
+pub(crate) fn compact(
+    engine: &dyn crate::engine::Engine,
+    compact_rev: i64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), EngineError> {
+    let started = std::time::Instant::now();
+    let mut removed = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        let view = engine.view();
+        let mut cursor = view.cursor(Cf::Rev);
+        cursor.seek(&[]);
+        let mut keys = BTreeSet::new();
+        let mut batch = Batch::default();
+        while cursor.valid() && keys.len() < COMPACTION_BATCH {
+            let (main, _) = split_rev_key(cursor.key())
+                .ok_or_else(|| EngineError::Corrupt { cf: Cf::Rev, what: "bad revision key".into() })?;
+            if main >= compact_rev {
+                break;
             }
-            cursor.status()?;
-            let done = !cursor.valid()
-                || split_rev_key(cursor.key()).map(|(main, _)| main >= compact_rev).unwrap_or(true);
-            drop(cursor);
-            for key in &keys {
-                let mut versions = view.cursor(Cf::Kv);
-                let target = version_key(key, compact_rev);
-                let user_enc = &target[..target.len() - 8];
-                versions.seek(&target);
-                let mut newest = true;
-                while versions.valid() {
-                    match split_version_key(versions.key()) {
-                        Some((enc, _)) if enc == user_enc => {}
-                        _ => break,
-                    }
-                    // The newest version at or below the compact revision stays readable;
-                    // a tombstone only while its event (at the compact revision) is watchable.
-                    let version_rev = split_version_key(versions.key()).map(|(_, r)| r).unwrap_or(0);
-                    let keep = newest && (version_rev == compact_rev || Record::decode(versions.value())?.is_live());
-                    if !keep {
-                        batch.delete(Cf::Kv, versions.key().to_vec());
-                    }
-                    newest = false;
-                    versions.next();
-                }
-                versions.status()?;
-            }
-            if done {
-                batch.put(Cf::Meta, meta::COMPACT_FINISHED.to_vec(), compact_rev.to_be_bytes().to_vec());
-            }
-            drop(view);
-            self.engine.write(batch, false)?;
-            if done {
-                return Ok(());
-            }
+            keys.insert(cursor.value().to_vec());
+            batch.delete(Cf::Rev, cursor.key().to_vec());
+            cursor.next();
         }
+        cursor.status()?;
+        let done = !cursor.valid() || split_rev_key(cursor.key()).map(|(main, _)| main >= compact_rev).unwrap_or(true);
+        drop(cursor);
+        for key in &keys {
+            let mut versions = view.cursor(Cf::Kv);
+            let target = version_key(key, compact_rev);
+            let user_enc = &target[..target.len() - 8];
+            versions.seek(&target);
+            let mut newest = true;
+            while versions.valid() {
+                let version_rev = match split_version_key(versions.key()) {
+                    Some((enc, rev)) if enc == user_enc => rev,
+                    _ => break,
+                };
+                // The newest version at or below the compact revision stays readable; a
+                // tombstone only while its event (at the compact revision) is watchable.
+                let keep = newest && (version_rev == compact_rev || Record::decode(versions.value())?.is_live());
+                if !keep {
+                    batch.delete(Cf::Kv, versions.key().to_vec());
+                }
+                newest = false;
+                versions.next();
+            }
+            versions.status()?;
+        }
+        removed += batch.len();
+        if done {
+            batch.put(Cf::Meta, meta::COMPACT_FINISHED.to_vec(), compact_rev.to_be_bytes().to_vec());
+        }
+        drop(view);
+        engine.write(batch, false)?;
+        if done {
+            tracing::info!(compact_rev, removed, elapsed_ms = started.elapsed().as_millis() as u64, "compaction finished");
+            return Ok(());
+        }
+        // Leave room for the applier between batches.
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    Ok(())
 }
 
 /// True when no branch of the txn, however deep, writes.

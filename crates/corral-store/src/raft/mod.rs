@@ -9,3 +9,6 @@ pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 pub(crate) use state_machine::{write_snapshot, END_OF_RECORDS};
 pub use types::*;
+
+#[cfg(test)]
+mod tests;
