@@ -67,6 +67,9 @@ pub struct ServerRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterRecord {
     pub servers: Vec<ServerRecord>,
+    /// Tuning flags every server was started with; a restart by `corral up` reuses them.
+    #[serde(default)]
+    pub server_flags: Vec<String>,
 }
 
 impl ClusterRecord {
@@ -167,7 +170,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 }
             })
             .collect(),
+        server_flags: Vec::new(),
     });
+    let mut flags = Vec::new();
+    if let Some(n) = args.snapshot_count {
+        flags.extend(["--snapshot-count".to_string(), n.to_string()]);
+    }
+    if let Some(n) = args.snapshot_catchup_entries {
+        flags.extend(["--snapshot-catchup-entries".to_string(), n.to_string()]);
+    }
+    if !flags.is_empty() {
+        record.server_flags = flags;
+    }
     let initial_cluster =
         record.servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect::<Vec<_>>().join(",");
     let mut started = 0;
@@ -175,14 +189,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
             continue;
         }
-        let mut extra = Vec::new();
-        if let Some(n) = args.snapshot_count {
-            extra.extend(["--snapshot-count".to_string(), n.to_string()]);
-        }
-        if let Some(n) = args.snapshot_catchup_entries {
-            extra.extend(["--snapshot-catchup-entries".to_string(), n.to_string()]);
-        }
-        server.pid = Some(spawn_server(dir, server, &initial_cluster, &extra)?);
+        server.pid = Some(spawn_server(dir, server, &initial_cluster, &record.server_flags)?);
         started += 1;
     }
     record.save(dir)?;
