@@ -44,6 +44,9 @@ pub struct UpArgs {
     /// Entries kept behind a snapshot (passed to every server).
     #[arg(long)]
     pub snapshot_catchup_entries: Option<u64>,
+    /// Writes are refused beyond this many bytes on a server's disk (passed to every server).
+    #[arg(long)]
+    pub quota_backend_bytes: Option<u64>,
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -178,6 +181,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     if let Some(n) = args.snapshot_catchup_entries {
         flags.extend(["--snapshot-catchup-entries".to_string(), n.to_string()]);
+    }
+    if let Some(n) = args.quota_backend_bytes {
+        flags.extend(["--quota-backend-bytes".to_string(), n.to_string()]);
     }
     if !flags.is_empty() {
         record.server_flags = flags;

@@ -527,10 +527,13 @@ pub(crate) fn compact(
 ) -> Result<(), EngineError> {
     let started = std::time::Instant::now();
     let mut removed = 0usize;
+    // Where the next batch starts: each batch picks up after the last, rather than scanning
+    // again over the deletions it just made.
+    let mut resume_at: Vec<u8> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let view = engine.view();
         let mut cursor = view.cursor(Cf::Rev);
-        cursor.seek(&[]);
+        cursor.seek(&resume_at);
         let mut keys = BTreeSet::new();
         let mut batch = Batch::default();
         while cursor.valid() && keys.len() < COMPACTION_BATCH {
@@ -545,6 +548,9 @@ pub(crate) fn compact(
         }
         cursor.status()?;
         let done = !cursor.valid() || split_rev_key(cursor.key()).map(|(main, _)| main >= compact_rev).unwrap_or(true);
+        if !done {
+            resume_at = cursor.key().to_vec();
+        }
         drop(cursor);
         for key in &keys {
             let mut versions = view.cursor(Cf::Kv);

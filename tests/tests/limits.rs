@@ -1,0 +1,82 @@
+//! What a cluster refuses, and how it says so: a leader cut off from its quorum, and a
+//! full disk quota.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use corral_e2e::{init_tracing, Cluster};
+use tracing::info;
+
+fn signal(pid: u32, sig: i32) {
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[test]
+fn a_leader_without_its_quorum_refuses_linearizable_reads_and_writes_fast() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, 24600, &[])?;
+    c.ctl(&["put", "k", "before"])?;
+    let leader = c.leader()?;
+    let followers: Vec<_> = c.servers()?.into_iter().filter(|s| s.name != leader.name).collect();
+
+    info!("SIGSTOP both followers: the leader is alone");
+    for f in &followers {
+        signal(f.pid, libc::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let read = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["get", "k", "--command-timeout=8s"]), None);
+    let write = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["put", "k", "alone", "--command-timeout=8s"]), None);
+    let elapsed = started.elapsed();
+    let serializable = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["get", "k", "--consistency=s"]), None);
+    for f in &followers {
+        signal(f.pid, libc::SIGCONT);
+    }
+    let read_err = read.expect_err("a linearizable read must fail without a quorum").to_string();
+    ensure!(read_err.contains("no leader") || read_err.contains("timed out"), "{read_err}");
+    ensure!(write.is_err(), "a write must fail without a quorum");
+    ensure!(elapsed < Duration::from_secs(8), "refusals took {elapsed:?}: they must not hang");
+    ensure!(serializable? == "k\nbefore\n", "a serializable read is served locally");
+
+    info!("SIGCONT: the cluster serves again");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.ctl(&["put", "k", "after"]).is_err() {
+        ensure!(Instant::now() < deadline, "the cluster did not recover");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(c.ctl(&["get", "k", "--print-value-only"])? == "after\n");
+    Ok(())
+}
+
+#[test]
+fn a_full_quota_raises_the_alarm_until_compaction_defragment_and_disarm() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, 24700, &["--quota-backend-bytes", &(4u64 << 20).to_string()])?;
+    let value = "v".repeat(512 << 10);
+
+    info!("fill past the 4 MiB quota: writes get etcd's error and a NOSPACE alarm");
+    let mut refused = None;
+    for i in 0..40 {
+        if let Err(e) = c.ctl_stdin(&["put", &format!("big/{i}")], &value) {
+            refused = Some(e.to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = refused.expect("the quota was never enforced");
+    ensure!(refused.contains("database space exceeded"), "{refused}");
+    ensure!(c.ctl(&["alarm", "list"])?.contains("alarm:NOSPACE"));
+    ensure!(c.ctl(&["get", "big/0", "--keys-only"])? == "big/0\n\n", "reads still work");
+
+    info!("delete, compact, defragment, disarm: writes are accepted again");
+    c.ctl(&["del", "big/", "--prefix"])?;
+    let rev = serde_json::from_str::<serde_json::Value>(&c.ctl(&["get", "x", "-w", "json"])?)?["header"]["revision"].as_i64().unwrap();
+    c.ctl(&["compaction", "--physical", &rev.to_string()])?;
+    std::thread::sleep(Duration::from_secs(2));
+    c.ctl_combined(&["defrag", "--cluster"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    c.ctl(&["alarm", "disarm"])?;
+    ensure!(c.ctl(&["alarm", "list"])?.is_empty());
+    c.ctl(&["put", "small", "ok"])?;
+    Ok(())
+}
