@@ -7,6 +7,10 @@ mod tls;
 mod urls;
 
 use anyhow::Result;
+
+/// mimalloc: glibc's malloc and free were a tenth of a server's CPU under write load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

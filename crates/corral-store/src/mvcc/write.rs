@@ -195,7 +195,8 @@ impl<'a> Writer<'a> {
         Ok(out)
     }
 
-    fn check_put(&self, req: &PutRequest) -> StoreResult<()> {
+    /// Checks a put; returns the key's live version, if any, so the put need not look again.
+    fn check_put(&self, req: &PutRequest) -> StoreResult<Option<(i64, Record)>> {
         if req.key.is_empty() {
             return Err(StoreError::EmptyKey);
         }
@@ -205,21 +206,21 @@ impl<'a> Writer<'a> {
         if req.ignore_lease && req.lease != 0 {
             return Err(StoreError::LeaseProvided);
         }
-        if (req.ignore_value || req.ignore_lease) && !matches!(self.lookup(&req.key)?, Some((_, Record::Live { .. }))) {
+        let prev = match self.lookup(&req.key)? {
+            Some((rev, record @ Record::Live { .. })) => Some((rev, record)),
+            _ => None,
+        };
+        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(StoreError::KeyNotFound);
         }
         if req.lease != 0 && !self.mvcc.leases.lock().expect("lease lock").contains_key(&req.lease) {
             return Err(StoreError::LeaseNotFound);
         }
-        Ok(())
+        Ok(prev)
     }
 
     fn put(&mut self, step: &mut Step, req: &PutRequest) -> StoreResult<PutResponse> {
-        self.check_put(req)?;
-        let prev = match self.lookup(&req.key)? {
-            Some((rev, record @ Record::Live { .. })) => Some((rev, record)),
-            _ => None,
-        };
+        let prev = self.check_put(req)?;
         let (create_rev, version, prev_value, prev_lease) = match &prev {
             Some((_, Record::Live { create_rev, version, value, lease })) => (*create_rev, version + 1, Some(value), *lease),
             _ => (step.rev, 1, None, 0),
@@ -334,7 +335,9 @@ impl<'a> Writer<'a> {
     fn check_ops(&self, ops: &[RequestOp]) -> StoreResult<()> {
         for op in ops {
             match &op.request {
-                Some(request_op::Request::RequestPut(r)) => self.check_put(r)?,
+                Some(request_op::Request::RequestPut(r)) => {
+                    self.check_put(r)?;
+                }
                 Some(request_op::Request::RequestRange(r)) => {
                     if r.revision > self.rev {
                         return Err(StoreError::FutureRev);

@@ -14,7 +14,6 @@ use super::types::{decode, encode, Entry, LogId, StorageError, TypeConfig, Vote}
 use crate::engine::{Batch, Cf, SharedEngine};
 
 const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -100,17 +99,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.read_meta(VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let mut batch = Batch::default();
-        batch.put(Cf::Raft, COMMITTED, encode(&committed));
-        // Not synced: a lost committed marker only means re-applying from the state machine's
-        // own applied id, which is written atomically with what it applied.
-        self.write(batch, false)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
-    }
+    // The committed marker is not persisted (openraft's default): after a restart the state
+    // machine's own applied id, written atomically with what it applied, is where applying
+    // resumes, and the leader tells a follower what is committed. Persisting it cost one
+    // more engine write per commit on every server.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
