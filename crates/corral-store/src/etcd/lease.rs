@@ -60,17 +60,11 @@ impl Lease for LeaseService {
                 let id = req.id;
                 let resp = match node.lease_keep_alive(req).await {
                     Ok(resp) => Ok(resp),
-                    // etcd answers a keep-alive for an unknown lease with TTL 0, not an error.
-                    Err(StoreError::LeaseNotFound) => Ok(LeaseKeepAliveResponse {
-                        header: Some(node.header(node.mvcc().current_revision())),
-                        id,
-                        ttl: 0,
-                    }),
-                    Err(e) if e.to_string().contains("requested lease not found") => Ok(LeaseKeepAliveResponse {
-                        header: Some(node.header(node.mvcc().current_revision())),
-                        id,
-                        ttl: 0,
-                    }),
+                    // etcd answers a keep-alive for an unknown lease with TTL 0, not an error
+                    // (from a forwarded call, the error arrives as its message).
+                    Err(e) if matches!(e, StoreError::LeaseNotFound) || e.to_string() == StoreError::LeaseNotFound.to_string() => {
+                        Ok(LeaseKeepAliveResponse { header: Some(node.header(node.mvcc().current_revision())), id, ttl: 0 })
+                    }
                     Err(e) => Err(Status::from(e)),
                 };
                 let failed = resp.is_err();

@@ -129,19 +129,7 @@ async fn run_watcher(
     let mut stream = match stream {
         Ok(s) => s,
         Err(e) => {
-            let compact_revision = match &e {
-                StoreError::Compacted { compact_rev } => *compact_rev,
-                _ => 0,
-            };
-            let resp = WatchResponse {
-                header: Some(node.header(node.mvcc().current_revision())),
-                watch_id: id,
-                canceled: true,
-                compact_revision,
-                cancel_reason: e.to_string(),
-                ..Default::default()
-            };
-            let _ = tx.send(Ok(resp)).await;
+            let _ = tx.send(Ok(canceled(&node, id, &e))).await;
             return;
         }
     };
@@ -165,19 +153,7 @@ async fn run_watcher(
         let events = match next {
             Ok(events) => events,
             Err(e) => {
-                let compact_revision = match &e {
-                    StoreError::Compacted { compact_rev } => *compact_rev,
-                    _ => 0,
-                };
-                let resp = WatchResponse {
-                    header: Some(node.header(node.mvcc().current_revision())),
-                    watch_id: id,
-                    canceled: true,
-                    compact_revision,
-                    cancel_reason: e.to_string(),
-                    ..Default::default()
-                };
-                let _ = tx.send(Ok(resp)).await;
+                let _ = tx.send(Ok(canceled(&node, id, &e))).await;
                 return;
             }
         };
@@ -199,6 +175,23 @@ async fn run_watcher(
                 return;
             }
         }
+    }
+}
+
+/// The response that ends a watcher, as etcd words it: a compacted start revision carries the
+/// compact revision, so the client knows where history now begins.
+fn canceled(node: &StoreNode, watch_id: i64, e: &StoreError) -> WatchResponse {
+    let compact_revision = match e {
+        StoreError::Compacted { compact_rev } => *compact_rev,
+        _ => 0,
+    };
+    WatchResponse {
+        header: Some(node.header(node.mvcc().current_revision())),
+        watch_id,
+        canceled: true,
+        compact_revision,
+        cancel_reason: e.to_string(),
+        ..Default::default()
     }
 }
 
