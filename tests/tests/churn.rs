@@ -109,3 +109,63 @@ async fn snapshots_under_load_and_reads_across_a_leader_change() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_every_server_under_load_loses_nothing_acknowledged() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, 24800, &["--snapshot-count", "300", "--snapshot-catchup-entries", "50"])?;
+    let servers = c.servers()?;
+
+    info!("writers on every server; all three servers SIGKILLed at once mid-load");
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut writers = Vec::new();
+    for (i, s) in servers.iter().cycle().take(24).enumerate() {
+        let channel = c.channel(&s.client_url).await?;
+        writers.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(channel);
+            let mut acked = Vec::new();
+            for n in 0u64.. {
+                if Instant::now() > until {
+                    break;
+                }
+                let key = format!("crash/{i}/{n}");
+                let mut req = tonic::Request::new(PutRequest { key: key.clone().into(), value: b"v".to_vec(), ..Default::default() });
+                req.set_timeout(Duration::from_secs(1));
+                if kv.put(req).await.is_ok() {
+                    acked.push(key);
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for s in &servers {
+        c.kill(&s.name)?;
+    }
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await?);
+    }
+    ensure!(acked.len() > 200, "too little load to prove anything: {}", acked.len());
+
+    info!(acknowledged = acked.len(), "restart all: every acknowledged write is on every server");
+    c.restart_stopped(3)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &servers {
+        let mut kv = KvClient::new(c.channel(&s.client_url).await?);
+        loop {
+            let req = RangeRequest { key: b"crash/".to_vec(), range_end: b"crash0".to_vec(), keys_only: true, serializable: true, ..Default::default() };
+            let stored: std::collections::BTreeSet<Vec<u8>> = match kv.range(req).await {
+                Ok(r) => r.into_inner().kvs.into_iter().map(|kv| kv.key).collect(),
+                Err(_) => Default::default(),
+            };
+            let missing = acked.iter().filter(|k| !stored.contains(k.as_bytes())).count();
+            if missing == 0 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{} lost {missing} acknowledged writes", s.name);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    Ok(())
+}

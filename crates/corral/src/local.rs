@@ -215,7 +215,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     println!();
     println!("Cluster is up. Try:");
     println!("  set -a; . {}/etcdctl.env; set +a; etcdctl member list -w table", dir.display());
-    println!("Stop it with: corral down --state-dir {}", dir.display());
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "corral".into());
+    println!("Stop it with: {exe} down --state-dir {}", dir.display());
     Ok(())
 }
 
