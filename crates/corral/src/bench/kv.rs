@@ -58,6 +58,9 @@ pub async fn run(args: KvArgs) -> Result<()> {
     }
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // For a local cluster, the servers' own CPU time per request: steadier than throughput
+    // on a noisy machine, and blind to the load generator's share.
+    let cpu_before = target.server_cpu_s();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
@@ -113,8 +116,12 @@ pub async fn run(args: KvArgs) -> Result<()> {
     progress.abort();
     let elapsed = started.elapsed();
     let ok = hist.len();
+    let cpu = match (cpu_before, target.server_cpu_s()) {
+        (Some(a), Some(b)) if ok > 0 => format!(" server_cpu_us_per_op={:.0}", (b - a) * 1e6 / ok as f64),
+        _ => String::new(),
+    };
     println!(
-        "op={:?} clients={} conns={} value_size={} requests={} errors={} elapsed_s={:.2} ops_per_s={:.0} latency_ms_p50={:.2} latency_ms_p99={:.2} latency_ms_max={:.2}",
+        "op={:?} clients={} conns={} value_size={} requests={} errors={} elapsed_s={:.2} ops_per_s={:.0} latency_ms_p50={:.2} latency_ms_p99={:.2} latency_ms_max={:.2}{cpu}",
         args.op,
         args.clients,
         conns,

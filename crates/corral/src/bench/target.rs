@@ -82,6 +82,20 @@ impl Target {
         Ok(serde_json::from_value(raw[key].clone())?)
     }
 
+    /// CPU seconds (user and system) used so far by a local cluster's server processes.
+    pub fn server_cpu_s(&self) -> Option<f64> {
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let mut total = 0.0;
+        for p in self.processes().ok()? {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            total += (user + system) / ticks;
+        }
+        Some(total)
+    }
+
     /// The endpoint of the current leader and the leader's member id.
     pub async fn leader(&self) -> Result<(String, u64)> {
         let mut leader = 0;
