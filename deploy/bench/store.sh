@@ -36,14 +36,14 @@ echo "## write unavailability after SIGKILL of the leader (10 kills)"
 for t in corral etcd; do
   echo "$t $("$corral" bench failover --state-dir "$out/$t" --kills 10 2>/dev/null | tail -1)"
 done
-echo "## RSS and data size after 1,000,000 puts (100,000 keys) and a compaction"
+echo "## RSS and data size after 1,000,000 puts (100,000 keys), a physical compaction and a defrag"
 for t in corral etcd; do
   "$corral" bench kv --state-dir "$out/$t" --op put --clients 256 --conns 16 --total 1000000 --key-space 100000 >/dev/null 2>&1
   (
     set -a; . "$out/$t/etcdctl.env"; set +a
     rev=$(etcdctl endpoint status -w json | python3 -c 'import json,sys; print(max(e["Status"]["header"]["revision"] for e in json.load(sys.stdin)))')
-    etcdctl compaction --physical "$rev" >/dev/null
-    sleep 5
+    etcdctl compaction --physical --command-timeout=300s "$rev" >/dev/null
+    etcdctl defrag --cluster --command-timeout=300s >/dev/null
     sizes=$(etcdctl endpoint status -w json | python3 -c 'import json,sys; print(" ".join(str(e["Status"]["dbSize"]) for e in json.load(sys.stdin)))')
     if [ "$t" = corral ]; then file=cluster.json; key=servers; else file=etcd.json; key=members; fi
     rss=$(python3 - "$out/$t/$file" "$key" <<'PY'

@@ -102,12 +102,24 @@ impl Kv for KvService {
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        match self.write(command::Op::Compaction(req.into_inner())).await? {
-            R::Compaction(mut resp) => {
-                resp.header = self.header();
-                Ok(Response::new(resp))
+        let req = req.into_inner();
+        let (revision, physical) = (req.revision, req.physical);
+        let mut resp = match self.write(command::Op::Compaction(req)).await? {
+            R::Compaction(resp) => resp,
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        };
+        if physical {
+            // As etcd: answer once the compacted history is gone from this server's disk.
+            // Bounded by the client's deadline, and by our own.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+            while self.node.mvcc().compact_finished_revision() < revision {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(StoreError::Timeout.into());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
         }
+        resp.header = self.header();
+        Ok(Response::new(resp))
     }
 }

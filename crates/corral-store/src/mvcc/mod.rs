@@ -65,6 +65,8 @@ pub struct Mvcc {
     engine: SharedEngine,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
+    /// The compaction the background compactor last finished.
+    compact_finished: Arc<AtomicI64>,
     leases: Mutex<BTreeMap<i64, LeaseInfo>>,
     alarms: Mutex<Vec<(u64, i32)>>,
     /// The background compactor, stopped and joined when the store is dropped.
@@ -91,8 +93,10 @@ impl Mvcc {
     /// Opens the store over `engine`, loading the revisions and leases it holds.
     pub fn open(engine: SharedEngine) -> StoreResult<Arc<Self>> {
         let loaded = Loaded::read(engine.as_ref())?;
+        let compact_finished = Arc::new(AtomicI64::new(loaded.compact_finished));
         let mvcc = Self {
-            compactor: Mutex::new(Some(spawn_compactor(engine.clone()))),
+            compactor: Mutex::new(Some(spawn_compactor(engine.clone(), compact_finished.clone()))),
+            compact_finished,
             engine,
             current_rev: AtomicI64::new(loaded.current_rev),
             compact_rev: AtomicI64::new(loaded.compact_rev),
@@ -113,11 +117,17 @@ impl Mvcc {
         *self.leases.lock().expect("lease lock") = loaded.leases;
         *self.alarms.lock().expect("alarm lock") = loaded.alarms;
         self.compact_rev.store(loaded.compact_rev, Ordering::Release);
+        self.compact_finished.store(loaded.compact_finished, Ordering::Release);
         self.current_rev.store(loaded.current_rev, Ordering::Release);
         if loaded.compact_finished < loaded.compact_rev {
             self.schedule_compaction(loaded.compact_rev);
         }
         Ok(())
+    }
+
+    /// The compaction whose physical removal has finished on this server.
+    pub fn compact_finished_revision(&self) -> i64 {
+        self.compact_finished.load(Ordering::Acquire)
     }
 
     /// Hands a compaction to the background compactor.
@@ -179,7 +189,7 @@ impl Mvcc {
 
 /// A thread that removes compacted history, one compaction at a time, the newest asked for.
 /// Stopped midway, a compaction resumes at the next start.
-fn spawn_compactor(engine: SharedEngine) -> Compactor {
+fn spawn_compactor(engine: SharedEngine, finished: Arc<AtomicI64>) -> Compactor {
     let (tx, rx) = std::sync::mpsc::channel::<i64>();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
@@ -190,9 +200,14 @@ fn spawn_compactor(engine: SharedEngine) -> Compactor {
                 while let Ok(newer) = rx.try_recv() {
                     target = target.max(newer);
                 }
-                if let Err(e) = write::compact(engine.as_ref(), target, &stopped) {
-                    tracing::error!(compact_rev = target, error = %e, "compaction failed; it resumes at the next start");
-                }
+                match write::compact(engine.as_ref(), target, &stopped) {
+                    Ok(true) => finished.fetch_max(target, Ordering::AcqRel),
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::error!(compact_rev = target, error = %e, "compaction failed; it resumes at the next start");
+                        continue;
+                    }
+                };
             }
         })
         .expect("spawning the compactor thread");

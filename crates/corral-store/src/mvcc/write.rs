@@ -520,14 +520,14 @@ fn collect_writes(ops: &[RequestOp], puts: &mut BTreeSet<Vec<u8>>, deletes: &mut
 }
 
 /// Removes every version that no revision at or above `compact_rev` can read, and every
-/// event below it, in batches. Idempotent: run again after a crash until it records itself
+/// event below it, in batches. Returns false if stopped before the end. Idempotent: run again after a crash until it records itself
 /// finished. Safe beside the writer: it only touches versions below the compact revision,
 /// which no later write changes.
 pub(crate) fn compact(
     engine: &dyn crate::engine::Engine,
     compact_rev: i64,
     stop: &std::sync::atomic::AtomicBool,
-) -> Result<(), EngineError> {
+) -> Result<bool, EngineError> {
     let started = std::time::Instant::now();
     let mut removed = 0usize;
     // Where the next batch starts: each batch picks up after the last, rather than scanning
@@ -585,12 +585,12 @@ pub(crate) fn compact(
         engine.write(batch, false)?;
         if done {
             tracing::info!(compact_rev, removed, elapsed_ms = started.elapsed().as_millis() as u64, "compaction finished");
-            return Ok(());
+            return Ok(true);
         }
         // Leave room for the applier between batches.
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    Ok(())
+    Ok(false)
 }
 
 /// True when no branch of the txn, however deep, writes.
