@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// The corral binary under test: `$CORRAL_BIN`, or the one beside the test's target dir.
 pub fn corral_bin() -> PathBuf {
@@ -181,7 +181,9 @@ impl Cluster {
             }
             // Ask the others who they are.
             for other in &servers {
-                if let Ok(out) = run(self.etcdctl_at(&other.client_url).args(["endpoint", "status", "-w", "json"]), None) {
+                if let Ok(out) =
+                    run(self.etcdctl_at(&other.client_url).args(["endpoint", "status", "-w", "json"]), None)
+                {
                     let v: serde_json::Value = serde_json::from_str(&out)?;
                     if v[0]["Status"]["header"]["member_id"].as_u64() == Some(leader) {
                         return Ok(other.clone());
@@ -217,7 +219,15 @@ impl Cluster {
         std::fs::create_dir_all(&server_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(server_dir.join("server.log"))?;
         let child = Command::new(corral_bin())
-            .args(["server", "--name", name, "--listen-client-urls", &me.client_url, "--listen-peer-urls", &me.peer_url])
+            .args([
+                "server",
+                "--name",
+                name,
+                "--listen-client-urls",
+                &me.client_url,
+                "--listen-peer-urls",
+                &me.peer_url,
+            ])
             .arg("--data-dir")
             .arg(server_dir.join("data"))
             .args(["--initial-cluster", &initial.join(",")])
@@ -250,7 +260,12 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        let _ = Command::new(corral_bin()).arg("down").arg("--state-dir").arg(self.state_dir()).stdout(Stdio::null()).status();
+        let _ = Command::new(corral_bin())
+            .arg("down")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
@@ -262,7 +277,9 @@ fn is_zombie(pid: u32) -> bool {
 /// Runs a command to completion with an optional stdin; its stdout if it succeeded.
 pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
     use std::io::Write;
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let shown: String = format!("{cmd:?}").chars().take(300).collect();
     let mut child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
     if let Some(input) = stdin {

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use corral_e2e::{init_tracing, Cluster};
+use anyhow::{Context, Result, ensure};
+use corral_e2e::{Cluster, init_tracing};
 use corral_proto::etcdserverpb::kv_client::KvClient;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
@@ -19,7 +19,11 @@ async fn register_check(c: &Cluster, writer_url: String, reader_url: String, unt
     let mut checked = 0u64;
     while Instant::now() < until {
         let next = acked + 1;
-        let mut put = tonic::Request::new(PutRequest { key: b"reg".to_vec(), value: next.to_string().into(), ..Default::default() });
+        let mut put = tonic::Request::new(PutRequest {
+            key: b"reg".to_vec(),
+            value: next.to_string().into(),
+            ..Default::default()
+        });
         put.set_timeout(Duration::from_secs(2));
         if writer.put(put).await.is_ok() {
             acked = next;
@@ -27,7 +31,12 @@ async fn register_check(c: &Cluster, writer_url: String, reader_url: String, unt
         let mut get = tonic::Request::new(RangeRequest { key: b"reg".to_vec(), ..Default::default() });
         get.set_timeout(Duration::from_secs(2));
         if let Ok(resp) = reader.range(get).await {
-            let seen: u64 = resp.into_inner().kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).parse().unwrap_or(0)).unwrap_or(0);
+            let seen: u64 = resp
+                .into_inner()
+                .kvs
+                .first()
+                .map(|kv| String::from_utf8_lossy(&kv.value).parse().unwrap_or(0))
+                .unwrap_or(0);
             ensure!(seen >= acked, "stale read: {seen} after {acked} was acknowledged");
             checked += 1;
         }
@@ -52,7 +61,11 @@ async fn snapshots_under_load_and_reads_across_a_leader_change() -> Result<()> {
             let mut kv = KvClient::new(channel);
             let mut n = 0u64;
             while Instant::now() < until {
-                let req = PutRequest { key: format!("churn/{i}/{}", n % 50).into(), value: vec![b'x'; 128], ..Default::default() };
+                let req = PutRequest {
+                    key: format!("churn/{i}/{}", n % 50).into(),
+                    value: vec![b'x'; 128],
+                    ..Default::default()
+                };
                 if kv.put(req).await.is_ok() {
                     n += 1;
                 }
@@ -88,7 +101,13 @@ async fn snapshots_under_load_and_reads_across_a_leader_change() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut kv = KvClient::new(c.channel(&servers[0].client_url).await?);
-        let rev = kv.range(RangeRequest { key: b"reg".to_vec(), ..Default::default() }).await?.into_inner().header.context("header")?.revision;
+        let rev = kv
+            .range(RangeRequest { key: b"reg".to_vec(), ..Default::default() })
+            .await?
+            .into_inner()
+            .header
+            .context("header")?
+            .revision;
         let mut hashes = Vec::new();
         for s in &servers {
             let mut m = MaintenanceClient::new(c.channel(&s.client_url).await?);
@@ -129,7 +148,11 @@ async fn killing_every_server_under_load_loses_nothing_acknowledged() -> Result<
                     break;
                 }
                 let key = format!("crash/{i}/{n}");
-                let mut req = tonic::Request::new(PutRequest { key: key.clone().into(), value: b"v".to_vec(), ..Default::default() });
+                let mut req = tonic::Request::new(PutRequest {
+                    key: key.clone().into(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                });
                 req.set_timeout(Duration::from_secs(1));
                 if kv.put(req).await.is_ok() {
                     acked.push(key);
@@ -154,7 +177,13 @@ async fn killing_every_server_under_load_loses_nothing_acknowledged() -> Result<
     for s in &servers {
         let mut kv = KvClient::new(c.channel(&s.client_url).await?);
         loop {
-            let req = RangeRequest { key: b"crash/".to_vec(), range_end: b"crash0".to_vec(), keys_only: true, serializable: true, ..Default::default() };
+            let req = RangeRequest {
+                key: b"crash/".to_vec(),
+                range_end: b"crash0".to_vec(),
+                keys_only: true,
+                serializable: true,
+                ..Default::default()
+            };
             let stored: std::collections::BTreeSet<Vec<u8>> = match kv.range(req).await {
                 Ok(r) => r.into_inner().kvs.into_iter().map(|kv| kv.key).collect(),
                 Err(_) => Default::default(),

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use anyhow::Result;
-use corral_e2e::{corral_bin, init_tracing, run, Cluster};
+use corral_e2e::{Cluster, corral_bin, init_tracing, run};
 use tracing::info;
 
 /// Each step: etcdctl arguments and optional stdin.
@@ -52,7 +52,12 @@ fn outputs(cluster_env: &[(String, String)]) -> Result<Vec<String>> {
         cmd.envs(cluster_env.iter().cloned());
         if args[0] == "watch" {
             // A watch never ends by itself: give it a moment, then read what it printed.
-            let output = Command::new("timeout").arg("2").arg("etcdctl").args(&args).envs(cluster_env.iter().cloned()).output()?;
+            let output = Command::new("timeout")
+                .arg("2")
+                .arg("etcdctl")
+                .args(&args)
+                .envs(cluster_env.iter().cloned())
+                .output()?;
             out.push(normalize(&String::from_utf8_lossy(&output.stdout)));
             continue;
         }
@@ -120,7 +125,13 @@ fn etcdctl_sees_the_same_as_with_etcd() -> Result<()> {
             differences.push(format!("etcdctl {}:\n  corral: {ours:?}\n  etcd:   {theirs:?}", step.0.join(" ")));
         }
     }
-    anyhow::ensure!(differences.is_empty(), "{} of {} steps differ:\n{}", differences.len(), ours.len(), differences.join("\n"));
+    anyhow::ensure!(
+        differences.is_empty(),
+        "{} of {} steps differ:\n{}",
+        differences.len(),
+        ours.len(),
+        differences.join("\n")
+    );
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Result;
-use corral_e2e::{init_tracing, run, text, Cluster};
+use corral_e2e::{Cluster, init_tracing, run, text};
 use tracing::info;
 
 /// Runs `etcdctl watch ARGS` for `secs` seconds and returns what it printed.
@@ -40,7 +40,8 @@ fn etcdctl_works_against_a_three_server_cluster() -> Result<()> {
     assert_eq!(c.ctl(&["get", "k/a", "--rev=2"])?, "k/a\n1\n", "a fresh cluster's first write is revision 2");
     assert_eq!(c.ctl(&["get", "k/", "--prefix", "--limit=2", "--keys-only"])?, "k/a\n\nk/b\n\n");
     assert_eq!(c.ctl(&["get", "k/b", "--print-value-only"])?, "2\n");
-    let json: serde_json::Value = serde_json::from_str(&c.ctl(&["get", "k/", "--prefix", "--limit=1", "-w", "json"])?)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ctl(&["get", "k/", "--prefix", "--limit=1", "-w", "json"])?)?;
     assert_eq!(json["count"], 3);
     assert_eq!(json["more"], true);
     assert_eq!(json["kvs"][0]["version"], 2);

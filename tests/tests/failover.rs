@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use corral_e2e::{init_tracing, Cluster};
+use anyhow::{Context, Result, ensure};
+use corral_e2e::{Cluster, init_tracing};
 use corral_proto::etcdserverpb::kv_client::KvClient;
 use corral_proto::etcdserverpb::watch_client::WatchClient;
-use corral_proto::etcdserverpb::{watch_request, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
+use corral_proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, watch_request};
 use tracing::info;
 
 const PREFIX: &str = "load/";
@@ -40,7 +40,11 @@ async fn write_load(cluster: &Cluster, writers: usize, stop: Arc<Mutex<bool>>) -
                 }
                 let key = format!("{PREFIX}{w}/{i:06}");
                 let mut client = KvClient::new(channels[target].clone());
-                let mut req = tonic::Request::new(PutRequest { key: key.clone().into(), value: b"v".to_vec(), ..Default::default() });
+                let mut req = tonic::Request::new(PutRequest {
+                    key: key.clone().into(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                });
                 req.set_timeout(Duration::from_secs(3));
                 match client.put(req).await {
                     Ok(_) => acked.lock().unwrap().push(key),
@@ -63,7 +67,12 @@ async fn write_load(cluster: &Cluster, writers: usize, stop: Arc<Mutex<bool>>) -
 /// Watches the load prefix from `start_rev` on the first server in `urls`, moving to the next
 /// server (from the last revision seen + 1) whenever the stream breaks. Returns (revision,
 /// key) of every event seen, in arrival order.
-async fn resumable_watch(cluster: &Cluster, urls: Vec<String>, start_rev: i64, until: Arc<Mutex<bool>>) -> Result<Vec<(i64, String)>> {
+async fn resumable_watch(
+    cluster: &Cluster,
+    urls: Vec<String>,
+    start_rev: i64,
+    until: Arc<Mutex<bool>>,
+) -> Result<Vec<(i64, String)>> {
     let mut seen: Vec<(i64, String)> = Vec::new();
     let mut next_rev = start_rev;
     let mut server = 0;
@@ -121,7 +130,13 @@ async fn resumable_watch(cluster: &Cluster, urls: Vec<String>, start_rev: i64, u
 /// Counts the load keys a server holds locally (a serializable read).
 async fn local_count(cluster: &Cluster, url: &str) -> Result<i64> {
     let mut client = KvClient::new(cluster.channel(url).await?);
-    let req = RangeRequest { key: PREFIX.into(), range_end: prefix_end(), count_only: true, serializable: true, ..Default::default() };
+    let req = RangeRequest {
+        key: PREFIX.into(),
+        range_end: prefix_end(),
+        count_only: true,
+        serializable: true,
+        ..Default::default()
+    };
     Ok(client.range(req).await?.into_inner().count)
 }
 
@@ -150,7 +165,8 @@ async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     let leader = c.leader()?;
     let start_rev = {
         let mut kv = KvClient::new(c.channel(&urls[0]).await?);
-        kv.range(RangeRequest { key: b"x".to_vec(), ..Default::default() }).await?.into_inner().header.unwrap().revision + 1
+        kv.range(RangeRequest { key: b"x".to_vec(), ..Default::default() }).await?.into_inner().header.unwrap().revision
+            + 1
     };
 
     info!(leader = %leader.name, "a write load on every server, and a watcher on the leader");
@@ -187,7 +203,13 @@ async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     converge(&c, &survivors, total).await?;
     let mut kv = KvClient::new(c.channel(&survivors[1]).await?);
     let stored: BTreeSet<String> = kv
-        .range(RangeRequest { key: PREFIX.into(), range_end: prefix_end(), keys_only: true, serializable: true, ..Default::default() })
+        .range(RangeRequest {
+            key: PREFIX.into(),
+            range_end: prefix_end(),
+            keys_only: true,
+            serializable: true,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .kvs
@@ -221,7 +243,12 @@ async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     let current_leader = c.leader()?.name;
     let victim = c.servers()?.into_iter().find(|s| s.name != current_leader).context("a follower")?;
     let list = c.ctl(&["member", "list"])?;
-    let id = list.lines().find(|l| l.contains(&format!(", {}, ", victim.name))).and_then(|l| l.split(',').next()).context("victim id")?.to_string();
+    let id = list
+        .lines()
+        .find(|l| l.contains(&format!(", {}, ", victim.name)))
+        .and_then(|l| l.split(',').next())
+        .context("victim id")?
+        .to_string();
     c.ctl(&["member", "remove", &id])?;
     c.kill(&victim.name)?;
     std::fs::remove_dir_all(c.state_dir().join("servers").join(&victim.name).join("data"))?;
@@ -237,9 +264,13 @@ async fn killing_the_leader_loses_nothing_acknowledged() -> Result<()> {
     converge(&c, &urls, total).await?;
     let log = std::fs::read_to_string(c.state_dir().join("servers").join(&victim.name).join("server.log"))?;
     if !log.contains("installing snapshot") {
-        let leader_log = std::fs::read_to_string(c.state_dir().join("servers").join(c.leader()?.name).join("server.log"))?;
+        let leader_log =
+            std::fs::read_to_string(c.state_dir().join("servers").join(c.leader()?.name).join("server.log"))?;
         let snaps: Vec<&str> = leader_log.lines().filter(|l| l.contains("snapshot")).take(10).collect();
-        anyhow::bail!("the wiped server caught up without a snapshot; leader snapshot lines: {snaps:#?}\nvictim log: {}", corral_e2e::clip(&log));
+        anyhow::bail!(
+            "the wiped server caught up without a snapshot; leader snapshot lines: {snaps:#?}\nvictim log: {}",
+            corral_e2e::clip(&log)
+        );
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
-use corral_e2e::{init_tracing, Cluster};
+use anyhow::{Result, ensure};
+use corral_e2e::{Cluster, init_tracing};
 use tracing::info;
 
 fn signal(pid: u32, sig: i32) {
@@ -26,7 +26,8 @@ fn a_leader_without_its_quorum_refuses_linearizable_reads_and_writes_fast() -> R
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
     let read = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["get", "k", "--command-timeout=8s"]), None);
-    let write = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["put", "k", "alone", "--command-timeout=8s"]), None);
+    let write =
+        corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["put", "k", "alone", "--command-timeout=8s"]), None);
     let elapsed = started.elapsed();
     let serializable = corral_e2e::run(c.etcdctl_at(&leader.client_url).args(["get", "k", "--consistency=s"]), None);
     for f in &followers {
@@ -70,7 +71,9 @@ fn a_full_quota_raises_the_alarm_until_compaction_defragment_and_disarm() -> Res
 
     info!("delete, compact, defragment, disarm: writes are accepted again");
     c.ctl(&["del", "big/", "--prefix"])?;
-    let rev = serde_json::from_str::<serde_json::Value>(&c.ctl(&["get", "x", "-w", "json"])?)?["header"]["revision"].as_i64().unwrap();
+    let rev = serde_json::from_str::<serde_json::Value>(&c.ctl(&["get", "x", "-w", "json"])?)?["header"]["revision"]
+        .as_i64()
+        .unwrap();
     c.ctl(&["compaction", "--physical", &rev.to_string()])?;
     std::thread::sleep(Duration::from_secs(2));
     c.ctl_combined(&["defrag", "--cluster"])?;

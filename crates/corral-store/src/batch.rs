@@ -11,7 +11,7 @@ use std::time::Duration;
 use corral_proto::store::{Command, CommandBatch, CommandResult};
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::node::StoreNode;
@@ -96,7 +96,11 @@ async fn run_proposer(node: Weak<StoreNode>, mut rx: mpsc::Receiver<PendingWrite
 }
 
 /// Appends one batch on this server, which must be the leader.
-pub(crate) async fn append_batch(raft: &Raft, batch: CommandBatch, timeout: Duration) -> StoreResult<Vec<CommandResult>> {
+pub(crate) async fn append_batch(
+    raft: &Raft,
+    batch: CommandBatch,
+    timeout: Duration,
+) -> StoreResult<Vec<CommandResult>> {
     let written = tokio::time::timeout(timeout, raft.client_write(Request(batch))).await;
     match written {
         Ok(Ok(resp)) => Ok(resp.data.0.results),

@@ -7,8 +7,8 @@
 
 mod batch;
 pub mod engine;
-pub mod etcd;
 pub mod error;
+pub mod etcd;
 pub mod mvcc;
 pub mod node;
 pub mod peer;

@@ -6,19 +6,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corral_proto::etcdserverpb::{self as pb, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
-    LeaseTimeToLiveResponse, RangeRequest, RangeResponse, ResponseHeader};
-use corral_proto::store::{command, Command, CommandBatch, CommandResult, MemberChangeRequest, ReadIndexRequest};
+use corral_proto::etcdserverpb::{
+    self as pb, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    RangeRequest, RangeResponse, ResponseHeader,
+};
+use corral_proto::store::{Command, CommandBatch, CommandResult, MemberChangeRequest, ReadIndexRequest, command};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{append_batch, Proposer, ReadBarriers};
+use crate::batch::{Proposer, ReadBarriers, append_batch};
 use crate::engine::{RocksEngine, SharedEngine};
 use crate::error::{StoreError, StoreResult};
 use crate::mvcc::{KeyRange, Mvcc};
 use crate::raft::network::Peers;
-use crate::raft::{decode, encode, LogStore, Member, NodeId, Raft, RaftMetrics, StateMachine};
+use crate::raft::{LogStore, Member, NodeId, Raft, RaftMetrics, StateMachine, decode, encode};
 use crate::watch::{WatchHub, WatchStream};
 
 /// A store server's settings. Defaults suit a cluster on one machine.
@@ -83,12 +85,26 @@ impl StoreConfig {
 /// A membership change, forwarded to the leader as bincode.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MemberChange {
-    Add { peer_urls: Vec<String>, is_learner: bool },
-    Remove { id: NodeId },
-    Promote { id: NodeId },
-    Update { id: NodeId, peer_urls: Vec<String> },
+    Add {
+        peer_urls: Vec<String>,
+        is_learner: bool,
+    },
+    Remove {
+        id: NodeId,
+    },
+    Promote {
+        id: NodeId,
+    },
+    Update {
+        id: NodeId,
+        peer_urls: Vec<String>,
+    },
     /// A server announces its name and client URLs once it runs.
-    Publish { id: NodeId, name: String, client_urls: Vec<String> },
+    Publish {
+        id: NodeId,
+        name: String,
+        client_urls: Vec<String>,
+    },
 }
 
 /// Status of this server, for etcd's Maintenance.Status.
@@ -199,7 +215,7 @@ impl StoreNode {
     /// Forms a new cluster from the initial members. Safe to call on every initial member
     /// and on every restart: an initialized server ignores it.
     pub async fn bootstrap(&self, members: BTreeMap<NodeId, Member>) -> StoreResult<()> {
-        if members.len() % 2 == 0 && !self.cfg.allow_even_voters {
+        if members.len().is_multiple_of(2) && !self.cfg.allow_even_voters {
             return Err(StoreError::InvalidArgument(format!(
                 "refusing to bootstrap {} voters: an even count tolerates no more failures than one fewer; \
                  use an odd count or --allow-even-voters",
@@ -429,7 +445,11 @@ impl StoreNode {
             .lock()
             .expect("lease lock")
             .insert(req.id, Instant::now() + Duration::from_secs(info.ttl_s as u64));
-        Ok(LeaseKeepAliveResponse { header: Some(self.header(self.mvcc.current_revision())), id: req.id, ttl: info.ttl_s })
+        Ok(LeaseKeepAliveResponse {
+            header: Some(self.header(self.mvcc.current_revision())),
+            id: req.id,
+            ttl: info.ttl_s,
+        })
     }
 
     pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
@@ -493,7 +513,7 @@ impl StoreNode {
             e => StoreError::Internal(e.to_string()),
         };
         let check_even = |count: usize| {
-            if count % 2 == 0 && !self.cfg.allow_even_voters {
+            if count.is_multiple_of(2) && !self.cfg.allow_even_voters {
                 Err(StoreError::InvalidArgument(format!(
                     "corral: refusing to make the voter count even ({count}): it tolerates no more failures than {}; \
                      add the member as a learner, or start the servers with --allow-even-voters",
@@ -520,7 +540,10 @@ impl StoreNode {
                 let node = Member { name: String::new(), peer_urls, client_urls: vec![] };
                 self.raft.add_learner(id, node, false).await.map_err(wrap)?;
                 if !is_learner {
-                    self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(wrap)?;
                 }
                 id
             }
@@ -530,11 +553,19 @@ impl StoreNode {
                 }
                 if voters.contains(&id) {
                     if voters.len() == 1 {
-                        return Err(StoreError::InvalidArgument("etcdserver: cannot remove the only voting member".into()));
+                        return Err(StoreError::InvalidArgument(
+                            "etcdserver: cannot remove the only voting member".into(),
+                        ));
                     }
-                    self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(wrap)?;
                 } else {
-                    self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(wrap)?;
                 }
                 id
             }
@@ -545,19 +576,26 @@ impl StoreNode {
                 if voters.contains(&id) {
                     return Err(StoreError::NotLearner);
                 }
-                let matched = m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+                let matched =
+                    m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index).unwrap_or(0);
                 let last = m.last_log_index.unwrap_or(0);
                 if last.saturating_sub(matched) > 1000 {
                     return Err(StoreError::LearnerNotReady);
                 }
                 check_even(voters.len() + 1)?;
-                self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(wrap)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(wrap)?;
                 id
             }
             MemberChange::Update { id, peer_urls } => {
                 let Some(node) = membership.get_node(&id) else { return Err(StoreError::MemberNotFound) };
                 let node = Member { peer_urls, ..node.clone() };
-                self.raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), false).await.map_err(wrap)?;
+                self.raft
+                    .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), false)
+                    .await
+                    .map_err(wrap)?;
                 id
             }
             MemberChange::Publish { id, name, client_urls } => {
@@ -601,7 +639,6 @@ fn is_quota_bound(cmd: &Command) -> bool {
     matches!(cmd.op, Some(command::Op::Put(_)) | Some(command::Op::Txn(_)) | Some(command::Op::LeaseGrant(_)))
 }
 
-
 /// The leader's lease clock: expires leases whose deadline passed, by proposing their
 /// revocation, so every server deletes their keys at the same revision. A new leader
 /// starts every deadline afresh, extended by one election timeout.
@@ -623,7 +660,8 @@ async fn lease_clock(node: std::sync::Weak<StoreNode>, mut shutdown: tokio::sync
         let leases = node.mvcc.leases();
         let expired: Vec<i64> = {
             let mut deadlines = node.lease_deadlines.lock().expect("lease lock");
-            let extension = if was_leader { Duration::ZERO } else { Duration::from_millis(node.cfg.election_timeout_max_ms) };
+            let extension =
+                if was_leader { Duration::ZERO } else { Duration::from_millis(node.cfg.election_timeout_max_ms) };
             deadlines.retain(|id, _| leases.contains_key(id));
             for (id, info) in &leases {
                 deadlines.entry(*id).or_insert(now + Duration::from_secs(info.ttl_s as u64) + extension);

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use corral_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
+use corral_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
 use corral_proto::store::raft_peer_server::{RaftPeer, RaftPeerServer};
 use corral_proto::store::{
     ClusterInfoRequest, ClusterInfoResponse, CommandBatch, CommandResults, MemberChangeRequest, MemberChangeResponse,
@@ -66,7 +68,10 @@ impl RaftPeer for PeerService {
         Ok(Response::new(ReadIndexResponse { read_index }))
     }
 
-    async fn lease_keep_alive(&self, req: Request<LeaseKeepAliveRequest>) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+    async fn lease_keep_alive(
+        &self,
+        req: Request<LeaseKeepAliveRequest>,
+    ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
         Ok(Response::new(self.node.lease_keep_alive(req.into_inner()).await?))
     }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
-use crate::mvcc::{Event, KeyRange, Mvcc};
 use crate::error::{StoreError, StoreResult};
+use crate::mvcc::{Event, KeyRange, Mvcc};
 
 /// Batches kept for live watchers; a watcher further behind reads from storage.
 const PUBLISHED_BATCHES: usize = 1024;
@@ -156,7 +156,7 @@ mod tests {
     use std::time::Duration;
 
     use corral_proto::etcdserverpb::{CompactionRequest, PutRequest};
-    use corral_proto::store::{command, Command};
+    use corral_proto::store::{Command, command};
 
     use super::*;
     use crate::engine::{MemEngine, RocksEngine, SharedEngine};
@@ -167,7 +167,11 @@ mod tests {
         let from_rev = w.revision();
         for key in keys {
             let cmd = Command {
-                op: Some(command::Op::Put(PutRequest { key: key.as_bytes().to_vec(), value: b"v".to_vec(), ..Default::default() })),
+                op: Some(command::Op::Put(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })),
             };
             w.apply(&cmd).unwrap();
         }
@@ -176,7 +180,8 @@ mod tests {
     }
 
     async fn next(stream: &mut WatchStream) -> Vec<(i64, String)> {
-        let events = tokio::time::timeout(Duration::from_secs(2), stream.next()).await.expect("events in time").unwrap();
+        let events =
+            tokio::time::timeout(Duration::from_secs(2), stream.next()).await.expect("events in time").unwrap();
         events.iter().map(|e| (e.revision(), String::from_utf8_lossy(e.key()).into_owned())).collect()
     }
 
@@ -213,7 +218,8 @@ mod tests {
 
             tracing::info!("a start revision below the compaction is refused with the compact revision");
             let mut w = mvcc.writer();
-            w.apply(&Command { op: Some(command::Op::Compaction(CompactionRequest { revision: 5, physical: false })) }).unwrap();
+            w.apply(&Command { op: Some(command::Op::Compaction(CompactionRequest { revision: 5, physical: false })) })
+                .unwrap();
             w.finish(false).unwrap();
             match WatchStream::new(mvcc.clone(), &hub, KeyRange::new(b"a", b""), 3, false) {
                 Err(StoreError::Compacted { compact_rev }) => assert_eq!(compact_rev, 5),

@@ -72,7 +72,8 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(name, &[]);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
@@ -98,7 +99,13 @@ impl CertificateAuthority {
 
     /// Issues a certificate for `common_name` in `organizations` (Kubernetes reads them as
     /// user and groups), valid for the DNS names and IP addresses in `sans`.
-    pub fn issue(&self, common_name: &str, organizations: &[&str], sans: &[String], usage: Usage) -> Result<Identity, PkiError> {
+    pub fn issue(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+        sans: &[String],
+        usage: Usage,
+    ) -> Result<Identity, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(common_name, organizations);
@@ -136,7 +143,8 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io { path: path.display().to_string(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(io)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(io)?;
     f.write_all(data).map_err(io)
 }
 
@@ -151,9 +159,8 @@ mod tests {
     #[test]
     fn issued_certificates_name_their_subject_and_chain_to_the_ca() {
         let ca = CertificateAuthority::generate("corral-ca").unwrap();
-        let leaf = ca
-            .issue("admin", &["system:masters"], &["localhost".into(), "127.0.0.1".into()], Usage::Client)
-            .unwrap();
+        let leaf =
+            ca.issue("admin", &["system:masters"], &["localhost".into(), "127.0.0.1".into()], Usage::Client).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
         assert_eq!(cert.subject().iter_common_name().next().unwrap().as_str().unwrap(), "admin");

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::cluster_client::ClusterClient;
+use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{MemberListRequest, StatusRequest};
 use corral_transport::{CertificateAuthority, Usage};
 use serde::{Deserialize, Serialize};
@@ -121,8 +121,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if args.servers == 0 || args.servers > 7 {
         bail!("--servers {}: want 1 to 7", args.servers);
     }
-    if args.servers % 2 == 0 {
-        bail!("--servers {}: an even count tolerates no more failures than one fewer; use {}", args.servers, args.servers + 1);
+    if args.servers.is_multiple_of(2) {
+        bail!(
+            "--servers {}: an even count tolerates no more failures than one fewer; use {}",
+            args.servers,
+            args.servers + 1
+        );
     }
     if args.agents != 0 {
         bail!("--agents {}: agents are not available yet; use --agents 0", args.agents);
@@ -290,7 +294,11 @@ async fn wait_healthy(dir: &Path, record: &ClusterRecord, timeout: Duration) -> 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("the cluster did not become healthy in {}s (last: {last}); see {}/servers/*/server.log", timeout.as_secs(), dir.display())
+    bail!(
+        "the cluster did not become healthy in {}s (last: {last}); see {}/servers/*/server.log",
+        timeout.as_secs(),
+        dir.display()
+    )
 }
 
 async fn all_published(url: &str, tls: &tonic::transport::ClientTlsConfig, expected: usize) -> bool {

@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use corral_proto::store::ClusterInfoRequest;
 use corral_store::node::{MemberChange, StoreConfig, StoreNode};
 use corral_store::peer::PeerService;
-use corral_store::raft::network::Peers;
 use corral_store::raft::Member;
+use corral_store::raft::network::Peers;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Server;
 
@@ -115,7 +115,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let peers = Peers::new(client_tls);
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let identity = identify(&args, &initial, &peers).await?;
-    tracing::info!(member = format_args!("{:x}", identity.member_id), cluster = format_args!("{:x}", identity.cluster_id), "starting server");
+    tracing::info!(
+        member = format_args!("{:x}", identity.member_id),
+        cluster = format_args!("{:x}", identity.cluster_id),
+        "starting server"
+    );
 
     let mut cfg = StoreConfig::new(identity.member_id, identity.cluster_id, args.data_dir.clone());
     cfg.heartbeat_interval_ms = args.heartbeat_interval_ms;
@@ -143,7 +147,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             .serve_with_shutdown(peer_addr, stopped(stop_rx.clone())),
     );
     let client_task = tokio::spawn(
-        corral_store::etcd::add_services(&mut client_server, node.clone()).serve_with_shutdown(client_addr, stopped(stop_rx.clone())),
+        corral_store::etcd::add_services(&mut client_server, node.clone())
+            .serve_with_shutdown(client_addr, stopped(stop_rx.clone())),
     );
 
     if args.initial_cluster_state == ClusterState::New {
@@ -237,7 +242,8 @@ async fn publish(node: Arc<StoreNode>, name: String, client_url: String, mut sto
             return;
         }
         if current.is_some() {
-            let change = MemberChange::Publish { id: node.id(), name: name.clone(), client_urls: vec![client_url.clone()] };
+            let change =
+                MemberChange::Publish { id: node.id(), name: name.clone(), client_urls: vec![client_url.clone()] };
             match node.member_change(change).await {
                 Ok(_) => return,
                 Err(e) if attempt % 10 == 9 => tracing::warn!(error = %e, "still publishing member attributes"),
@@ -260,7 +266,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("signal handler");
     let mut int = signal(SignalKind::interrupt()).expect("signal handler");
     tokio::select! {

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// The socket address of `https://127.0.0.1:2379`.
 pub fn socket_addr(url: &str) -> Result<SocketAddr> {

@@ -65,10 +65,21 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 /// One write operation of a [`Batch`].
 #[derive(Clone, Debug)]
 pub enum WriteOp {
-    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
-    Delete { cf: Cf, key: Vec<u8> },
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
     /// Deletes every key in `[start, end)`.
-    DeleteRange { cf: Cf, start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        cf: Cf,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// A set of writes applied atomically.

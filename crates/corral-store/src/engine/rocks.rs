@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DBRawIterator, Options, ReadOptions, Snapshot, WriteBatch, WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBRawIterator, Options, ReadOptions, Snapshot, WriteBatch, WriteOptions,
 };
 
 use super::{Batch, Cf, Cursor, Engine, Result, View, WriteOp};

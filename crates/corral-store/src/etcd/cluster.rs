@@ -43,7 +43,13 @@ impl Cluster for ClusterService {
         check_urls(&req.peer_ur_ls)?;
         let change = MemberChange::Add { peer_urls: req.peer_ur_ls.clone(), is_learner: req.is_learner };
         let (members, id) = self.node.member_change(change).await?;
-        let member = Member { id, name: String::new(), peer_ur_ls: req.peer_ur_ls, client_ur_ls: vec![], is_learner: req.is_learner };
+        let member = Member {
+            id,
+            name: String::new(),
+            peer_ur_ls: req.peer_ur_ls,
+            client_ur_ls: vec![],
+            is_learner: req.is_learner,
+        };
         Ok(Response::new(MemberAddResponse { header: self.header(), member: Some(member), members }))
     }
 
@@ -55,7 +61,8 @@ impl Cluster for ClusterService {
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
         let req = req.into_inner();
         check_urls(&req.peer_ur_ls)?;
-        let (members, _) = self.node.member_change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls }).await?;
+        let (members, _) =
+            self.node.member_change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls }).await?;
         Ok(Response::new(MemberUpdateResponse { header: self.header(), members }))
     }
 
@@ -66,7 +73,10 @@ impl Cluster for ClusterService {
         Ok(Response::new(MemberListResponse { header: self.header(), members: self.node.members() }))
     }
 
-    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         let (members, _) = self.node.member_change(MemberChange::Promote { id: req.into_inner().id }).await?;
         Ok(Response::new(MemberPromoteResponse { header: self.header(), members }))
     }

@@ -2,17 +2,17 @@ use std::sync::Arc;
 
 use corral_proto::etcdserverpb::kv_server::Kv;
 use corral_proto::etcdserverpb::{
-    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, TxnRequest, TxnResponse, request_op,
 };
 use corral_proto::store::command_result::Result as R;
-use corral_proto::store::{command, Command};
+use corral_proto::store::{Command, command};
 use tonic::{Request, Response, Status};
 
 use super::check_size;
-use crate::mvcc::{txn_is_read_only, KeyRange};
-use crate::node::StoreNode;
 use crate::StoreError;
+use crate::mvcc::{KeyRange, txn_is_read_only};
+use crate::node::StoreNode;
 
 pub struct KvService {
     node: Arc<StoreNode>,
@@ -82,9 +82,11 @@ impl Kv for KvService {
         check_size(&req)?;
         crate::mvcc::check_txn_request(&req)?;
         if txn_is_read_only(&req) {
-            let serializable = req.success.iter().chain(req.failure.iter()).all(|op| {
-                matches!(&op.request, Some(request_op::Request::RequestRange(r)) if r.serializable)
-            });
+            let serializable = req
+                .success
+                .iter()
+                .chain(req.failure.iter())
+                .all(|op| matches!(&op.request, Some(request_op::Request::RequestRange(r)) if r.serializable));
             if !serializable {
                 self.node.read_barrier().await?;
             }

@@ -8,14 +8,14 @@ use corral_proto::etcdserverpb::{
     LeaseTimeToLiveResponse,
 };
 use corral_proto::store::command_result::Result as R;
-use corral_proto::store::{command, Command};
+use corral_proto::store::{Command, command};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::StoreNode;
 use crate::StoreError;
+use crate::node::StoreNode;
 
 pub struct LeaseService {
     node: Arc<StoreNode>,
@@ -62,8 +62,15 @@ impl Lease for LeaseService {
                     Ok(resp) => Ok(resp),
                     // etcd answers a keep-alive for an unknown lease with TTL 0, not an error
                     // (from a forwarded call, the error arrives as its message).
-                    Err(e) if matches!(e, StoreError::LeaseNotFound) || e.to_string() == StoreError::LeaseNotFound.to_string() => {
-                        Ok(LeaseKeepAliveResponse { header: Some(node.header(node.mvcc().current_revision())), id, ttl: 0 })
+                    Err(e)
+                        if matches!(e, StoreError::LeaseNotFound)
+                            || e.to_string() == StoreError::LeaseNotFound.to_string() =>
+                    {
+                        Ok(LeaseKeepAliveResponse {
+                            header: Some(node.header(node.mvcc().current_revision())),
+                            id,
+                            ttl: 0,
+                        })
                     }
                     Err(e) => Err(Status::from(e)),
                 };
@@ -86,6 +93,9 @@ impl Lease for LeaseService {
     async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.node.read_barrier().await?;
         let leases = self.node.mvcc().leases().into_keys().map(|id| LeaseStatus { id }).collect();
-        Ok(Response::new(LeaseLeasesResponse { header: Some(self.node.header(self.node.mvcc().current_revision())), leases }))
+        Ok(Response::new(LeaseLeasesResponse {
+            header: Some(self.node.header(self.node.mvcc().current_revision())),
+            leases,
+        }))
     }
 }

@@ -3,12 +3,12 @@ use std::sync::Arc;
 
 use corral_proto::etcdserverpb::maintenance_server::Maintenance;
 use corral_proto::etcdserverpb::{
-    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
-    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse, alarm_request,
 };
 use corral_proto::store::command_result::Result as R;
-use corral_proto::store::{command, Command};
+use corral_proto::store::{Command, command};
 use futures::Stream;
 use sha2::Digest;
 use tokio::sync::mpsc;
@@ -46,7 +46,10 @@ impl Maintenance for MaintenanceService {
                 .mvcc()
                 .alarms()
                 .into_iter()
-                .filter(|(m, a)| (req.member_id == 0 || *m == req.member_id) && (req.alarm == AlarmType::None as i32 || *a == req.alarm))
+                .filter(|(m, a)| {
+                    (req.member_id == 0 || *m == req.member_id)
+                        && (req.alarm == AlarmType::None as i32 || *a == req.alarm)
+                })
                 .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
                 .collect();
             return Ok(Response::new(AlarmResponse { header: self.header(), alarms }));
@@ -123,7 +126,7 @@ impl Maintenance for MaintenanceService {
             let mut sent = 0u64;
             for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
                 sent += chunk.len() as u64;
-                let resp = SnapshotResponse { header: header.clone(), remaining_bytes: total - sent, blob: chunk.to_vec() };
+                let resp = SnapshotResponse { header, remaining_bytes: total - sent, blob: chunk.to_vec() };
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }

@@ -14,8 +14,8 @@ use corral_proto::etcdserverpb::kv_server::KvServer;
 use corral_proto::etcdserverpb::lease_server::LeaseServer;
 use corral_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use corral_proto::etcdserverpb::watch_server::WatchServer;
-use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 
 use crate::node::StoreNode;
 
@@ -34,8 +34,7 @@ pub fn add_services(server: &mut Server, node: Arc<StoreNode>) -> Router {
         .add_service(LeaseServer::new(lease::LeaseService::new(node.clone())))
         .add_service(ClusterServer::new(cluster::ClusterService::new(node.clone())))
         .add_service(
-            MaintenanceServer::new(maintenance::MaintenanceService::new(node))
-                .max_encoding_message_size(64 << 20),
+            MaintenanceServer::new(maintenance::MaintenanceService::new(node)).max_encoding_message_size(64 << 20),
         )
 }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::etcdserverpb::watch_server::Watch;
-use corral_proto::etcdserverpb::{watch_create_request, watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
+use corral_proto::etcdserverpb::{
+    WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request, watch_request,
+};
 use corral_proto::mvccpb::event::EventType;
 use futures::Stream;
 use prost::Message;
@@ -14,9 +16,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::StoreError;
 use crate::mvcc::KeyRange;
 use crate::node::StoreNode;
-use crate::StoreError;
 
 /// Responses queued per client stream before watchers wait for the client to read.
 const STREAM_QUEUE: usize = 128;
@@ -77,7 +79,11 @@ impl Watch for WatchService {
                         }
                         let range = KeyRange::new(&create.key, &create.range_end);
                         let stream = node.watch(range, create.start_revision, create.prev_kv);
-                        if tx.send(Ok(WatchResponse { header, watch_id: id, created: true, ..Default::default() })).await.is_err() {
+                        if tx
+                            .send(Ok(WatchResponse { header, watch_id: id, created: true, ..Default::default() }))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         let task = tokio::spawn(run_watcher(node.clone(), id, create, stream, tx.clone()));
@@ -140,7 +146,11 @@ async fn run_watcher(
             match tokio::time::timeout(PROGRESS_INTERVAL, stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    let resp = WatchResponse { header: Some(node.header(stream.next_revision() - 1)), watch_id: id, ..Default::default() };
+                    let resp = WatchResponse {
+                        header: Some(node.header(stream.next_revision() - 1)),
+                        watch_id: id,
+                        ..Default::default()
+                    };
                     if tx.send(Ok(resp)).await.is_err() {
                         return;
                     }
@@ -202,19 +212,19 @@ fn fragments(
     events: Vec<corral_proto::mvccpb::Event>,
     fragment: bool,
 ) -> Vec<WatchResponse> {
-    let whole = WatchResponse { header: header.clone(), watch_id, events, ..Default::default() };
+    let whole = WatchResponse { header, watch_id, events, ..Default::default() };
     if !fragment || whole.encoded_len() <= super::MAX_REQUEST_BYTES {
         return vec![whole];
     }
     let mut out: Vec<WatchResponse> = Vec::new();
-    let mut current = WatchResponse { header: header.clone(), watch_id, fragment: true, ..Default::default() };
+    let mut current = WatchResponse { header, watch_id, fragment: true, ..Default::default() };
     let mut size = 0;
     for event in whole.events {
         let len = event.encoded_len();
         if size + len > super::MAX_REQUEST_BYTES && !current.events.is_empty() {
             out.push(std::mem::replace(
                 &mut current,
-                WatchResponse { header: header.clone(), watch_id, fragment: true, ..Default::default() },
+                WatchResponse { header, watch_id, fragment: true, ..Default::default() },
             ));
             size = 0;
         }

@@ -97,7 +97,8 @@ mod tests {
 
     #[test]
     fn encoding_keeps_byte_order() {
-        let keys: Vec<&[u8]> = vec![b"", b"\0", b"\0\0", b"\0a", b"a", b"a\0", b"a\0\0", b"a\x01", b"ab", b"b", b"\xff"];
+        let keys: Vec<&[u8]> =
+            vec![b"", b"\0", b"\0\0", b"\0a", b"a", b"a\0", b"a\0\0", b"a\x01", b"ab", b"b", b"\xff"];
         for pair in keys.windows(2) {
             assert!(enc(pair[0]) < enc(pair[1]), "{:?} < {:?}", pair[0], pair[1]);
             assert!(after_versions(&enc(pair[0])) < enc(pair[1]));

@@ -13,7 +13,7 @@ mod write;
 
 pub use read::{KeyRange, RangeOptions};
 pub use record::Record;
-pub use write::{check_txn_request, txn_is_read_only, Applied, Writer};
+pub use write::{Applied, Writer, check_txn_request, txn_is_read_only};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};

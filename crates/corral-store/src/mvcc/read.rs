@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use corral_proto::etcdserverpb::{range_request, RangeRequest, RangeResponse};
+use corral_proto::etcdserverpb::{RangeRequest, RangeResponse, range_request};
 use corral_proto::mvccpb::{self, KeyValue};
 
 use super::keys::{after_versions, decode_user_key, encode_user_key, split_rev_key, split_version_key, version_key};
@@ -155,15 +155,12 @@ pub(crate) fn range_with_overlay(
         || req.max_mod_revision > 0
         || req.min_create_revision > 0
         || req.max_create_revision > 0;
-    let sorted = !(sort_order == range_request::SortOrder::None && sort_target == range_request::SortTarget::Key
-        || sort_order == range_request::SortOrder::Ascend && sort_target == range_request::SortTarget::Key);
+    // Keys already come in ascending order: only other orders and targets need a sort.
+    let sorted = sort_target != range_request::SortTarget::Key || sort_order == range_request::SortOrder::Descend;
     // Without sorting, filtering or an overlay, keys arrive in order and we can stop keeping
     // values past the limit (but etcd still counts every key in the range).
-    let keep_max = if req.limit > 0 && !sorted && !filtered && overlay.is_none() {
-        req.limit as usize + 1
-    } else {
-        usize::MAX
-    };
+    let keep_max =
+        if req.limit > 0 && !sorted && !filtered && overlay.is_none() { req.limit as usize + 1 } else { usize::MAX };
     let keep_values = !req.count_only;
     let mut count: i64 = 0;
     let mut kvs: Vec<KeyValue> = Vec::new();

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use corral_proto::etcdserverpb::{
-    compare, range_request, request_op, CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest,
-    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, compare, range_request, request_op,
 };
 use corral_proto::mvccpb::event::EventType;
-use corral_proto::store::{command, command_result, Command, CommandResult};
+use corral_proto::store::{Command, CommandResult, command, command_result};
 
 use super::Mvcc;
 use crate::engine::{MemEngine, RocksEngine, SharedEngine};
@@ -132,7 +132,11 @@ fn txn_compares_branches_and_sees_its_own_writes() {
             ..Default::default()
         };
         let op_put = |k: &str, v: &str| RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest { key: k.into(), value: v.into(), ..Default::default() })),
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            })),
         };
         let op_get = |k: &str| RequestOp { request: Some(request_op::Request::RequestRange(key(k))) };
         let txn = TxnRequest {
@@ -161,14 +165,22 @@ fn txn_compares_branches_and_sees_its_own_writes() {
             target_union: Some(compare::TargetUnion::Version(0)),
             ..Default::default()
         };
-        let res = apply(m, command::Op::Txn(TxnRequest { compare: vec![missing], success: vec![op_put("nobody", "1")], failure: vec![] }));
+        let res = apply(
+            m,
+            command::Op::Txn(TxnRequest {
+                compare: vec![missing],
+                success: vec![op_put("nobody", "1")],
+                failure: vec![],
+            }),
+        );
         let Some(command_result::Result::Txn(t)) = res.result else { panic!() };
         assert!(t.succeeded, "{name}");
 
         let dup = TxnRequest { success: vec![op_put("x", "1"), op_put("x", "2")], ..Default::default() };
         let res = apply(m, command::Op::Txn(dup));
         assert_eq!(res.error_message, "etcdserver: duplicate key given in txn request", "{name}");
-        let many = TxnRequest { success: (0..129).map(|i| op_put(&format!("m{i}"), "v")).collect(), ..Default::default() };
+        let many =
+            TxnRequest { success: (0..129).map(|i| op_put(&format!("m{i}"), "v")).collect(), ..Default::default() };
         let res = apply(m, command::Op::Txn(many));
         assert_eq!(res.error_message, "etcdserver: too many operations in txn request", "{name}");
         // A txn that fails its checks writes nothing at all.
@@ -207,7 +219,10 @@ fn leases_attach_and_revoke_their_keys() {
         put(m, "l/3", "no lease");
         assert_eq!(m.lease(7).unwrap().keys.len(), 2, "{name}");
         // Put with ignore_value keeps the value and moves nothing else.
-        apply(m, command::Op::Put(PutRequest { key: "l/1".into(), ignore_value: true, lease: 7, ..Default::default() }));
+        apply(
+            m,
+            command::Op::Put(PutRequest { key: "l/1".into(), ignore_value: true, lease: 7, ..Default::default() }),
+        );
         assert_eq!(get(m, key("l/1")), vec![("l/1".into(), "v".into())], "{name}");
         let rev = m.current_revision();
         apply(m, command::Op::LeaseRevoke(LeaseRevokeRequest { id: 7 }));
@@ -225,16 +240,29 @@ fn events_replay_in_order_with_prev_kv() {
         let m = &f.mvcc;
         put(m, "w/a", "1");
         put(m, "w/a", "2");
-        apply(m, command::Op::DeleteRange(DeleteRangeRequest { key: "w/".into(), range_end: "w0".into(), ..Default::default() }));
+        apply(
+            m,
+            command::Op::DeleteRange(DeleteRangeRequest {
+                key: "w/".into(),
+                range_end: "w0".into(),
+                ..Default::default()
+            }),
+        );
         let events = m.events(2, i64::MAX, 100, true).unwrap();
         let kinds: Vec<(i32, i64)> = events.iter().map(|e| (e.inner.r#type, e.revision())).collect();
-        assert_eq!(kinds, vec![(EventType::Put as i32, 2), (EventType::Put as i32, 3), (EventType::Delete as i32, 4)], "{name}");
+        assert_eq!(
+            kinds,
+            vec![(EventType::Put as i32, 2), (EventType::Put as i32, 3), (EventType::Delete as i32, 4)],
+            "{name}"
+        );
         assert_eq!(events[1].inner.prev_kv.as_ref().unwrap().value, b"1", "{name}");
         assert_eq!(events[2].inner.prev_kv.as_ref().unwrap().value, b"2", "{name}");
         // The stored history and what the writer published agree.
         let mut w = m.writer();
-        w.apply(&Command { op: Some(command::Op::Put(PutRequest { key: "w/b".into(), value: "x".into(), ..Default::default() })) })
-            .unwrap();
+        w.apply(&Command {
+            op: Some(command::Op::Put(PutRequest { key: "w/b".into(), value: "x".into(), ..Default::default() })),
+        })
+        .unwrap();
         let applied = w.finish(false).unwrap();
         assert_eq!(applied.events, m.events(5, 5, 10, true).unwrap(), "{name}");
     }
@@ -251,7 +279,10 @@ fn compaction_keeps_what_later_revisions_read() {
         put(m, "c", "3"); // 6
         let res = apply(m, command::Op::Compaction(CompactionRequest { revision: 5, physical: true }));
         assert_eq!(res.error_code, 0, "{name}: {}", res.error_message);
-        assert!(matches!(m.range(&RangeRequest { revision: 4, ..key("c") }), Err(crate::StoreError::Compacted { .. })), "{name}");
+        assert!(
+            matches!(m.range(&RangeRequest { revision: 4, ..key("c") }), Err(crate::StoreError::Compacted { .. })),
+            "{name}"
+        );
         assert_eq!(get(m, RangeRequest { revision: 5, ..key("c") }), vec![("c".into(), "2".into())], "{name}");
         assert!(get(m, RangeRequest { revision: 5, ..key("d") }).is_empty(), "{name}");
         assert_eq!(get(m, key("c")), vec![("c".into(), "3".into())], "{name}");

@@ -5,17 +5,17 @@ use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 
 use corral_proto::etcdserverpb::{
-    alarm_request, compare, request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse, Compare,
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RequestOp,
-    ResponseOp, TxnRequest, TxnResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest,
+    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, RequestOp, ResponseOp, TxnRequest, TxnResponse, alarm_request, compare, request_op,
+    response_op,
 };
 use corral_proto::mvccpb::{self, KeyValue};
-use corral_proto::store::{command, command_result, Command, CommandResult};
+use corral_proto::store::{Command, CommandResult, command, command_result};
 
 use super::keys::{decode_user_key, rev_key, split_rev_key, split_version_key, version_key};
-use super::read::{get_version, header, key_value, range_with_overlay, scan, KeyRange};
-use super::{encode_alarms, lease_attachment_key, lease_key, meta, Event, LeaseInfo, Mvcc, Record};
+use super::read::{KeyRange, get_version, header, key_value, range_with_overlay, scan};
+use super::{Event, LeaseInfo, Mvcc, Record, encode_alarms, lease_attachment_key, lease_key, meta};
 use crate::engine::{Batch, Cf, EngineError, View};
 use crate::error::{StoreError, StoreResult};
 
@@ -222,7 +222,9 @@ impl<'a> Writer<'a> {
     fn put(&mut self, step: &mut Step, req: &PutRequest) -> StoreResult<PutResponse> {
         let prev = self.check_put(req)?;
         let (create_rev, version, prev_value, prev_lease) = match &prev {
-            Some((_, Record::Live { create_rev, version, value, lease })) => (*create_rev, version + 1, Some(value), *lease),
+            Some((_, Record::Live { create_rev, version, value, lease })) => {
+                (*create_rev, version + 1, Some(value), *lease)
+            }
             _ => (step.rev, 1, None, 0),
         };
         let value = if req.ignore_value { prev_value.cloned().unwrap_or_default() } else { req.value.clone() };
@@ -364,10 +366,7 @@ impl<'a> Writer<'a> {
                 None => Vec::new(),
             }
         } else {
-            self.live_keys(&range)?
-                .into_iter()
-                .filter_map(|(k, rev, rec)| key_value(k, rev, rec, false))
-                .collect()
+            self.live_keys(&range)?.into_iter().filter_map(|(k, rev, rec)| key_value(k, rev, rec, false)).collect()
         };
         let target = compare::CompareTarget::try_from(cmp.target).unwrap_or(compare::CompareTarget::Version);
         if kvs.is_empty() {
@@ -436,20 +435,15 @@ impl<'a> Writer<'a> {
         let mut alarms = self.mvcc.alarms.lock().expect("alarm lock");
         let entry = (req.member_id, req.alarm);
         match alarm_request::AlarmAction::try_from(req.action) {
-            Ok(alarm_request::AlarmAction::Activate) => {
-                if !alarms.contains(&entry) {
-                    alarms.push(entry);
-                }
-            }
+            Ok(alarm_request::AlarmAction::Activate) if !alarms.contains(&entry) => alarms.push(entry),
             Ok(alarm_request::AlarmAction::Deactivate) => {
-                alarms.retain(|a| {
-                    !(a.1 == req.alarm && (req.member_id == 0 || a.0 == req.member_id))
-                });
+                alarms.retain(|a| !(a.1 == req.alarm && (req.member_id == 0 || a.0 == req.member_id)));
             }
             _ => {}
         }
         self.batch.put(Cf::Meta, meta::ALARMS.to_vec(), encode_alarms(&alarms));
-        let listed = alarms.iter().map(|(member_id, alarm)| AlarmMember { member_id: *member_id, alarm: *alarm }).collect();
+        let listed =
+            alarms.iter().map(|(member_id, alarm)| AlarmMember { member_id: *member_id, alarm: *alarm }).collect();
         Ok(AlarmResponse { header: Some(header(self.rev)), alarms: listed })
     }
 }
@@ -500,7 +494,8 @@ fn collect_writes(ops: &[RequestOp], puts: &mut BTreeSet<Vec<u8>>, deletes: &mut
     for op in ops {
         match &op.request {
             Some(request_op::Request::RequestPut(p)) => {
-                if !puts.insert(p.key.clone()) {
+                let first_time = puts.insert(p.key.clone());
+                if !first_time {
                     return Err(StoreError::DuplicateKey);
                 }
             }
@@ -584,7 +579,12 @@ pub(crate) fn compact(
         drop(view);
         engine.write(batch, false)?;
         if done {
-            tracing::info!(compact_rev, removed, elapsed_ms = started.elapsed().as_millis() as u64, "compaction finished");
+            tracing::info!(
+                compact_rev,
+                removed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "compaction finished"
+            );
             return Ok(true);
         }
         // Leave room for the applier between batches.

@@ -10,7 +10,7 @@ use std::ops::{Bound, RangeBounds};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, RaftLogReader, StorageIOError};
 
-use super::types::{decode, encode, Entry, LogId, StorageError, TypeConfig, Vote};
+use super::types::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 use crate::engine::{Batch, Cf, SharedEngine};
 
 const VOTE: &[u8] = b"vote";
@@ -56,7 +56,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         cursor.seek(&index_key(start));
         let mut out = Vec::new();
         while cursor.valid() {
-            let index = u64::from_be_bytes(cursor.key().try_into().map_err(|_| StorageIOError::read_logs(AnyError::error("bad log key")))?);
+            let index = u64::from_be_bytes(
+                cursor.key().try_into().map_err(|_| StorageIOError::read_logs(AnyError::error("bad log key")))?,
+            );
             if !range.contains(&index) {
                 break;
             }

@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_proto::store::raft_peer_client::RaftPeerClient;
 use corral_proto::store::RaftPayload;
-use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
+use corral_proto::store::raft_peer_client::RaftPeerClient;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -15,7 +17,7 @@ use openraft::raft::{
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::types::{decode, encode, Member, NodeId, TypeConfig};
+use super::types::{Member, NodeId, TypeConfig, decode, encode};
 
 /// The largest gRPC message between servers. AppendEntries batches larger than this are
 /// split by openraft after a `PayloadTooLarge` answer.

@@ -13,7 +13,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 
 use super::types::{
-    decode, encode, Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, decode, encode,
 };
 use corral_proto::store::CommandResults;
 
@@ -108,7 +108,10 @@ impl StateMachine {
         if engine.view().get(Cf::Meta, RESTORING).map_err(sm_err)?.is_some() {
             let meta = snapshots.current.lock().expect("snapshot lock").clone();
             let meta = meta.ok_or_else(|| {
-                StorageError::from(StorageIOError::read_snapshot(None, AnyError::error("interrupted install has no snapshot file")))
+                StorageError::from(StorageIOError::read_snapshot(
+                    None,
+                    AnyError::error("interrupted install has no snapshot file"),
+                ))
             })?;
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
             restore(engine.as_ref(), &snapshots.path(&meta)).map_err(sm_err)?;
@@ -188,7 +191,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<tokio::fs::File>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
         use tokio::io::{AsyncSeekExt, AsyncWriteExt};
         tracing::info!(snapshot = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "installing snapshot");
         let mut source = *snapshot;
@@ -237,7 +244,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let tmp = snapshots.dir.join(format!("building-{}.tmp", rand::random::<u64>()));
             let (applied, membership) = write_snapshot(engine.as_ref(), &tmp).map_err(snap_err)?;
             let snapshot_id = match applied {
-                Some(id) => format!("{}-{}-{}-{:x}", id.leader_id.term, id.leader_id.node_id, id.index, rand::random::<u32>()),
+                Some(id) => {
+                    format!("{}-{}-{}-{:x}", id.leader_id.term, id.leader_id.node_id, id.index, rand::random::<u32>())
+                }
                 None => format!("0-0-0-{:x}", rand::random::<u32>()),
             };
             let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
@@ -257,7 +266,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 /// Writes every snapshot column family of one view to `path`; returns the applied log id
 /// and membership of that view.
-pub(crate) fn write_snapshot(engine: &dyn Engine, path: &Path) -> Result<(Option<LogId>, StoredMembership), EngineError> {
+pub(crate) fn write_snapshot(
+    engine: &dyn Engine,
+    path: &Path,
+) -> Result<(Option<LogId>, StoredMembership), EngineError> {
     let view = engine.view();
     let applied = match view.get(Cf::Meta, APPLIED)? {
         Some(raw) => decode::<Option<LogId>>(&raw).map_err(|e| corrupt(e.to_string()))?,
@@ -316,7 +328,10 @@ fn restore(engine: &dyn Engine, path: &Path) -> Result<(), EngineError> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e.into()),
         }
-        let cf = *SNAPSHOT_CFS.iter().find(|cf| **cf as u8 == head[0]).ok_or_else(|| corrupt("unknown column family".into()))?;
+        let cf = *SNAPSHOT_CFS
+            .iter()
+            .find(|cf| **cf as u8 == head[0])
+            .ok_or_else(|| corrupt("unknown column family".into()))?;
         let klen = u32::from_le_bytes(head[1..5].try_into().expect("4")) as usize;
         let vlen = u32::from_le_bytes(head[5..9].try_into().expect("4")) as usize;
         let mut kv = vec![0u8; klen + vlen];

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use corral_transport::{CertificateAuthority, Usage};
 
@@ -42,9 +42,14 @@ pub async fn run(args: EtcdArgs) -> Result<()> {
 
 async fn up(dir: &Path, base_port: u16) -> Result<()> {
     if dir.join("etcd.json").exists() {
-        bail!("{} already holds an etcd cluster: `corral bench etcd down --state-dir {}` first", dir.display(), dir.display());
+        bail!(
+            "{} already holds an etcd cluster: `corral bench etcd down --state-dir {}` first",
+            dir.display(),
+            dir.display()
+        );
     }
-    let etcd = which("etcd").context("etcd is not installed: apt-get install etcd-server (deploy/install-deps.sh does)")?;
+    let etcd =
+        which("etcd").context("etcd is not installed: apt-get install etcd-server (deploy/install-deps.sh does)")?;
     std::fs::create_dir_all(dir.join("pki"))?;
     let dir = dir.canonicalize()?;
     let pki = dir.join("pki");

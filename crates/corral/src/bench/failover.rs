@@ -3,13 +3,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use corral_proto::etcdserverpb::kv_client::KvClient;
 use corral_proto::etcdserverpb::PutRequest;
+use corral_proto::etcdserverpb::kv_client::KvClient;
 
-use super::target::{Kind, Target};
 use super::TargetArgs;
+use super::target::{Kind, Target};
 
 #[derive(Args, Debug)]
 pub struct FailoverArgs {
@@ -114,8 +114,8 @@ async fn restart(target: &Target, name: &str) -> Result<()> {
 }
 
 async fn wait_all_healthy(target: &Target) -> Result<()> {
-    use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
     use corral_proto::etcdserverpb::StatusRequest;
+    use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut healthy = 0;

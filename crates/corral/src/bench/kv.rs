@@ -1,7 +1,7 @@
 //! `corral bench kv`: a put or range load with many concurrent clients.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -46,9 +46,8 @@ pub struct KvArgs {
 pub async fn run(args: KvArgs) -> Result<()> {
     let target = Target::from_args(&args.target)?;
     let conns = args.conns.max(1);
-    let channels: Vec<_> = (0..conns)
-        .map(|i| target.channel(&target.endpoints[i % target.endpoints.len()]))
-        .collect::<Result<_>>()?;
+    let channels: Vec<_> =
+        (0..conns).map(|i| target.channel(&target.endpoints[i % target.endpoints.len()])).collect::<Result<_>>()?;
     if matches!(args.op, Op::Range | Op::RangeSerializable) {
         // Something to read.
         let mut kv = KvClient::new(channels[0].clone());
@@ -80,7 +79,10 @@ pub async fn run(args: KvArgs) -> Result<()> {
                 }
                 let t = Instant::now();
                 let ok = match op {
-                    Op::Put => kv.put(PutRequest { key: key(n % key_space), value: value.clone(), ..Default::default() }).await.is_ok(),
+                    Op::Put => kv
+                        .put(PutRequest { key: key(n % key_space), value: value.clone(), ..Default::default() })
+                        .await
+                        .is_ok(),
                     Op::Range | Op::RangeSerializable => {
                         let req = RangeRequest {
                             key: key(n % key_space.min(1000)),

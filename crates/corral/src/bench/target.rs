@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use anyhow::{Context, Result, bail};
 use corral_proto::etcdserverpb::StatusRequest;
+use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -45,10 +45,17 @@ impl Target {
             let env = std::fs::read_to_string(dir.join("etcdctl.env"))
                 .with_context(|| format!("{} has no etcdctl.env: is a cluster up there?", dir.display()))?;
             let get = |k: &str| {
-                env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string).with_context(|| format!("etcdctl.env lacks {k}"))
+                env.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                    .map(str::to_string)
+                    .with_context(|| format!("etcdctl.env lacks {k}"))
             };
             let endpoints = get("ETCDCTL_ENDPOINTS")?.split(',').map(str::to_string).collect();
-            let tls = tls(Path::new(&get("ETCDCTL_CACERT")?), Path::new(&get("ETCDCTL_CERT")?), Path::new(&get("ETCDCTL_KEY")?))?;
+            let tls = tls(
+                Path::new(&get("ETCDCTL_CACERT")?),
+                Path::new(&get("ETCDCTL_CERT")?),
+                Path::new(&get("ETCDCTL_KEY")?),
+            )?;
             let kind = if dir.join("etcd.json").exists() { Kind::Etcd } else { Kind::Corral };
             return Ok(Self { endpoints, tls: Some(tls), state_dir: Some(dir.clone()), kind });
         }
@@ -58,13 +65,17 @@ impl Target {
             (None, None, None) => None,
             _ => bail!("--cacert, --cert and --key go together"),
         };
-        Ok(Self { endpoints: endpoints.split(',').map(str::to_string).collect(), tls, state_dir: None, kind: Kind::Remote })
+        Ok(Self {
+            endpoints: endpoints.split(',').map(str::to_string).collect(),
+            tls,
+            state_dir: None,
+            kind: Kind::Remote,
+        })
     }
 
     pub fn channel(&self, url: &str) -> Result<Channel> {
-        let mut endpoint = Endpoint::from_shared(url.to_string())?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true);
+        let mut endpoint =
+            Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true);
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone())?;
         }
@@ -124,5 +135,7 @@ impl Target {
 
 fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)).identity(Identity::from_pem(read(cert)?, read(key)?)))
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?)))
 }
