@@ -23,8 +23,9 @@ const QUEUED_WRITES: usize = 16_384;
 const MAX_BATCH_COMMANDS: usize = 1_024;
 /// Bytes in one Raft entry (etcd's request limit is 1.5 MiB: a batch holds a few).
 const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Batches proposed but not yet applied.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Batches proposed but not yet applied, per server. One is best measured (docs/benchmarks.md):
+/// while it is in flight the next batch grows, and the servers' batches still overlap.
+const BATCHES_IN_FLIGHT: usize = 1;
 /// Reads waiting for a barrier.
 const QUEUED_READS: usize = 16_384;
 
