@@ -15,6 +15,9 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
+use corral_proto::store::raft_peer_client::RaftPeerClient;
+use tonic::transport::Channel;
+
 use crate::batch::{Proposer, ReadBarriers, append_batch};
 use crate::engine::{RocksEngine, SharedEngine};
 use crate::error::{StoreError, StoreResult};
@@ -266,6 +269,12 @@ impl StoreNode {
         }
     }
 
+    /// A peer client for the leader, for what a follower forwards.
+    async fn leader_client(&self) -> StoreResult<RaftPeerClient<Channel>> {
+        let (_, leader) = self.leader().await?;
+        self.peers.member_client(&leader).map_err(StoreError::Unavailable)
+    }
+
     fn is_leader(&self) -> bool {
         self.metrics_rx.borrow().state == ServerState::Leader
     }
@@ -286,7 +295,7 @@ impl StoreNode {
     /// together share a Raft entry; on a follower they are forwarded to the leader together.
     pub async fn propose(&self, cmd: Command) -> StoreResult<CommandResult> {
         if is_quota_bound(&cmd) {
-            self.check_space(&cmd).await?;
+            self.check_space().await?;
         }
         let mut attempts = 0;
         loop {
@@ -303,8 +312,7 @@ impl StoreNode {
         if self.is_leader() {
             return self.commit_local(batch).await;
         }
-        let (_, leader) = self.leader().await?;
-        let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+        let mut client = self.leader_client().await?;
         let mut request = tonic::Request::new(batch);
         request.set_timeout(self.timeout());
         match client.propose(request).await {
@@ -320,7 +328,7 @@ impl StoreNode {
         append_batch(&self.raft, batch, self.timeout()).await
     }
 
-    async fn check_space(&self, _cmd: &Command) -> StoreResult<()> {
+    async fn check_space(&self) -> StoreResult<()> {
         let nospace = corral_proto::etcdserverpb::AlarmType::Nospace as i32;
         if self.mvcc.alarms().iter().any(|(_, a)| *a == nospace) {
             return Err(StoreError::NoSpace);
@@ -371,8 +379,7 @@ impl StoreNode {
     }
 
     async fn follower_barrier(&self) -> StoreResult<()> {
-        let (_, leader) = self.leader().await?;
-        let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+        let mut client = self.leader_client().await?;
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(self.timeout());
         let index = client.read_index(request).await.map_err(StoreError::from)?.into_inner().read_index;
@@ -435,8 +442,7 @@ impl StoreNode {
     /// Renews a lease's deadline on the leader; followers forward.
     pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> StoreResult<LeaseKeepAliveResponse> {
         if !self.is_leader() {
-            let (_, leader) = self.leader().await?;
-            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            let mut client = self.leader_client().await?;
             return Ok(client.lease_keep_alive(req).await?.into_inner());
         }
         self.check_quorum()?;
@@ -454,8 +460,7 @@ impl StoreNode {
 
     pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
         if !self.is_leader() {
-            let (_, leader) = self.leader().await?;
-            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            let mut client = self.leader_client().await?;
             return Ok(client.lease_time_to_live(req).await?.into_inner());
         }
         let header = Some(self.header(self.mvcc.current_revision()));
@@ -496,8 +501,7 @@ impl StoreNode {
     /// Applies a membership change on the leader (forwarding if this server is not).
     pub async fn member_change(&self, change: MemberChange) -> StoreResult<(Vec<pb::Member>, NodeId)> {
         if !self.is_leader() {
-            let (_, leader) = self.leader().await?;
-            let mut client = self.peers.member_client(&leader).map_err(StoreError::Unavailable)?;
+            let mut client = self.leader_client().await?;
             let reply = client.member_change(MemberChangeRequest { change: encode(&change) }).await?.into_inner();
             return Ok((reply.members, reply.member_id));
         }

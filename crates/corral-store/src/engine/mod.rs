@@ -154,8 +154,3 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 pub type SharedEngine = Arc<dyn Engine>;
-
-/// Reads one key from a fresh view.
-pub fn get(engine: &dyn Engine, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-    engine.view().get(cf, key)
-}

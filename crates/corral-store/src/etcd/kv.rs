@@ -31,6 +31,16 @@ impl KvService {
     fn header(&self) -> Option<corral_proto::etcdserverpb::ResponseHeader> {
         Some(self.node.header(self.node.mvcc().current_revision()))
     }
+
+    /// The full header for a write's response, keeping the revision the write produced (a
+    /// later write may already have moved the store on: clients rely on their own).
+    fn stamp(
+        &self,
+        applied: Option<corral_proto::etcdserverpb::ResponseHeader>,
+    ) -> Option<corral_proto::etcdserverpb::ResponseHeader> {
+        let revision = applied.map(|h| h.revision).unwrap_or_else(|| self.node.mvcc().current_revision());
+        Some(self.node.header(revision))
+    }
 }
 
 fn check_range(key: &[u8], range_end: &[u8]) -> Result<(), Status> {
@@ -56,25 +66,21 @@ impl Kv for KvService {
         if req.key.is_empty() {
             return Err(StoreError::EmptyKey.into());
         }
-        match self.write(command::Op::Put(req)).await? {
-            R::Put(mut resp) => {
-                resp.header = self.header();
-                Ok(Response::new(resp))
-            }
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        let R::Put(mut resp) = self.write(command::Op::Put(req)).await? else {
+            return Err(unexpected());
+        };
+        resp.header = self.stamp(resp.header);
+        Ok(Response::new(resp))
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let req = req.into_inner();
         check_range(&req.key, &req.range_end)?;
-        match self.write(command::Op::DeleteRange(req)).await? {
-            R::DeleteRange(mut resp) => {
-                resp.header = self.header();
-                Ok(Response::new(resp))
-            }
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        let R::DeleteRange(mut resp) = self.write(command::Op::DeleteRange(req)).await? else {
+            return Err(unexpected());
+        };
+        resp.header = self.stamp(resp.header);
+        Ok(Response::new(resp))
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
@@ -94,21 +100,18 @@ impl Kv for KvService {
             resp.header = self.header();
             return Ok(Response::new(resp));
         }
-        match self.write(command::Op::Txn(req)).await? {
-            R::Txn(mut resp) => {
-                resp.header = self.header();
-                Ok(Response::new(resp))
-            }
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        let R::Txn(mut resp) = self.write(command::Op::Txn(req)).await? else {
+            return Err(unexpected());
+        };
+        resp.header = self.stamp(resp.header);
+        Ok(Response::new(resp))
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let req = req.into_inner();
         let (revision, physical) = (req.revision, req.physical);
-        let mut resp = match self.write(command::Op::Compaction(req)).await? {
-            R::Compaction(resp) => resp,
-            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        let R::Compaction(mut resp) = self.write(command::Op::Compaction(req)).await? else {
+            return Err(unexpected());
         };
         if physical {
             // As etcd: answer once the compacted history is gone from this server's disk.
@@ -121,7 +124,11 @@ impl Kv for KvService {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
-        resp.header = self.header();
+        resp.header = self.stamp(resp.header);
         Ok(Response::new(resp))
     }
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcdserver: a write produced a result of another kind")
 }
