@@ -9,9 +9,9 @@ fn main() {
         root.join("etcd/rpc.proto"),
         root.join("corral/store.proto"),
     ];
-    for dir in &includes {
-        println!("cargo:rerun-if-changed={}", dir.display());
-    }
+    // Relative to this crate, so that a target directory shared by clones at other paths
+    // (CI keeps one) still sees edits here.
+    println!("cargo:rerun-if-changed=../../proto");
     let fds = protox::compile(&files, &includes).expect("proto/ does not compile");
     tonic_prost_build::configure()
         .build_client(true)

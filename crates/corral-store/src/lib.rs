@@ -6,6 +6,7 @@
 //! - [`watch`]: fan-out of applied events to watchers on one server.
 
 mod batch;
+pub mod election;
 pub mod engine;
 pub mod error;
 pub mod etcd;

@@ -188,6 +188,7 @@ impl StoreNode {
             shutdown,
         });
         tokio::spawn(lease_clock(Arc::downgrade(&node), node.shutdown.subscribe()));
+        tokio::spawn(crate::election::prompt_elections(Arc::downgrade(&node), node.shutdown.subscribe()));
         Ok(node)
     }
 
@@ -201,6 +202,10 @@ impl StoreNode {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     pub fn mvcc(&self) -> &Arc<Mvcc> {

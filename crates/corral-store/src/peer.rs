@@ -8,8 +8,8 @@ use corral_proto::etcdserverpb::{
 };
 use corral_proto::store::raft_peer_server::{RaftPeer, RaftPeerServer};
 use corral_proto::store::{
-    ClusterInfoRequest, ClusterInfoResponse, CommandBatch, CommandResults, MemberChangeRequest, MemberChangeResponse,
-    RaftPayload, ReadIndexRequest, ReadIndexResponse,
+    ClusterInfoRequest, ClusterInfoResponse, CommandBatch, CommandResults, ElectionProbeRequest, ElectionProbeResponse,
+    MemberChangeRequest, MemberChangeResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -95,5 +95,12 @@ impl RaftPeer for PeerService {
             leader_id: status.leader,
             members: self.node.members(),
         }))
+    }
+
+    async fn election_probe(
+        &self,
+        _req: Request<ElectionProbeRequest>,
+    ) -> Result<Response<ElectionProbeResponse>, Status> {
+        Ok(Response::new(crate::election::answer_probe(&self.node).await))
     }
 }

@@ -36,6 +36,20 @@ impl LogStore {
         raw.map(|r| decode(&r).map_err(|e| StorageIOError::read(&e).into())).transpose()
     }
 
+    /// The id of the last entry on disk, if the log holds any.
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let view = self.engine.view();
+        let mut cursor = view.cursor(Cf::Log);
+        cursor.seek_for_prev(&[0xFF; 9]);
+        let last = if cursor.valid() {
+            Some(decode::<Entry>(cursor.value()).map_err(|e| StorageIOError::read_logs(&e))?.log_id)
+        } else {
+            None
+        };
+        cursor.status().map_err(|e| StorageIOError::read_logs(&e))?;
+        Ok(last)
+    }
+
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
         self.engine.write(batch, sync).map_err(|e| StorageIOError::write_logs(&e).into())
     }
@@ -75,15 +89,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.read_meta(LAST_PURGED)?;
-        let view = self.engine.view();
-        let mut cursor = view.cursor(Cf::Log);
-        cursor.seek_for_prev(&[0xFF; 9]);
-        let last = if cursor.valid() {
-            Some(decode::<Entry>(cursor.value()).map_err(|e| StorageIOError::read_logs(&e))?.log_id)
-        } else {
-            None
-        };
-        cursor.status().map_err(|e| StorageIOError::read_logs(&e))?;
+        let last = self.last_log_id()?;
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
     }
 

@@ -31,7 +31,7 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
     let mut gaps_ms = Vec::new();
     for kill in 1..=args.kills {
         wait_all_healthy(&target).await?;
-        let (leader_url, _) = target.leader().await?;
+        let (leader_url, leader_id) = target.leader().await?;
         let acks = Arc::new(Mutex::new(Vec::<Instant>::new()));
         let stop = Arc::new(Mutex::new(false));
         let mut writers = Vec::new();
@@ -59,9 +59,11 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let victim = target.processes()?.into_iter().find(|p| p.client_url == leader_url).context("leader process")?;
+        let survivors: Vec<_> = target.endpoints.iter().filter(|u| **u != leader_url).cloned().collect();
         let killed_at = Instant::now();
         unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        let elected = new_leader_after(&target, &survivors, leader_id, killed_at).await;
+        tokio::time::sleep(Duration::from_secs(4).saturating_sub(killed_at.elapsed())).await;
         *stop.lock().expect("lock") = true;
         for w in writers {
             w.await?;
@@ -75,7 +77,11 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
             .fold((before, Duration::ZERO), |(prev, max), t| (*t, max.max(*t - prev)))
             .1;
         let gap_ms = gap.as_secs_f64() * 1000.0;
-        println!("kill {kill}: leader {} killed; longest write gap {gap_ms:.0} ms", victim.name);
+        let elected = elected.map_or("none in 4 s".to_string(), |d| format!("{} ms", d.as_millis()));
+        println!(
+            "kill {kill}: leader {} killed; new leader seen after {elected}; longest write gap {gap_ms:.0} ms",
+            victim.name
+        );
         gaps_ms.push(gap_ms);
         restart(&target, &victim.name).await?;
     }
@@ -84,6 +90,29 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
     let max = gaps_ms.last().copied().unwrap_or(0.0);
     println!("kills={} unavailability_ms_median={median:.0} unavailability_ms_max={max:.0}", gaps_ms.len());
     Ok(())
+}
+
+/// How long after the kill a survivor first reports a leader other than the killed one, polled
+/// every 10 ms for at most 4 s.
+async fn new_leader_after(target: &Target, survivors: &[String], old: u64, killed_at: Instant) -> Option<Duration> {
+    use corral_proto::etcdserverpb::StatusRequest;
+    use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    let clients: Vec<_> = survivors.iter().filter_map(|u| target.channel(u).ok()).map(MaintenanceClient::new).collect();
+    while killed_at.elapsed() < Duration::from_secs(4) {
+        for client in &clients {
+            let mut req = tonic::Request::new(StatusRequest {});
+            req.set_timeout(Duration::from_millis(100));
+            if let Ok(resp) = client.clone().status(req).await
+                && let leader = resp.into_inner().leader
+                && leader != 0
+                && leader != old
+            {
+                return Some(killed_at.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 async fn restart(target: &Target, name: &str) -> Result<()> {
