@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, DBRawIterator, Options, ReadOptions, Snapshot, WriteBatch, WriteOptions,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBRawIterator, Options, ReadOptions, Snapshot,
+    WriteBatch, WriteOptions,
 };
 
 use super::{Batch, Cf, Cursor, Engine, Result, View, WriteOp};
@@ -29,6 +30,16 @@ impl RocksEngine {
             let mut cf_opts = Options::default();
             if matches!(cf, Cf::Kv | Cf::Log) {
                 cf_opts.set_write_buffer_size(64 << 20);
+            }
+            if *cf == Cf::Kv {
+                // Writes read a key's newest version by its exact key (the key index knows
+                // its revision): bloom filters spare the files that do not hold it.
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                table.set_whole_key_filtering(true);
+                cf_opts.set_block_based_table_factory(&table);
+                cf_opts.set_memtable_prefix_bloom_ratio(0.02);
+                cf_opts.set_memtable_whole_key_filtering(true);
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });

@@ -6,6 +6,7 @@
 //! bumped only after a batch is written, so a reader never sees a revision that it cannot
 //! read.
 
+mod index;
 mod keys;
 mod read;
 mod record;
@@ -69,6 +70,8 @@ pub struct Mvcc {
     compact_finished: Arc<AtomicI64>,
     leases: Mutex<BTreeMap<i64, LeaseInfo>>,
     alarms: Mutex<Vec<(u64, i32)>>,
+    /// The newest version of every live key, for the writer.
+    index: Mutex<index::KeyIndex>,
     /// The background compactor, stopped and joined when the store is dropped.
     compactor: Mutex<Option<Compactor>>,
 }
@@ -93,8 +96,11 @@ impl Mvcc {
     /// Opens the store over `engine`, loading the revisions and leases it holds.
     pub fn open(engine: SharedEngine) -> StoreResult<Arc<Self>> {
         let loaded = Loaded::read(engine.as_ref())?;
+        let index = index::KeyIndex::build(engine.view().as_ref())?;
+        tracing::debug!(live_keys = index.len(), "key index built");
         let compact_finished = Arc::new(AtomicI64::new(loaded.compact_finished));
         let mvcc = Self {
+            index: Mutex::new(index),
             compactor: Mutex::new(Some(spawn_compactor(engine.clone(), compact_finished.clone()))),
             compact_finished,
             engine,
@@ -114,6 +120,7 @@ impl Mvcc {
     /// was installed). The caller is the only writer.
     pub fn reload(&self) -> StoreResult<()> {
         let loaded = Loaded::read(self.engine.as_ref())?;
+        *self.index.lock().expect("index lock") = index::KeyIndex::build(self.engine.view().as_ref())?;
         *self.leases.lock().expect("lease lock") = loaded.leases;
         *self.alarms.lock().expect("alarm lock") = loaded.alarms;
         self.compact_rev.store(loaded.compact_rev, Ordering::Release);

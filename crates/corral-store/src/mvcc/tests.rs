@@ -315,3 +315,36 @@ fn rocksdb_state_survives_reopen() {
     assert_eq!(m.lease(3).unwrap().keys.len(), 1);
     assert_eq!(get(&m, key("p")), vec![("p".into(), "v".into())]);
 }
+
+#[test]
+fn writes_after_a_reopen_continue_each_key_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_created;
+    {
+        let m = Mvcc::open(Arc::new(RocksEngine::open(dir.path()).unwrap())).unwrap();
+        q_created = put(&m, "k/q", "1");
+        put(&m, "k/q", "2");
+        put(&m, "k/gone", "x");
+        apply(&m, command::Op::DeleteRange(DeleteRangeRequest { key: "k/gone".into(), ..Default::default() }));
+    }
+    // Phase 2: the key index is rebuilt from disk, so versions continue where they were.
+    let m = Mvcc::open(Arc::new(RocksEngine::open(dir.path()).unwrap())).unwrap();
+    put(&m, "k/q", "3");
+    put(&m, "k/gone", "back");
+    let kvs = m.range(&prefix("k/")).unwrap().kvs;
+    let q = kvs.iter().find(|kv| kv.key == b"k/q").unwrap();
+    assert_eq!((q.version, q.create_revision), (3, q_created), "k/q keeps its history");
+    let gone = kvs.iter().find(|kv| kv.key == b"k/gone").unwrap();
+    assert_eq!((gone.version, gone.create_revision), (1, gone.mod_revision), "a deleted key starts anew");
+
+    // Phase 3: a range delete finds exactly the live keys.
+    let res = apply(
+        &m,
+        command::Op::DeleteRange(DeleteRangeRequest { key: "k/".into(), range_end: "k0".into(), ..Default::default() }),
+    );
+    match res.result {
+        Some(command_result::Result::DeleteRange(d)) => assert_eq!(d.deleted, 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(get(&m, prefix("k/")).is_empty());
+}

@@ -1,7 +1,6 @@
 //! Writes: Put, DeleteRange, Txn, Compact, leases and alarms, applied in batches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 
 use corral_proto::etcdserverpb::{
@@ -13,8 +12,9 @@ use corral_proto::etcdserverpb::{
 use corral_proto::mvccpb::{self, KeyValue};
 use corral_proto::store::{Command, CommandResult, command, command_result};
 
-use super::keys::{decode_user_key, rev_key, split_rev_key, split_version_key, version_key};
-use super::read::{KeyRange, get_version, header, key_value, range_with_overlay, scan};
+use super::index::KeyIndex;
+use super::keys::{rev_key, split_rev_key, split_version_key, version_key};
+use super::read::{KeyRange, header, key_value, range_with_overlay};
 use super::{Event, LeaseInfo, Mvcc, Record, encode_alarms, lease_attachment_key, lease_key, meta};
 use crate::engine::{Batch, Cf, EngineError, View};
 use crate::error::{StoreError, StoreResult};
@@ -39,6 +39,8 @@ pub struct Writer<'a> {
     mvcc: &'a Mvcc,
     view: Box<dyn View + 'a>,
     view_rev: i64,
+    /// Held for the whole batch: the writer is its only user.
+    index: std::sync::MutexGuard<'a, KeyIndex>,
     batch: Batch,
     overlay: BTreeMap<Vec<u8>, (i64, Record)>,
     rev: i64,
@@ -60,6 +62,7 @@ impl<'a> Writer<'a> {
             mvcc,
             view: mvcc.engine.view(),
             view_rev,
+            index: mvcc.index.lock().expect("index lock"),
             batch: Batch::default(),
             overlay: BTreeMap::new(),
             rev: view_rev,
@@ -114,9 +117,13 @@ impl<'a> Writer<'a> {
             self.batch.put(Cf::Meta, meta::COMPACT_REV.to_vec(), rev.to_be_bytes().to_vec());
             self.mvcc.compact_rev.store(rev, Ordering::Release);
         }
-        let Writer { mvcc, batch, rev, events, view, .. } = self;
+        let Writer { mvcc, batch, rev, events, view, mut index, overlay, .. } = self;
         drop(view);
         mvcc.engine.write(batch, sync)?;
+        for (key, (rev, record)) in overlay {
+            index.set(key, rev, record.is_live());
+        }
+        drop(index);
         mvcc.current_rev.store(rev, Ordering::Release);
         if let Some(compact_rev) = compact_to {
             mvcc.schedule_compaction(compact_rev);
@@ -142,20 +149,16 @@ impl<'a> Writer<'a> {
         if let Some(found) = self.overlay.get(key) {
             return Ok(Some(found.clone()));
         }
-        get_version(self.view.as_ref(), key, self.view_rev)
+        self.index.get(self.view.as_ref(), key)
     }
 
     fn live_keys(&self, range: &KeyRange) -> Result<Vec<(Vec<u8>, i64, Record)>, EngineError> {
-        let mut found = BTreeMap::new();
-        scan(self.view.as_ref(), range, self.view_rev, |user_enc, rev, raw| {
-            let record = Record::decode(raw)?;
-            if record.is_live() {
-                let key = decode_user_key(user_enc)
-                    .ok_or_else(|| EngineError::Corrupt { cf: Cf::Kv, what: "bad user key".into() })?;
-                found.insert(key, (rev, record));
-            }
-            Ok(ControlFlow::Continue(()))
-        })?;
+        let mut found: BTreeMap<_, _> = self
+            .index
+            .live_in(self.view.as_ref(), range)?
+            .into_iter()
+            .map(|(key, rev, record)| (key, (rev, record)))
+            .collect();
         for (key, (rev, record)) in self.overlay.iter().filter(|(k, _)| range.contains(k)) {
             if record.is_live() {
                 found.insert(key.clone(), (*rev, record.clone()));
