@@ -132,6 +132,39 @@ impl Cluster {
         run(self.etcdctl().args(args), Some(stdin))
     }
 
+    /// kubectl with the cluster's kubeconfig and a discovery cache of its own.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", self.state_dir().join("kubeconfig"))
+            .arg("--cache-dir")
+            .arg(self.state_dir().join("kube-cache"));
+        cmd
+    }
+
+    /// Runs kubectl with `args`; fails with its output if it fails.
+    pub fn kube(&self, args: &[&str]) -> Result<String> {
+        run(self.kubectl().args(args), None)
+    }
+
+    /// Runs kubectl with `args` against one server's API (`https://127.0.0.1:PORT`).
+    pub fn kube_at(&self, server: &str, args: &[&str]) -> Result<String> {
+        run(self.kubectl().arg(format!("--server={server}")).args(args), None)
+    }
+
+    /// Runs kubectl with `args`, expecting it to fail; returns what it printed on stderr.
+    pub fn kube_fails(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl().args(args).stdin(Stdio::null()).output()?;
+        if out.status.success() {
+            bail!("kubectl {args:?} succeeded but should have failed:\n{}", text(&out.stdout));
+        }
+        Ok(text(&out.stderr))
+    }
+
+    /// The Kubernetes API URL of server `i` (0-based), as `corral up` assigns ports.
+    pub fn api_url(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.base_port as usize + 10 * i + 2)
+    }
+
     /// Every server's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -237,6 +237,7 @@ fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra:
         .arg(server_dir.join("data"))
         .args(["--listen-client-urls", &server.client_url])
         .args(["--listen-peer-urls", &server.peer_url])
+        .args(["--listen-api-url", &server.api_url])
         .args(["--initial-cluster", initial_cluster])
         .arg("--tls-dir")
         .arg(dir.join("pki"))

@@ -78,6 +78,12 @@ pub struct ServerArgs {
     /// Allow an even number of voters.
     #[arg(long)]
     pub allow_even_voters: bool,
+    /// The Kubernetes API address.
+    #[arg(long, default_value = "https://127.0.0.1:6443")]
+    pub listen_api_url: String,
+    /// Bearer tokens for the Kubernetes API: lines of `token,user,uid,"group1,group2"`.
+    #[arg(long)]
+    pub token_auth_file: Option<PathBuf>,
 }
 
 /// Who this server is, kept in the data directory across restarts.
@@ -162,7 +168,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         node.bootstrap(members).await?;
     }
     tokio::spawn(publish(node.clone(), args.name.clone(), args.client_url().to_string(), stop_rx.clone()));
-    println!("corral server {} ready: etcd API on {}, peers on {}", args.name, args.client_url(), args.peer_url());
+    let api_task = start_api(&args, node.clone(), stop_rx.clone()).await?;
+    println!(
+        "corral server {} ready: etcd API on {}, peers on {}, Kubernetes API on {}",
+        args.name,
+        args.client_url(),
+        args.peer_url(),
+        args.listen_api_url
+    );
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -171,9 +184,47 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = peer_task.await;
         let _ = client_task.await;
+        let _ = api_task.await;
     })
     .await;
     Ok(())
+}
+
+/// Starts the Kubernetes API on --listen-api-url, and makes sure the system namespaces exist
+/// (retried in the background until the cluster has a leader).
+async fn start_api(
+    args: &ServerArgs,
+    node: Arc<StoreNode>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let addr = socket_addr(&args.listen_api_url)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the API to {addr}"))?;
+    let tls = match &args.tls_dir {
+        Some(dir) => Some(corral_apiserver::tls_config(dir, "server").map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let tokens = match &args.token_auth_file {
+        Some(path) => corral_apiserver::Tokens::load(path).with_context(|| format!("reading {}", path.display()))?,
+        None => corral_apiserver::Tokens::default(),
+    };
+    let store = corral_apiserver::ObjectStore::new(node);
+    let api = Arc::new(corral_apiserver::Api { store: store.clone(), mint: Box::new(corral_api::meta::SystemMinter) });
+    let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string() };
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            match corral_apiserver::namespaces::ensure_system(&store, &corral_api::meta::SystemMinter).await {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(error = %e, "system namespaces not created yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::warn!("gave up creating the system namespaces");
+    });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = corral_apiserver::serve(listener, config, api, stop).await {
+            tracing::error!(error = %e, "the Kubernetes API stopped");
+        }
+    }))
 }
 
 /// This server's member and cluster ids: from its data directory, else derived from the

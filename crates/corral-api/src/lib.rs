@@ -1,0 +1,13 @@
+//! Kubernetes objects as Corral serves them, with no I/O: the resources and their discovery
+//! data, object metadata rules, label and field selectors, patches, server-side tables and
+//! `metav1.Status` errors. `corral-apiserver` puts these behind HTTP and the store.
+
+pub mod meta;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod status;
+pub mod table;
+
+pub use resources::Resource;
+pub use status::{ApiError, FieldError};

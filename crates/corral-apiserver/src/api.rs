@@ -1,0 +1,634 @@
+//! The verbs on resources: get, list, watch, create, update, patch and delete, as
+//! kube-apiserver answers them, over the [`ObjectStore`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use corral_api::meta::{self, Minter};
+use corral_api::patch::{self, PatchType};
+use corral_api::resources::{self, Resource};
+use corral_api::selector::{FieldSelector, LabelSelector};
+use corral_api::table::{self, IncludeObject};
+use corral_api::{ApiError, FieldError};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::route::ObjectRoute;
+use crate::storage::{ObjectStore, Stored, WriteOutcome};
+
+/// Retries of a read-modify-write that lost a race to another writer.
+const WRITE_RETRIES: usize = 8;
+
+/// How the client wants objects back.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Output {
+    pub table: bool,
+    pub include: IncludeObject,
+}
+
+/// The parsed query string.
+#[derive(Debug, Default)]
+pub struct Query(pub HashMap<String, String>);
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Self {
+        let mut map = HashMap::new();
+        for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            map.insert(decode_component(k), decode_component(v));
+        }
+        Query(map)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true" | "1"))
+    }
+}
+
+fn decode_component(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a handler answers.
+pub enum Reply {
+    Object(u16, Value),
+    /// A watch: lines of JSON events, until the receiver closes.
+    Watch(mpsc::Receiver<Value>),
+}
+
+pub struct Api {
+    pub store: ObjectStore,
+    pub mint: Box<dyn Minter + Send + Sync>,
+}
+
+fn now(api: &Api) -> i64 {
+    api.mint.now()
+}
+
+impl Api {
+    fn present(&self, r: &Resource, mut obj: Value, rev: i64, out: Output) -> Value {
+        meta::set_resource_version(&mut obj, rev);
+        meta::set_type(r, &mut obj);
+        if out.table {
+            let list_meta = json!({"resourceVersion": rev.to_string()});
+            return table::table(r, &[obj], now(self), out.include, list_meta);
+        }
+        obj
+    }
+
+    pub async fn get(&self, route: &ObjectRoute, name: &str, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let key = r.key(route.namespace.as_deref(), name);
+        let any = q.get("resourceVersion") == Some("0");
+        let found = self.store.get(&key, any).await?.ok_or_else(|| ApiError::not_found(r, name))?;
+        if route.sub.as_deref() == Some("scale") {
+            return Ok(Reply::Object(200, scale_of(r, &found)));
+        }
+        Ok(Reply::Object(200, self.present(r, found.value, found.rev, out)))
+    }
+
+    pub async fn list(&self, route: &ObjectRoute, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or_default())?;
+        let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or_default(), r)?;
+        let limit: i64 = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let prefix = r.prefix(route.namespace.as_deref());
+        let (mut rev, mut start) = (0, None);
+        if let Some(token) = q.get("continue").filter(|t| !t.is_empty()) {
+            let (token_rev, key) = decode_continue(token)?;
+            if !key.starts_with(&prefix) {
+                return Err(ApiError::BadRequest("the continue token does not belong to this list".into()));
+            }
+            (rev, start) = (token_rev, Some(key));
+        } else if let Some(v) = q.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0")
+            && q.get("resourceVersionMatch") == Some("Exact")
+        {
+            rev = meta::parse_resource_version(v)?;
+        }
+        let any = q.get("resourceVersion") == Some("0");
+        let filtered = !labels.is_empty() || !fields.is_empty();
+        // With selectors the page holds only matches: read everything and filter.
+        let page_limit = if filtered { 0 } else { limit };
+        let page = self.store.list(&prefix, start.as_deref(), rev, page_limit, any).await?;
+        let mut items: Vec<Value> = Vec::with_capacity(page.items.len());
+        for Stored { mut value, rev } in page.items {
+            if labels.matches(&value) && fields.matches(&value) {
+                meta::set_resource_version(&mut value, rev);
+                meta::set_type(r, &mut value);
+                items.push(value);
+            }
+        }
+        let mut list_meta = json!({"resourceVersion": page.rev.to_string()});
+        if let Some(next) = page.next {
+            list_meta["continue"] = json!(encode_continue(page.rev, &next));
+            if page.remaining > 0 {
+                list_meta["remainingItemCount"] = json!(page.remaining);
+            }
+        }
+        if out.table {
+            return Ok(Reply::Object(200, table::table(r, &items, now(self), out.include, list_meta)));
+        }
+        Ok(Reply::Object(
+            200,
+            json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": list_meta, "items": items}),
+        ))
+    }
+
+    pub async fn create(&self, route: &ObjectRoute, mut obj: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        meta::prepare_create(r, &mut obj, route.namespace.as_deref(), self.mint.as_ref())?;
+        crate::defaults::apply(r, &mut obj);
+        crate::validate::object(r, &obj)?;
+        let name = meta::name(&obj).to_string();
+        if r.namespaced {
+            self.check_namespace(meta::namespace(&obj).unwrap_or("default")).await?;
+        }
+        if dry_run(q) {
+            return Ok(Reply::Object(201, self.present(r, obj, 0, out)));
+        }
+        let key = r.key(meta::namespace(&obj), &name);
+        match self.store.put_if(&key, &obj, 0).await? {
+            WriteOutcome::Written(rev) => Ok(Reply::Object(201, self.present(r, obj, rev, out))),
+            WriteOutcome::Mismatch(_) => Err(ApiError::already_exists(r, &name)),
+        }
+    }
+
+    /// Refuses writes into a namespace that does not exist or is being deleted.
+    async fn check_namespace(&self, ns: &str) -> Result<(), ApiError> {
+        let namespaces = resources::find("", "namespaces").expect("namespaces are served");
+        let found = self.store.get(&namespaces.key(None, ns), true).await?;
+        match found {
+            None => Err(ApiError::not_found(namespaces, ns)),
+            Some(s) if s.value.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") => {
+                Err(ApiError::Forbidden(format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// PUT: a compare-and-swap on the resourceVersion the body carries (none: the latest).
+    pub async fn update(&self, route: &ObjectRoute, name: &str, body: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        if meta::name(&body) != name {
+            return Err(ApiError::BadRequest(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta::name(&body)
+            )));
+        }
+        let expect = meta::resource_version(&body)?;
+        let sub = route.sub.clone();
+        self.read_modify_write(route, name, expect, q, out, move |r, old| {
+            if sub.as_deref() == Some("scale") {
+                return scale_into(r, old, &body);
+            }
+            into_update(r, sub.as_deref(), old, body.clone())
+        })
+        .await
+    }
+
+    /// PATCH in any of the three patch types; server-side apply is not served yet.
+    pub async fn patch(
+        &self,
+        route: &ObjectRoute,
+        name: &str,
+        kind: PatchType,
+        body: Value,
+        q: &Query,
+        out: Output,
+    ) -> Result<Reply, ApiError> {
+        if kind == PatchType::Apply {
+            return Err(ApiError::UnsupportedMediaType(
+                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json"
+                    .into(),
+            ));
+        }
+        let sub = route.sub.clone();
+        self.read_modify_write(route, name, 0, q, out, move |r, old| {
+            let base = if sub.as_deref() == Some("scale") { scale_of(r, old) } else { with_rv(old) };
+            let patched = patch::apply_generic(kind, &base, &body)?;
+            if let Some(rv) = patched.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+                && rv != old.rev.to_string()
+            {
+                return Err(ApiError::modified(r, meta::name(&old.value)));
+            }
+            if sub.as_deref() == Some("scale") {
+                return scale_into(r, old, &patched);
+            }
+            into_update(r, sub.as_deref(), old, patched)
+        })
+        .await
+    }
+
+    /// Reads the object, computes its new state and writes it if nobody wrote in between;
+    /// retries when somebody did, unless the client named the revision it expected.
+    async fn read_modify_write(
+        &self,
+        route: &ObjectRoute,
+        name: &str,
+        expect: i64,
+        q: &Query,
+        out: Output,
+        change: impl Fn(&Resource, &Stored) -> Result<Value, ApiError>,
+    ) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let key = r.key(route.namespace.as_deref(), name);
+        for _ in 0..WRITE_RETRIES {
+            let old = self.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(r, name))?;
+            if expect != 0 && expect != old.rev {
+                return Err(ApiError::modified(r, name));
+            }
+            let new = change(r, &old)?;
+            crate::validate::object(r, &new)?;
+            if dry_run(q) || new == old.value {
+                return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
+            }
+            match self.store.put_if(&key, &new, old.rev).await? {
+                WriteOutcome::Written(rev) => return Ok(Reply::Object(200, self.present_sub(r, route, new, rev, out))),
+                WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
+                WriteOutcome::Mismatch(Some(_)) if expect != 0 => return Err(ApiError::modified(r, name)),
+                WriteOutcome::Mismatch(Some(_)) => continue,
+            }
+        }
+        Err(ApiError::modified(r, name))
+    }
+
+    fn present_sub(&self, r: &Resource, route: &ObjectRoute, obj: Value, rev: i64, out: Output) -> Value {
+        if route.sub.as_deref() == Some("scale") {
+            return scale_of(r, &Stored { value: obj, rev });
+        }
+        self.present(r, obj, rev, out)
+    }
+
+    /// DELETE: at once, or by marking the object (deletionTimestamp) when finalizers or a
+    /// graceful pod termination must run first.
+    pub async fn delete(&self, route: &ObjectRoute, name: &str, options: &Value, q: &Query) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let key = r.key(route.namespace.as_deref(), name);
+        let policy = options
+            .get("propagationPolicy")
+            .and_then(Value::as_str)
+            .or(q.get("propagationPolicy"))
+            .unwrap_or("Background")
+            .to_string();
+        if !matches!(policy.as_str(), "Background" | "Foreground" | "Orphan") {
+            return Err(ApiError::BadRequest(format!("unsupported propagation policy {policy:?}")));
+        }
+        for _ in 0..WRITE_RETRIES {
+            let old = self.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(r, name))?;
+            if let Some(uid) = options.pointer("/preconditions/uid").and_then(Value::as_str)
+                && uid != meta::uid(&old.value)
+            {
+                return Err(ApiError::Conflict {
+                    group: r.group.into(),
+                    plural: r.plural.into(),
+                    name: name.into(),
+                    detail: format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta::uid(&old.value)
+                    ),
+                });
+            }
+            let mut obj = old.value.clone();
+            let mut finalizers: Vec<Value> =
+                obj.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+            let extra = match policy.as_str() {
+                "Foreground" => Some("foregroundDeletion"),
+                "Orphan" => Some("orphan"),
+                _ => None,
+            };
+            if let Some(f) = extra
+                && !finalizers.iter().any(|x| x == f)
+            {
+                finalizers.push(json!(f));
+            }
+            let namespace_delete = r.plural == "namespaces";
+            if finalizers.is_empty() && !namespace_delete {
+                if dry_run(q) {
+                    return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
+                }
+                match self.store.delete_if(&key, old.rev).await? {
+                    WriteOutcome::Written(_) => {
+                        return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
+                    }
+                    WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
+                    WriteOutcome::Mismatch(Some(_)) => continue,
+                }
+            }
+            // Marked for deletion: the finalizers' owners (and the namespace cleaner) finish it.
+            let m = meta::metadata_mut(&mut obj);
+            if !m.contains_key("deletionTimestamp") {
+                m.insert("deletionTimestamp".into(), json!(meta::rfc3339(now(self))));
+                m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            }
+            if !finalizers.is_empty() {
+                m.insert("finalizers".into(), Value::Array(finalizers));
+            }
+            if namespace_delete {
+                obj["status"] = json!({"phase": "Terminating"});
+            }
+            if obj == old.value || dry_run(q) {
+                return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
+            }
+            match self.store.put_if(&key, &obj, old.rev).await? {
+                WriteOutcome::Written(rev) => {
+                    if namespace_delete {
+                        crate::namespaces::spawn_cleanup(self.store.clone(), name.to_string());
+                    }
+                    return Ok(Reply::Object(200, self.present(r, obj, rev, Output::default())));
+                }
+                WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
+                WriteOutcome::Mismatch(Some(_)) => continue,
+            }
+        }
+        Err(ApiError::modified(r, name))
+    }
+
+    /// DELETE on a collection: every object the selectors match.
+    pub async fn delete_collection(&self, route: &ObjectRoute, options: &Value, q: &Query) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let Reply::Object(_, list) = self.list(route, q, Output::default()).await? else { unreachable!() };
+        let mut deleted = Vec::new();
+        for item in list["items"].as_array().into_iter().flatten() {
+            let route = ObjectRoute {
+                resource: r,
+                namespace: meta::namespace(item).map(str::to_string),
+                name: None,
+                sub: None,
+            };
+            match self.delete(&route, meta::name(item), options, q).await {
+                Ok(Reply::Object(_, obj)) => deleted.push(obj),
+                Ok(_) | Err(ApiError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Reply::Object(
+            200,
+            json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                   "metadata": {"resourceVersion": list["metadata"]["resourceVersion"]}, "items": deleted}),
+        ))
+    }
+
+    /// A watch: synthetic ADDED events for what exists when no resourceVersion (or 0) is
+    /// given, then every change; objects entering or leaving the selectors are ADDED or
+    /// DELETED as for kube-apiserver's watch cache.
+    pub async fn watch(&self, route: &ObjectRoute, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or_default())?;
+        let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or_default(), r)?;
+        let bookmarks = q.flag("allowWatchBookmarks");
+        let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
+        let prefix = match (&route.name, fields.name()) {
+            (Some(name), _) => r.key(route.namespace.as_deref(), name),
+            _ => r.prefix(route.namespace.as_deref()),
+        };
+        let from = q.get("resourceVersion").filter(|v| !v.is_empty()).map(meta::parse_resource_version).transpose()?;
+        let (tx, rx) = mpsc::channel::<Value>(256);
+        let mut initial = Vec::new();
+        let start = match from {
+            Some(rv) if rv > 0 => rv,
+            _ => {
+                let page = self.store.list(&prefix, None, 0, 0, false).await?;
+                for item in page.items {
+                    if labels.matches(&item.value) && fields.matches(&item.value) {
+                        initial.push(("ADDED", item.value, item.rev));
+                    }
+                }
+                page.rev
+            }
+        };
+        let mut stream = match self.store.watch(&prefix, start) {
+            Ok(s) => s,
+            Err(ApiError::Gone { oldest, .. }) => {
+                let status = ApiError::Gone { requested: start, oldest }.to_status();
+                let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
+                return Ok(Reply::Watch(rx));
+            }
+            Err(e) => return Err(e),
+        };
+        let now_fn = self.mint.now();
+        tokio::spawn(async move {
+            // Table watches carry the column definitions in their first event only.
+            let mut columns_sent = !out.table;
+            let mut send_event = |kind: &str, mut obj: Value, rev: i64| {
+                meta::set_resource_version(&mut obj, rev);
+                meta::set_type(r, &mut obj);
+                if !out.table {
+                    return json!({"type": kind, "object": obj});
+                }
+                let mut t = table::table(r, &[obj], now_fn, out.include, json!({"resourceVersion": rev.to_string()}));
+                if columns_sent {
+                    t["columnDefinitions"] = Value::Null;
+                }
+                columns_sent = true;
+                json!({"type": kind, "object": t})
+            };
+            for (kind, obj, rev) in initial {
+                if tx.send(send_event(kind, obj, rev)).await.is_err() {
+                    return;
+                }
+            }
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let mut bookmark = tokio::time::interval(Duration::from_secs(60));
+            bookmark.tick().await;
+            loop {
+                let next = async {
+                    match deadline {
+                        Some(d) => tokio::time::timeout_at(d, stream.next()).await.ok(),
+                        None => Some(stream.next().await),
+                    }
+                };
+                let events = tokio::select! {
+                    e = next => e,
+                    _ = bookmark.tick(), if bookmarks => {
+                        let rev = stream.next_revision() - 1;
+                        let mark = json!({"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version(),
+                            "metadata": {"resourceVersion": rev.to_string()}}});
+                        if tx.send(mark).await.is_err() { return; }
+                        continue;
+                    }
+                    _ = tx.closed() => return,
+                };
+                let Some(events) = events else { return }; // timeoutSeconds passed
+                let events = match events {
+                    Ok(events) => events,
+                    Err(e) => {
+                        let _ = tx.send(json!({"type": "ERROR", "object": crate::storage::store_error(e).to_status()})).await;
+                        return;
+                    }
+                };
+                for ev in events {
+                    let Some(kv) = ev.inner.kv.as_ref() else { continue };
+                    let rev = kv.mod_revision;
+                    let prev = ev.inner.prev_kv.as_ref().and_then(|p| ObjectStore::decode(&p.value).ok());
+                    let was = prev.as_ref().is_some_and(|p| labels.matches(p) && fields.matches(p));
+                    let message = if ev.inner.r#type == 1 {
+                        match prev {
+                            Some(p) if was => Some(("DELETED", p)),
+                            _ => None,
+                        }
+                    } else {
+                        let Ok(obj) = ObjectStore::decode(&kv.value) else { continue };
+                        let is = labels.matches(&obj) && fields.matches(&obj);
+                        match (was, is) {
+                            (false, true) => Some(("ADDED", obj)),
+                            (true, true) => Some(("MODIFIED", obj)),
+                            (true, false) => Some(("DELETED", obj)),
+                            (false, false) => None,
+                        }
+                    };
+                    if let Some((kind, obj)) = message
+                        && tx.send(send_event(kind, obj, rev)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Reply::Watch(rx))
+    }
+}
+
+fn dry_run(q: &Query) -> bool {
+    q.get("dryRun").is_some_and(|d| d == "All")
+}
+
+fn with_rv(old: &Stored) -> Value {
+    let mut v = old.value.clone();
+    meta::set_resource_version(&mut v, old.rev);
+    v
+}
+
+/// The object a PUT or PATCH produced, with the fields it may not change carried over.
+fn into_update(r: &Resource, sub: Option<&str>, old: &Stored, mut new: Value) -> Result<Value, ApiError> {
+    match sub {
+        Some("status") => meta::prepare_status_update(r, &old.value, &new),
+        None => {
+            meta::prepare_update(r, &old.value, &mut new)?;
+            crate::defaults::apply(r, &mut new);
+            Ok(new)
+        }
+        Some(other) => Err(ApiError::BadRequest(format!("subresource {other:?} cannot be written this way"))),
+    }
+}
+
+/// The autoscaling/v1 Scale of a Deployment or ReplicaSet.
+fn scale_of(_r: &Resource, s: &Stored) -> Value {
+    let obj = &s.value;
+    let selector = table::selector_text(obj.pointer("/spec/selector"));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta::name(obj),
+            "namespace": meta::namespace(obj),
+            "uid": meta::uid(obj),
+            "resourceVersion": s.rev.to_string(),
+            "creationTimestamp": obj.pointer("/metadata/creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": if selector == "<none>" { String::new() } else { selector },
+        },
+    })
+}
+
+/// Writes a Scale's replicas into its Deployment or ReplicaSet.
+fn scale_into(r: &Resource, old: &Stored, scale: &Value) -> Result<Value, ApiError> {
+    let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).ok_or_else(|| {
+        ApiError::invalid(r, meta::name(&old.value), vec![FieldError::required("spec.replicas", "")])
+    })?;
+    if replicas < 0 {
+        return Err(ApiError::invalid(
+            r,
+            meta::name(&old.value),
+            vec![FieldError::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")],
+        ));
+    }
+    let mut new = old.value.clone();
+    new["spec"]["replicas"] = json!(replicas);
+    let generation = new.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+    if old.value.pointer("/spec/replicas") != new.pointer("/spec/replicas") {
+        meta::metadata_mut(&mut new).insert("generation".into(), json!(generation + 1));
+    }
+    Ok(new)
+}
+
+fn encode_continue(rev: i64, key: &str) -> String {
+    let raw = json!({"v": "meta.k8s.io/v1", "rv": rev, "start": key}).to_string();
+    base64url(raw.as_bytes())
+}
+
+fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
+    let bad = || ApiError::BadRequest("continue key is not valid: illegal base64 data".into());
+    let raw = unbase64url(token).ok_or_else(bad)?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rev = v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?;
+    let key = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
+    Ok((rev, key.to_string()))
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn base64url(data: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn unbase64url(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let vals: Vec<u32> =
+        text.trim_end_matches('=').bytes().map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32)).collect::<Option<_>>()?;
+    for chunk in vals.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, v)| n | v << (18 - 6 * i));
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip_and_queries_decode() {
+        let token = encode_continue(42, "/registry/pods/default/web-1");
+        assert_eq!(decode_continue(&token).unwrap(), (42, "/registry/pods/default/web-1".to_string()));
+        assert!(decode_continue("!!").is_err());
+        let q = Query::parse(Some("labelSelector=app%3Dweb%2Ctier+in+(a)&watch=1"));
+        assert_eq!(q.get("labelSelector"), Some("app=web,tier in (a)"));
+        assert!(q.flag("watch"));
+    }
+}

@@ -1,0 +1,138 @@
+//! Kubernetes' defaulting for the types served: what kube-apiserver fills in when a client
+//! leaves it out, so objects read back as they would from Kubernetes.
+
+use corral_api::Resource;
+use serde_json::{Map, Value, json};
+
+/// Sets `key` when it is missing.
+fn default(map: &mut Map<String, Value>, key: &str, value: Value) {
+    map.entry(key.to_string()).or_insert(value);
+}
+
+fn object<'a>(parent: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Value>> {
+    if parent.get(key).is_none() {
+        parent[key] = json!({});
+    }
+    parent.get_mut(key)?.as_object_mut()
+}
+
+pub fn apply(r: &Resource, obj: &mut Value) {
+    match (r.group, r.plural) {
+        ("", "pods") => {
+            if let Some(spec) = obj.get_mut("spec") {
+                pod_spec(spec);
+            }
+            if let Some(status) = object(obj, "status") {
+                default(status, "phase", json!("Pending"));
+                default(status, "qosClass", json!("BestEffort"));
+            }
+        }
+        ("apps", "deployments") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "replicas", json!(1));
+                default(spec, "revisionHistoryLimit", json!(10));
+                default(spec, "progressDeadlineSeconds", json!(600));
+                default(spec, "strategy", json!({"type": "RollingUpdate"}));
+                if let Some(strategy) = spec.get_mut("strategy").and_then(Value::as_object_mut)
+                    && strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate")
+                {
+                    let ru = strategy.entry("rollingUpdate").or_insert(json!({}));
+                    if let Some(ru) = ru.as_object_mut() {
+                        default(ru, "maxSurge", json!("25%"));
+                        default(ru, "maxUnavailable", json!("25%"));
+                    }
+                }
+            }
+            template(obj);
+        }
+        ("apps", "replicasets") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "replicas", json!(1));
+            }
+            template(obj);
+        }
+        ("", "services") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "type", json!("ClusterIP"));
+                default(spec, "sessionAffinity", json!("None"));
+                default(spec, "ipFamilyPolicy", json!("SingleStack"));
+                default(spec, "ipFamilies", json!(["IPv4"]));
+                default(spec, "internalTrafficPolicy", json!("Cluster"));
+                for port in spec.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                    if let Some(p) = port.as_object_mut() {
+                        default(p, "protocol", json!("TCP"));
+                        let number = p.get("port").cloned().unwrap_or(Value::Null);
+                        default(p, "targetPort", number);
+                    }
+                }
+            }
+        }
+        ("", "namespaces") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "finalizers", json!(["kubernetes"]));
+            }
+            if let Some(status) = object(obj, "status") {
+                default(status, "phase", json!("Active"));
+            }
+            let name = obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
+            if let Some(labels) = obj.get_mut("metadata").and_then(|m| object(m, "labels")) {
+                default(labels, "kubernetes.io/metadata.name", name);
+            }
+        }
+        ("", "persistentvolumes") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
+                default(spec, "volumeMode", json!("Filesystem"));
+            }
+            if let Some(status) = object(obj, "status") {
+                default(status, "phase", json!("Pending"));
+            }
+        }
+        ("", "persistentvolumeclaims") => {
+            if let Some(spec) = object(obj, "spec") {
+                default(spec, "volumeMode", json!("Filesystem"));
+            }
+            if let Some(status) = object(obj, "status") {
+                default(status, "phase", json!("Pending"));
+            }
+        }
+        ("", "secrets") => {
+            if let Some(m) = obj.as_object_mut() {
+                default(m, "type", json!("Opaque"));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn template(obj: &mut Value) {
+    if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
+        pod_spec(spec);
+    }
+}
+
+fn pod_spec(spec: &mut Value) {
+    let Some(s) = spec.as_object_mut() else { return };
+    default(s, "restartPolicy", json!("Always"));
+    default(s, "terminationGracePeriodSeconds", json!(30));
+    default(s, "dnsPolicy", json!("ClusterFirst"));
+    default(s, "schedulerName", json!("default-scheduler"));
+    default(s, "securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        for c in s.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+            let Some(c) = c.as_object_mut() else { continue };
+            let image = c.get("image").and_then(Value::as_str).unwrap_or_default();
+            let tag = image.rsplit('/').next().unwrap_or_default();
+            let latest = !tag.contains(':') && !image.contains('@') || tag.ends_with(":latest");
+            default(c, "imagePullPolicy", json!(if latest { "Always" } else { "IfNotPresent" }));
+            default(c, "terminationMessagePath", json!("/dev/termination-log"));
+            default(c, "terminationMessagePolicy", json!("File"));
+            default(c, "resources", json!({}));
+            for port in c.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(p) = port.as_object_mut() {
+                    default(p, "protocol", json!("TCP"));
+                }
+            }
+        }
+    }
+}

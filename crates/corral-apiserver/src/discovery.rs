@@ -1,0 +1,174 @@
+//! Discovery documents: `/version`, `/api`, `/apis`, the resource lists, and the OpenAPI v3
+//! index kubectl reads before it applies.
+
+use corral_api::resources::{self, RESOURCES, VERBS};
+use serde_json::{Value, json};
+
+/// The Kubernetes version Corral's API answers as.
+pub const KUBE_MINOR: &str = "33";
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": KUBE_MINOR,
+        "gitVersion": format!("v1.{KUBE_MINOR}.0+corral-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",
+        "goVersion": "rustc",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if cfg!(target_arch = "x86_64") { "amd64" } else { std::env::consts::ARCH }),
+    })
+}
+
+pub fn core_versions(server_address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}],
+    })
+}
+
+fn group_json(group: &str, version: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+pub fn groups() -> Value {
+    let groups: Vec<Value> =
+        resources::groups().into_iter().filter(|(g, _)| !g.is_empty()).map(|(g, v)| group_json(g, v)).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(name: &str) -> Option<Value> {
+    let (g, v) = resources::groups().into_iter().find(|(g, _)| *g == name && !g.is_empty())?;
+    let mut doc = group_json(g, v);
+    doc["kind"] = json!("APIGroup");
+    doc["apiVersion"] = json!("v1");
+    Some(doc)
+}
+
+/// The APIResourceList of one group-version, or None when it is not served.
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let mut entries = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
+        let mut entry = json!({
+            "name": r.plural,
+            "singularName": r.singular,
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": VERBS,
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            entry["categories"] = json!(r.categories);
+        }
+        entries.push(entry);
+        for s in r.subresources {
+            let mut sub = json!({
+                "name": format!("{}/{}", r.plural, s.name),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": s.kind,
+                "verbs": s.verbs,
+            });
+            if let Some(g) = s.group {
+                sub["group"] = json!(g);
+            }
+            if let Some(v) = s.version {
+                sub["version"] = json!(v);
+            }
+            entries.push(sub);
+        }
+    }
+    if entries.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": entries}))
+}
+
+/// `/openapi/v3`: one entry per group-version.
+pub fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (g, v) in resources::groups() {
+        let path = if g.is_empty() { format!("api/{v}") } else { format!("apis/{g}/{v}") };
+        let hash = format!("{:016X}", fnv(path.as_bytes()) ^ fnv(env!("CARGO_PKG_VERSION").as_bytes()));
+        paths.insert(path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}));
+    }
+    json!({"paths": paths})
+}
+
+/// One group-version's OpenAPI v3 document: every object path with its operations. PATCH
+/// declares the `fieldValidation` parameter and the object's kind, which tells kubectl the
+/// server validates fields itself.
+pub fn openapi_v3_group(path: &str) -> Option<Value> {
+    let (group, version) = match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => (String::new(), v.to_string()),
+        ["apis", g, v] => (g.to_string(), v.to_string()),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
+        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+        let item = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let field_validation = json!({
+            "name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true},
+            "description": "How the server treats unknown or duplicate fields: Ignore, Warn or Strict."
+        });
+        let op = |action: &str| {
+            json!({
+                "operationId": format!("{action}{}", r.kind),
+                "parameters": [field_validation.clone()],
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk.clone(),
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        let mut patch = op("patch");
+        patch["requestBody"] = json!({"content": {
+            "application/json-patch+json": {"schema": {"type": "object"}},
+            "application/merge-patch+json": {"schema": {"type": "object"}},
+            "application/apply-patch+yaml": {"schema": {"type": "object"}},
+        }});
+        paths.insert(item, json!({"get": op("get"), "put": op("put"), "patch": patch, "delete": op("delete")}));
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Corral", "version": format!("v1.{KUBE_MINOR}.0")},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_lists_carry_subresources_with_their_own_kinds() {
+        let core = resource_list("", "v1").unwrap();
+        let eviction = core["resources"].as_array().unwrap().iter().find(|r| r["name"] == "pods/eviction").unwrap();
+        assert_eq!((eviction["group"].as_str(), eviction["kind"].as_str()), (Some("policy"), Some("Eviction")));
+        let apps = resource_list("apps", "v1").unwrap();
+        assert_eq!(apps["groupVersion"], "apps/v1");
+        assert!(apps["resources"].as_array().unwrap().iter().any(|r| r["name"] == "deployments/scale"));
+        assert!(resource_list("apps", "v2").is_none());
+        assert!(groups()["groups"].as_array().unwrap().iter().any(|g| g["name"] == "apps"));
+        assert!(openapi_v3_index()["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap().contains("hash="));
+    }
+}

@@ -1,0 +1,16 @@
+//! The Kubernetes REST API, served by every server over its replicated store: discovery,
+//! the verbs on every resource of `corral_api::resources`, watches, and HTTPS with client
+//! certificates or bearer tokens.
+
+pub mod api;
+mod defaults;
+pub mod discovery;
+pub mod http;
+pub mod namespaces;
+pub mod route;
+pub mod storage;
+mod validate;
+
+pub use api::Api;
+pub use http::{ServerConfig, Tokens, serve, tls_config};
+pub use storage::ObjectStore;

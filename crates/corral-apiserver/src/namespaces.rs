@@ -1,0 +1,71 @@
+//! The namespaces every cluster has, and the removal of a deleted namespace's content.
+
+use std::time::Duration;
+
+use corral_api::meta::{self, Minter};
+use corral_api::resources::{self, RESOURCES};
+use serde_json::json;
+
+use crate::storage::{ObjectStore, WriteOutcome};
+
+pub const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Creates the system namespaces that do not exist yet. Safe on every server and every
+/// start: creation is a compare-and-swap on absence.
+pub async fn ensure_system(store: &ObjectStore, mint: &dyn Minter) -> Result<(), corral_api::ApiError> {
+    let r = resources::find("", "namespaces").expect("namespaces are served");
+    for name in SYSTEM_NAMESPACES {
+        let key = r.key(None, name);
+        if store.get(&key, false).await?.is_some() {
+            continue;
+        }
+        let mut ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        meta::prepare_create(r, &mut ns, None, mint)?;
+        crate::defaults::apply(r, &mut ns);
+        store.put_if(&key, &ns, 0).await?;
+    }
+    Ok(())
+}
+
+/// Deletes everything in a terminating namespace, then the namespace. Runs on the server
+/// that accepted the DELETE; the namespace controller takes this over when it exists.
+pub fn spawn_cleanup(store: ObjectStore, namespace: String) {
+    tokio::spawn(async move {
+        for attempt in 0..30 {
+            match cleanup(&store, &namespace).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(namespace, attempt, error = %e, "namespace cleanup"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// One pass; true once the namespace is gone.
+async fn cleanup(store: &ObjectStore, namespace: &str) -> Result<bool, corral_api::ApiError> {
+    let mut left = 0;
+    for r in RESOURCES.iter().filter(|r| r.namespaced) {
+        let page = store.list(&r.prefix(Some(namespace)), None, 0, 0, false).await?;
+        for item in page.items {
+            let finalizers = item.value.pointer("/metadata/finalizers").and_then(|f| f.as_array()).map_or(0, Vec::len);
+            if finalizers > 0 {
+                left += 1;
+                continue;
+            }
+            let key = r.key(Some(namespace), meta::name(&item.value));
+            if let WriteOutcome::Mismatch(Some(_)) = store.delete_if(&key, item.rev).await? {
+                left += 1;
+            }
+        }
+    }
+    if left > 0 {
+        return Ok(false);
+    }
+    let r = resources::find("", "namespaces").expect("namespaces are served");
+    let key = r.key(None, namespace);
+    match store.get(&key, false).await? {
+        None => Ok(true),
+        Some(ns) => Ok(matches!(store.delete_if(&key, ns.rev).await?, WriteOutcome::Written(_))),
+    }
+}

@@ -1,0 +1,224 @@
+//! Objects in the replicated store: JSON under `/registry/...` keys, every write a
+//! compare-and-swap on the key's revision, through this server's Raft.
+
+use std::sync::Arc;
+
+use corral_api::ApiError;
+use corral_proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, compare, request_op,
+    response_op,
+};
+use corral_proto::store::{Command, command, command_result};
+use corral_store::StoreError;
+use corral_store::mvcc::KeyRange;
+use corral_store::node::StoreNode;
+use corral_store::watch::WatchStream;
+use serde_json::Value;
+
+/// Objects above this size are refused, as etcd's request limit would refuse them.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+
+/// An object as stored, with the revision that last wrote it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub value: Value,
+    pub rev: i64,
+}
+
+/// One page of a list.
+pub struct Page {
+    pub items: Vec<Stored>,
+    /// The store revision the page was read at.
+    pub rev: i64,
+    /// The key to continue after, when more remain.
+    pub next: Option<String>,
+    pub remaining: i64,
+}
+
+#[derive(Clone)]
+pub struct ObjectStore {
+    node: Arc<StoreNode>,
+}
+
+pub fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Compacted { compact_rev } => ApiError::Gone { requested: 0, oldest: compact_rev },
+        StoreError::NoLeader | StoreError::LeaderChanged | StoreError::Unavailable(_) => {
+            ApiError::Unavailable(format!("the store has no leader: {e}"))
+        }
+        StoreError::Timeout => ApiError::Timeout(format!("the store did not answer in time: {e}")),
+        StoreError::RequestTooLarge => ApiError::TooLarge("Request entity too large: limit is 3145728".into()),
+        StoreError::NoSpace => ApiError::Internal("etcdserver: mvcc: database space exceeded".into()),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+fn decode(raw: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| ApiError::Internal(format!("stored object is not JSON: {e}")))
+}
+
+fn encode(value: &Value) -> Result<Vec<u8>, ApiError> {
+    let raw = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if raw.len() > MAX_OBJECT_BYTES {
+        return Err(ApiError::TooLarge(format!(
+            "the object is {} bytes; objects are limited to {MAX_OBJECT_BYTES} bytes",
+            raw.len()
+        )));
+    }
+    Ok(raw)
+}
+
+/// The end of a prefix range: the prefix with its last byte incremented.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// What a conditional write found when its condition failed.
+pub enum WriteOutcome {
+    Written(i64),
+    /// The key held this revision (0: absent).
+    Mismatch(Option<Stored>),
+}
+
+impl ObjectStore {
+    pub fn new(node: Arc<StoreNode>) -> Self {
+        Self { node }
+    }
+
+    pub fn node(&self) -> &Arc<StoreNode> {
+        &self.node
+    }
+
+    /// Reads one object; linearizable unless `any` (resourceVersion=0).
+    pub async fn get(&self, key: &str, any: bool) -> Result<Option<Stored>, ApiError> {
+        let req = RangeRequest { key: key.as_bytes().to_vec(), serializable: any, ..Default::default() };
+        let resp = self.node.range(&req).await.map_err(store_error)?;
+        resp.kvs.into_iter().next().map(|kv| Ok(Stored { value: decode(&kv.value)?, rev: kv.mod_revision })).transpose()
+    }
+
+    /// Lists objects under `prefix` from `start` (inclusive), at `rev` (0: the latest), at
+    /// most `limit` (0: all).
+    pub async fn list(&self, prefix: &str, start: Option<&str>, rev: i64, limit: i64, any: bool) -> Result<Page, ApiError> {
+        let req = RangeRequest {
+            key: start.unwrap_or(prefix).as_bytes().to_vec(),
+            range_end: prefix_end(prefix),
+            revision: rev,
+            limit: if limit > 0 { limit + 1 } else { 0 },
+            serializable: any || rev > 0,
+            ..Default::default()
+        };
+        let resp = self.node.range(&req).await.map_err(|e| match e {
+            StoreError::Compacted { compact_rev } => ApiError::Gone { requested: rev, oldest: compact_rev },
+            other => store_error(other),
+        })?;
+        let read_rev = if rev > 0 { rev } else { resp.header.as_ref().map_or(0, |h| h.revision) };
+        let mut kvs = resp.kvs;
+        let mut next = None;
+        if limit > 0 && kvs.len() as i64 > limit {
+            let extra = kvs.pop().expect("over the limit");
+            next = Some(String::from_utf8_lossy(&extra.key).into_owned());
+        }
+        let remaining = if next.is_some() { resp.count - kvs.len() as i64 } else { 0 };
+        let items = kvs
+            .into_iter()
+            .map(|kv| Ok(Stored { value: decode(&kv.value)?, rev: kv.mod_revision }))
+            .collect::<Result<_, ApiError>>()?;
+        Ok(Page { items, rev: read_rev, next, remaining })
+    }
+
+    /// Writes `value` under `key` if the key's mod revision is `expect` (0: absent).
+    pub async fn put_if(&self, key: &str, value: &Value, expect: i64) -> Result<WriteOutcome, ApiError> {
+        let raw = encode(value)?;
+        let cmp = if expect == 0 {
+            Compare {
+                key: key.as_bytes().to_vec(),
+                target: compare::CompareTarget::Create as i32,
+                result: compare::CompareResult::Equal as i32,
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                ..Default::default()
+            }
+        } else {
+            Compare {
+                key: key.as_bytes().to_vec(),
+                target: compare::CompareTarget::Mod as i32,
+                result: compare::CompareResult::Equal as i32,
+                target_union: Some(compare::TargetUnion::ModRevision(expect)),
+                ..Default::default()
+            }
+        };
+        let put = request_op::Request::RequestPut(PutRequest { key: key.as_bytes().to_vec(), value: raw, ..Default::default() });
+        self.txn(key, cmp, put).await
+    }
+
+    /// Deletes `key` if its mod revision is `expect`.
+    pub async fn delete_if(&self, key: &str, expect: i64) -> Result<WriteOutcome, ApiError> {
+        let cmp = Compare {
+            key: key.as_bytes().to_vec(),
+            target: compare::CompareTarget::Mod as i32,
+            result: compare::CompareResult::Equal as i32,
+            target_union: Some(compare::TargetUnion::ModRevision(expect)),
+            ..Default::default()
+        };
+        let del = request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        });
+        self.txn(key, cmp, del).await
+    }
+
+    async fn txn(&self, key: &str, cmp: Compare, op: request_op::Request) -> Result<WriteOutcome, ApiError> {
+        let txn = TxnRequest {
+            compare: vec![cmp],
+            success: vec![RequestOp { request: Some(op) }],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: key.as_bytes().to_vec(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        let result = self.node.propose(Command { op: Some(command::Op::Txn(txn)) }).await.map_err(store_error)?;
+        if result.error_code != 0 {
+            return Err(ApiError::Internal(result.error_message));
+        }
+        let Some(command_result::Result::Txn(resp)) = result.result else {
+            return Err(ApiError::Internal("the store answered a txn with something else".into()));
+        };
+        if resp.succeeded {
+            return Ok(WriteOutcome::Written(resp.header.map_or(0, |h| h.revision)));
+        }
+        let found = resp.responses.into_iter().find_map(|r| match r.response {
+            Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+            _ => None,
+        });
+        Ok(WriteOutcome::Mismatch(
+            found.map(|kv| Ok::<_, ApiError>(Stored { value: decode(&kv.value)?, rev: kv.mod_revision })).transpose()?,
+        ))
+    }
+
+    /// Watches every key under `prefix` after revision `after` (0: from now).
+    pub fn watch(&self, prefix: &str, after: i64) -> Result<WatchStream, ApiError> {
+        let range = KeyRange::new(prefix.as_bytes(), &prefix_end(prefix));
+        let start = if after > 0 { after + 1 } else { 0 };
+        self.node.watch(range, start, true).map_err(|e| match e {
+            StoreError::Compacted { compact_rev } => ApiError::Gone { requested: after, oldest: compact_rev },
+            other => store_error(other),
+        })
+    }
+
+    /// The store's current revision (what a list at "now" would report).
+    pub fn current_revision(&self) -> i64 {
+        self.node.mvcc().current_revision()
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Value, ApiError> {
+        decode(raw)
+    }
+}

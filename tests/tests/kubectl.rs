@@ -1,0 +1,116 @@
+//! The real kubectl against a 3-server cluster from `corral up`: discovery, apply, get in its
+//! output formats, scale, label, patch, delete, watch, and Kubernetes' errors.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Result;
+use corral_e2e::{Cluster, init_tracing, run, text};
+use tracing::info;
+
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed");
+
+const CONFIGMAP: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  labels:
+    app: myapp
+data:
+  mode: fast
+";
+
+#[test]
+fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, 24900, &[])?;
+
+    info!("discovery and health: every server answers, the system namespaces exist");
+    assert_eq!(c.kube(&["get", "--raw", "/readyz"])?, "ok");
+    let namespaces = c.kube(&["get", "namespaces"])?;
+    assert!(namespaces.starts_with("NAME "), "{namespaces}");
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(namespaces.lines().any(|l| l.starts_with(ns) && l.contains("Active")), "{ns}:\n{namespaces}");
+    }
+    let resources = c.kube(&["api-resources"])?;
+    for line in ["deployments   ", "pods   ", "configmaps   "] {
+        assert!(resources.contains(line), "{line}\n{resources}");
+    }
+    assert!(resources.lines().any(|l| l.starts_with("deployments") && l.contains("deploy") && l.contains("apps/v1")));
+
+    info!("apply the seed deployment: created, then unchanged");
+    let deployment = format!("{SEED}/deployment.yml");
+    assert_eq!(c.kube(&["apply", "-f", &deployment])?, "deployment.apps/my-deployment created\n");
+    assert_eq!(c.kube(&["apply", "-f", &deployment])?, "deployment.apps/my-deployment unchanged\n");
+    let table = c.kube(&["get", "deployments"])?;
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"], "{table}");
+    let wide = c.kube(&["get", "deploy", "-o", "wide"])?;
+    assert!(wide.contains("nginx:latest") && wide.contains("app=myapp"), "{wide}");
+    assert_eq!(c.kube(&["get", "deploy", "-o", "name"])?, "deployment.apps/my-deployment\n");
+    let defaults = c.kube(&["get", "deploy", "my-deployment", "-o",
+        "jsonpath={.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.metadata.generation}"])?;
+    assert_eq!(defaults, "25% 10 1", "Kubernetes' defaults are filled in");
+
+    info!("a write through one server is read back at once through another");
+    run(c.kubectl().arg(format!("--server={}", c.api_url(1))).args(["apply", "-f", "-"]), Some(CONFIGMAP))?;
+    for i in 0..3 {
+        let mode = c.kube_at(&c.api_url(i), &["get", "configmap", "settings", "-o", "jsonpath={.data.mode}"])?;
+        assert_eq!(mode, "fast", "server {i}");
+    }
+
+    info!("scale, label, annotate and the three patch types");
+    assert_eq!(
+        c.kube(&["scale", "deployment", "my-deployment", "--replicas=5"])?,
+        "deployment.apps/my-deployment scaled\n"
+    );
+    let generation = c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.replicas} {.metadata.generation}"])?;
+    assert_eq!(generation, "5 2");
+    assert_eq!(c.kube(&["label", "configmap", "settings", "tier=back"])?, "configmap/settings labeled\n");
+    assert_eq!(c.kube(&["annotate", "configmap", "settings", "note=hi"])?, "configmap/settings annotated\n");
+    assert_eq!(c.kube(&["get", "cm", "-l", "tier=back,app in (myapp)", "-o", "name"])?, "configmap/settings\n");
+    c.kube(&["patch", "configmap", "settings", "--type", "merge", "-p", r#"{"data":{"extra":"1"}}"#])?;
+    c.kube(&["patch", "configmap", "settings", "--type", "json", "-p", r#"[{"op":"remove","path":"/data/mode"}]"#])?;
+    c.kube(&["patch", "deployment", "my-deployment", "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"myapp-container","image":"nginx:1.27"}]}}}}"#])?;
+    let images = c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.template.spec.containers[*].image}"])?;
+    assert_eq!(images, "nginx:1.27", "a strategic merge patch merges containers by name");
+    assert_eq!(c.kube(&["get", "cm", "settings", "-o", "jsonpath={.data}"])?, r#"{"extra":"1"}"#);
+
+    info!("watch: a change made while kubectl watches is printed");
+    let watcher = c.kubectl().args(["get", "configmaps", "-w"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    run(c.kubectl().args(["apply", "-f", "-"]), Some(&CONFIGMAP.replace("settings", "watched")))?;
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(watcher.id() as i32, libc::SIGTERM) };
+    let seen = text(&watcher.wait_with_output()?.stdout);
+    assert!(seen.lines().next().is_some_and(|h| h.starts_with("NAME")), "{seen}");
+    assert!(seen.lines().any(|l| l.starts_with("watched ")), "{seen}");
+
+    info!("errors read as Kubernetes writes them, and nothing is stored");
+    let missing = c.kube_fails(&["get", "pod", "nope"])?;
+    assert_eq!(missing.trim(), r#"Error from server (NotFound): pods "nope" not found"#);
+    let bad_name = CONFIGMAP.replace("name: settings", "name: Bad_Name");
+    let out = c.kubectl().args(["apply", "-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let invalid = {
+        use std::io::Write;
+        let mut out = out;
+        out.stdin.take().expect("piped").write_all(bad_name.as_bytes())?;
+        text(&out.wait_with_output()?.stderr)
+    };
+    assert!(invalid.contains(r#"ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name""#), "{invalid}");
+    let stale = c.kube_fails(&["create", "-f", &deployment])?;
+    assert!(
+        stale.starts_with("Error from server (AlreadyExists)")
+            && stale.contains(r#"deployments.apps "my-deployment" already exists"#),
+        "{stale}"
+    );
+    assert_eq!(c.kube(&["get", "pods", "-n", "nowhere", "-o", "name"])?, "", "an absent namespace lists empty");
+
+    info!("delete by name and by file; the objects are gone");
+    assert_eq!(c.kube(&["delete", "configmap", "settings", "watched"])?,
+        "configmap \"settings\" deleted\nconfigmap \"watched\" deleted\n");
+    assert_eq!(c.kube(&["delete", "-f", &deployment])?, "deployment.apps \"my-deployment\" deleted\n");
+    assert_eq!(text(&c.kubectl().args(["get", "deploy,cm", "-o", "name"]).output()?.stdout), "");
+    Ok(())
+}
