@@ -48,8 +48,13 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     let wide = c.kube(&["get", "deploy", "-o", "wide"])?;
     assert!(wide.contains("nginx:latest") && wide.contains("app=myapp"), "{wide}");
     assert_eq!(c.kube(&["get", "deploy", "-o", "name"])?, "deployment.apps/my-deployment\n");
-    let defaults = c.kube(&["get", "deploy", "my-deployment", "-o",
-        "jsonpath={.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.metadata.generation}"])?;
+    let defaults = c.kube(&[
+        "get",
+        "deploy",
+        "my-deployment",
+        "-o",
+        "jsonpath={.spec.strategy.rollingUpdate.maxSurge} {.spec.revisionHistoryLimit} {.metadata.generation}",
+    ])?;
     assert_eq!(defaults, "25% 10 1", "Kubernetes' defaults are filled in");
 
     info!("a write through one server is read back at once through another");
@@ -64,21 +69,29 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
         c.kube(&["scale", "deployment", "my-deployment", "--replicas=5"])?,
         "deployment.apps/my-deployment scaled\n"
     );
-    let generation = c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.replicas} {.metadata.generation}"])?;
+    let generation =
+        c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.replicas} {.metadata.generation}"])?;
     assert_eq!(generation, "5 2");
     assert_eq!(c.kube(&["label", "configmap", "settings", "tier=back"])?, "configmap/settings labeled\n");
     assert_eq!(c.kube(&["annotate", "configmap", "settings", "note=hi"])?, "configmap/settings annotated\n");
     assert_eq!(c.kube(&["get", "cm", "-l", "tier=back,app in (myapp)", "-o", "name"])?, "configmap/settings\n");
     c.kube(&["patch", "configmap", "settings", "--type", "merge", "-p", r#"{"data":{"extra":"1"}}"#])?;
     c.kube(&["patch", "configmap", "settings", "--type", "json", "-p", r#"[{"op":"remove","path":"/data/mode"}]"#])?;
-    c.kube(&["patch", "deployment", "my-deployment", "-p",
-        r#"{"spec":{"template":{"spec":{"containers":[{"name":"myapp-container","image":"nginx:1.27"}]}}}}"#])?;
-    let images = c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.template.spec.containers[*].image}"])?;
+    c.kube(&[
+        "patch",
+        "deployment",
+        "my-deployment",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"myapp-container","image":"nginx:1.27"}]}}}}"#,
+    ])?;
+    let images =
+        c.kube(&["get", "deploy", "my-deployment", "-o", "jsonpath={.spec.template.spec.containers[*].image}"])?;
     assert_eq!(images, "nginx:1.27", "a strategic merge patch merges containers by name");
     assert_eq!(c.kube(&["get", "cm", "settings", "-o", "jsonpath={.data}"])?, r#"{"extra":"1"}"#);
 
     info!("watch: a change made while kubectl watches is printed");
-    let watcher = c.kubectl().args(["get", "configmaps", "-w"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let watcher =
+        c.kubectl().args(["get", "configmaps", "-w"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     std::thread::sleep(Duration::from_secs(2));
     run(c.kubectl().args(["apply", "-f", "-"]), Some(&CONFIGMAP.replace("settings", "watched")))?;
     std::thread::sleep(Duration::from_secs(2));
@@ -98,7 +111,10 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
         out.stdin.take().expect("piped").write_all(bad_name.as_bytes())?;
         text(&out.wait_with_output()?.stderr)
     };
-    assert!(invalid.contains(r#"ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name""#), "{invalid}");
+    assert!(
+        invalid.contains(r#"ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name""#),
+        "{invalid}"
+    );
     let stale = c.kube_fails(&["create", "-f", &deployment])?;
     assert!(
         stale.starts_with("Error from server (AlreadyExists)")
@@ -108,8 +124,10 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     assert_eq!(c.kube(&["get", "pods", "-n", "nowhere", "-o", "name"])?, "", "an absent namespace lists empty");
 
     info!("delete by name and by file; the objects are gone");
-    assert_eq!(c.kube(&["delete", "configmap", "settings", "watched"])?,
-        "configmap \"settings\" deleted\nconfigmap \"watched\" deleted\n");
+    assert_eq!(
+        c.kube(&["delete", "configmap", "settings", "watched"])?,
+        "configmap \"settings\" deleted\nconfigmap \"watched\" deleted\n"
+    );
     assert_eq!(c.kube(&["delete", "-f", &deployment])?, "deployment.apps \"my-deployment\" deleted\n");
     assert_eq!(text(&c.kubectl().args(["get", "deploy,cm", "-o", "name"]).output()?.stdout), "");
     Ok(())

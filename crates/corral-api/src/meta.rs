@@ -187,10 +187,11 @@ pub fn prepare_create(r: &Resource, obj: &mut Value, ns: Option<&str>, mint: &dy
     }
     // Status is the controllers' and agents' to write, except a Node's, which its agent
     // registers with.
-    if r.has_status && r.plural != "nodes" {
-        if let Some(map) = obj.as_object_mut() {
-            map.remove("status");
-        }
+    if r.has_status
+        && r.plural != "nodes"
+        && let Some(map) = obj.as_object_mut()
+    {
+        map.remove("status");
     }
     let name = name(obj).to_string();
     validate_name(r, &name)?;
@@ -317,7 +318,10 @@ pub(crate) mod tests {
         assert!(pod["metadata"].get("resourceVersion").is_none() && pod.get("status").is_none());
 
         let mut wrong_ns = json!({"metadata": {"name": "a", "namespace": "other"}});
-        assert!(matches!(prepare_create(pods, &mut wrong_ns, Some("team"), &FixedMinter), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            prepare_create(pods, &mut wrong_ns, Some("team"), &FixedMinter),
+            Err(ApiError::BadRequest(_))
+        ));
         let mut bad_name = json!({"metadata": {"name": "Web_1"}});
         let err = prepare_create(pods, &mut bad_name, Some("team"), &FixedMinter).unwrap_err();
         assert!(err.to_string().starts_with("Pod \"Web_1\" is invalid: metadata.name: Invalid value: \"Web_1\""));

@@ -79,8 +79,13 @@ pub fn list_strategy(path: &[&str]) -> ListStrategy {
     let Some((field, parents)) = path.split_last() else { return Replace };
     let in_container = parents.iter().any(|p| matches!(*p, "containers" | "initContainers" | "ephemeralContainers"));
     match *field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "imagePullSecrets"
-        | "resourceClaims" | "schedulingGates" => MergeByKey("name"),
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "imagePullSecrets"
+        | "resourceClaims"
+        | "schedulingGates" => MergeByKey("name"),
         "env" if in_container => MergeByKey("name"),
         "volumeMounts" if in_container => MergeByKey("mountPath"),
         "volumeDevices" if in_container => MergeByKey("devicePath"),
@@ -102,7 +107,8 @@ pub fn strategic_merge(target: &Value, patch: &Value) -> Result<Value, ApiError>
         return Err(ApiError::BadRequest("a strategic merge patch must be a JSON object".into()));
     };
     let mut path = Vec::new();
-    merge_map(target.as_object().cloned().unwrap_or_default(), p, &mut path).map(|m| m.map_or(Value::Null, Value::Object))
+    merge_map(target.as_object().cloned().unwrap_or_default(), p, &mut path)
+        .map(|m| m.map_or(Value::Null, Value::Object))
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -233,7 +239,8 @@ fn merge_list(
                 let Value::Object(p) = item else {
                     return Err(bad(format!("a list merged by {key} holds objects, found {item}")));
                 };
-                let id = p.get(key).ok_or_else(|| bad(format!("map: {p:?} does not contain declared merge key: {key}")))?;
+                let id =
+                    p.get(key).ok_or_else(|| bad(format!("map: {p:?} does not contain declared merge key: {key}")))?;
                 let at = original.iter().position(|o| o.get(key) == Some(id));
                 if p.get("$patch").and_then(Value::as_str) == Some("delete") {
                     if let Some(i) = at {
@@ -265,10 +272,12 @@ fn merge_list(
 
 /// Orders a merged list as `$setElementOrder` says; items it does not name keep their
 /// relative order after the named ones.
-fn sort_by_order(items: &mut Vec<Value>, order: &[Value], strategy: ListStrategy) {
+fn sort_by_order(items: &mut [Value], order: &[Value], strategy: ListStrategy) {
     let rank = |item: &Value| -> usize {
         let found = match strategy {
-            ListStrategy::MergeByKey(key) => order.iter().position(|o| o.get(key).is_some() && o.get(key) == item.get(key)),
+            ListStrategy::MergeByKey(key) => {
+                order.iter().position(|o| o.get(key).is_some() && o.get(key) == item.get(key))
+            }
             _ => order.iter().position(|o| o == item),
         };
         found.unwrap_or(usize::MAX)

@@ -65,10 +65,10 @@ macro_rules! resource {
 
 pub static RESOURCES: &[Resource] = &[
     resource!("", "v1", "namespaces", "namespace", "Namespace", false, short: &["ns"], categories: NONE,
-        status: true, sub: &[
-            Subresource { name: "finalize", kind: "Namespace", group: None, version: None, verbs: &["update"] },
-            status("Namespace"),
-        ]),
+    status: true, sub: &[
+        Subresource { name: "finalize", kind: "Namespace", group: None, version: None, verbs: &["update"] },
+        status("Namespace"),
+    ]),
     resource!("", "v1", "pods", "pod", "Pod", true, short: &["po"], categories: ALL, status: true, sub: &[
         Subresource { name: "binding", kind: "Binding", group: None, version: None, verbs: &["create"] },
         Subresource { name: "eviction", kind: "Eviction", group: Some("policy"), version: Some("v1"), verbs: &["create"] },

@@ -146,9 +146,7 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !supported_fields(resource).contains(&field) {
-                return Err(ApiError::BadRequest(format!(
-                    "field label not supported: {field}"
-                )));
+                return Err(ApiError::BadRequest(format!("field label not supported: {field}")));
             }
             reqs.push((field.to_string(), equal, value.trim().to_string()));
         }

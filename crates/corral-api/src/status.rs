@@ -20,7 +20,8 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn required(field: impl Into<String>, detail: &str) -> Self {
-        let message = if detail.is_empty() { "Required value".to_string() } else { format!("Required value: {detail}") };
+        let message =
+            if detail.is_empty() { "Required value".to_string() } else { format!("Required value: {detail}") };
         FieldError { reason: "FieldValueRequired", field: field.into(), message }
     }
 
@@ -202,10 +203,8 @@ fn details(name: &str, group: &str, kind: &str, causes: Option<&[FieldError]>) -
         d["group"] = json!(group);
     }
     if let Some(causes) = causes {
-        d["causes"] = causes
-            .iter()
-            .map(|c| json!({ "reason": c.reason, "message": c.message, "field": c.field }))
-            .collect();
+        d["causes"] =
+            causes.iter().map(|c| json!({ "reason": c.reason, "message": c.message, "field": c.field })).collect();
     }
     d
 }

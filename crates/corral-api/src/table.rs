@@ -290,14 +290,16 @@ fn or<'a>(value: &'a str, default: &'a str) -> &'a str {
 }
 
 fn access_modes(modes: Option<&Value>) -> String {
-    let short = |m: &str| match m {
-        "ReadWriteOnce" => "RWO",
-        "ReadOnlyMany" => "ROX",
-        "ReadWriteMany" => "RWX",
-        "ReadWriteOncePod" => "RWOP",
-        other => other,
-    }
-    .to_string();
+    let short = |m: &str| {
+        match m {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        }
+        .to_string()
+    };
     let mut out: Vec<String> = Vec::new();
     for m in modes.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
         let s = short(m);
@@ -349,7 +351,9 @@ fn pod_cells(pod: &Value, now: i64) -> Vec<Value> {
     }
     // Init containers first: a pod still initializing says so.
     let mut initializing = false;
-    for (i, st) in pod.pointer("/status/initContainerStatuses").and_then(Value::as_array).into_iter().flatten().enumerate() {
+    for (i, st) in
+        pod.pointer("/status/initContainerStatuses").and_then(Value::as_array).into_iter().flatten().enumerate()
+    {
         restarts += int_at(st, "/restartCount");
         if let Some(t) = st.pointer("/lastState/terminated/finishedAt").and_then(Value::as_str) {
             last_restart = last_restart.max(meta::parse_rfc3339(t));
@@ -532,7 +536,8 @@ fn event_cells(ev: &Value, now: i64) -> Vec<Value> {
     let last = ts("/lastTimestamp").or_else(|| ts("/eventTime")).or_else(|| ts("/metadata/creationTimestamp"));
     let first = ts("/firstTimestamp").or_else(|| ts("/eventTime")).or_else(|| ts("/metadata/creationTimestamp"));
     let since = |t: Option<i64>| t.map_or("<unknown>".to_string(), |t| human_duration(now - t));
-    let object = format!("{}/{}", str_at(ev, "/involvedObject/kind").to_lowercase(), str_at(ev, "/involvedObject/name"));
+    let object =
+        format!("{}/{}", str_at(ev, "/involvedObject/kind").to_lowercase(), str_at(ev, "/involvedObject/name"));
     let source = or(str_at(ev, "/source/component"), str_at(ev, "/reportingComponent"));
     let count = match int_at(ev, "/count") {
         0 => 1,
@@ -607,8 +612,17 @@ mod tests {
 
     #[test]
     fn ages_print_as_kubectl_prints_them() {
-        for (secs, text) in [(5, "5s"), (119, "119s"), (192, "3m12s"), (600, "10m"), (3 * 3600 + 60, "3h1m"),
-                             (30 * 3600, "30h"), (50 * 3600, "2d2h"), (400 * 86400, "400d"), (3 * 365 * 86400, "3y")] {
+        for (secs, text) in [
+            (5, "5s"),
+            (119, "119s"),
+            (192, "3m12s"),
+            (600, "10m"),
+            (3 * 3600 + 60, "3h1m"),
+            (30 * 3600, "30h"),
+            (50 * 3600, "2d2h"),
+            (400 * 86400, "400d"),
+            (3 * 365 * 86400, "3y"),
+        ] {
             assert_eq!(human_duration(secs), text);
         }
     }

@@ -192,7 +192,14 @@ impl Api {
     }
 
     /// PUT: a compare-and-swap on the resourceVersion the body carries (none: the latest).
-    pub async fn update(&self, route: &ObjectRoute, name: &str, body: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
+    pub async fn update(
+        &self,
+        route: &ObjectRoute,
+        name: &str,
+        body: Value,
+        q: &Query,
+        out: Output,
+    ) -> Result<Reply, ApiError> {
         if meta::name(&body) != name {
             return Err(ApiError::BadRequest(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
@@ -476,7 +483,9 @@ impl Api {
                 let events = match events {
                     Ok(events) => events,
                     Err(e) => {
-                        let _ = tx.send(json!({"type": "ERROR", "object": crate::storage::store_error(e).to_status()})).await;
+                        let _ = tx
+                            .send(json!({"type": "ERROR", "object": crate::storage::store_error(e).to_status()}))
+                            .await;
                         return;
                     }
                 };
@@ -559,9 +568,10 @@ fn scale_of(_r: &Resource, s: &Stored) -> Value {
 
 /// Writes a Scale's replicas into its Deployment or ReplicaSet.
 fn scale_into(r: &Resource, old: &Stored, scale: &Value) -> Result<Value, ApiError> {
-    let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).ok_or_else(|| {
-        ApiError::invalid(r, meta::name(&old.value), vec![FieldError::required("spec.replicas", "")])
-    })?;
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::invalid(r, meta::name(&old.value), vec![FieldError::required("spec.replicas", "")]))?;
     if replicas < 0 {
         return Err(ApiError::invalid(
             r,
@@ -607,8 +617,11 @@ fn base64url(data: &[u8]) -> String {
 
 fn unbase64url(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    let vals: Vec<u32> =
-        text.trim_end_matches('=').bytes().map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32)).collect::<Option<_>>()?;
+    let vals: Vec<u32> = text
+        .trim_end_matches('=')
+        .bytes()
+        .map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32))
+        .collect::<Option<_>>()?;
     for chunk in vals.chunks(4) {
         let n = chunk.iter().enumerate().fold(0u32, |n, (i, v)| n | v << (18 - 6 * i));
         for i in 0..chunk.len().saturating_sub(1) {

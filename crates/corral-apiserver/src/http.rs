@@ -50,7 +50,9 @@ impl Tokens {
             }
             let groups = fields
                 .get(3)
-                .map(|g| g.trim_matches('"').split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .map(|g| {
+                    g.trim_matches('"').split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+                })
                 .unwrap_or_default();
             map.insert(fields[0].to_string(), User { name: fields[1].to_string(), groups });
         }
@@ -135,7 +137,8 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let user = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| cert_user(c));
+                    let user =
+                        stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| cert_user(c));
                     connection(TokioIo::new(stream), shared.clone(), user, peer).await;
                 }
                 None => connection(TokioIo::new(tcp), shared.clone(), None, peer).await,
@@ -176,9 +179,9 @@ fn error_response(e: &ApiError) -> Response<Body> {
 /// What the Accept header (and the includeObject parameter) ask for.
 fn output(accept: &str, q: &Query) -> Output {
     let table = accept.split(',').any(|part| part.contains("as=Table"));
-    let include = q.get("includeObject").or_else(|| {
-        accept.split(',').flat_map(|p| p.split(';')).find_map(|p| p.trim().strip_prefix("includeObject="))
-    });
+    let include = q
+        .get("includeObject")
+        .or_else(|| accept.split(',').flat_map(|p| p.split(';')).find_map(|p| p.trim().strip_prefix("includeObject=")));
     let include = match include {
         Some("None") => IncludeObject::None,
         Some("Object") => IncludeObject::Object,
@@ -231,13 +234,17 @@ async fn read_body(req: Request<Incoming>) -> Result<(Value, Option<PatchType>),
     if bytes.is_empty() {
         return Ok((Value::Null, patch));
     }
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::BadRequest(format!("the body of the request could not be decoded as JSON: {e}"))
-    })?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the body of the request could not be decoded as JSON: {e}")))?;
     Ok((value, patch))
 }
 
-async fn dispatch(req: Request<Incoming>, route: Route, config: &ServerConfig, api: &Api) -> Result<Response<Body>, ApiError> {
+async fn dispatch(
+    req: Request<Incoming>,
+    route: Route,
+    config: &ServerConfig,
+    api: &Api,
+) -> Result<Response<Body>, ApiError> {
     let get = req.method() == Method::GET;
     let ok = |v: Value| Ok(json_response(200, &v));
     match route {
@@ -283,7 +290,9 @@ async fn object(req: Request<Incoming>, route: route::ObjectRoute, api: &Api) ->
     }
     let name = route.name.clone();
     let reply = match (method, name.as_deref()) {
-        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => api.watch(&route, &q, out).await?,
+        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            api.watch(&route, &q, out).await?
+        }
         (Method::GET, None) => api.list(&route, &q, out).await?,
         (Method::GET, Some(name)) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let _ = name;

@@ -15,7 +15,10 @@ pub enum Route {
     /// `/apis/{group}`
     Group(String),
     /// `/api/v1`, `/apis/{group}/{version}`: the resource list.
-    Resources { group: String, version: String },
+    Resources {
+        group: String,
+        version: String,
+    },
     OpenApiV2,
     /// `/openapi/v3` (None) or one group-version document (`api/v1`, `apis/apps/v1`).
     OpenApiV3(Option<String>),

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use corral_api::ApiError;
 use corral_proto::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, compare, request_op,
-    response_op,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, compare, request_op, response_op,
 };
 use corral_proto::store::{Command, command, command_result};
 use corral_store::StoreError;
@@ -105,7 +104,14 @@ impl ObjectStore {
 
     /// Lists objects under `prefix` from `start` (inclusive), at `rev` (0: the latest), at
     /// most `limit` (0: all).
-    pub async fn list(&self, prefix: &str, start: Option<&str>, rev: i64, limit: i64, any: bool) -> Result<Page, ApiError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start: Option<&str>,
+        rev: i64,
+        limit: i64,
+        any: bool,
+    ) -> Result<Page, ApiError> {
         let req = RangeRequest {
             key: start.unwrap_or(prefix).as_bytes().to_vec(),
             range_end: prefix_end(prefix),
@@ -153,7 +159,11 @@ impl ObjectStore {
                 ..Default::default()
             }
         };
-        let put = request_op::Request::RequestPut(PutRequest { key: key.as_bytes().to_vec(), value: raw, ..Default::default() });
+        let put = request_op::Request::RequestPut(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: raw,
+            ..Default::default()
+        });
         self.txn(key, cmp, put).await
     }
 
@@ -199,7 +209,9 @@ impl ObjectStore {
             _ => None,
         });
         Ok(WriteOutcome::Mismatch(
-            found.map(|kv| Ok::<_, ApiError>(Stored { value: decode(&kv.value)?, rev: kv.mod_revision })).transpose()?,
+            found
+                .map(|kv| Ok::<_, ApiError>(Stored { value: decode(&kv.value)?, rev: kv.mod_revision }))
+                .transpose()?,
         ))
     }
 

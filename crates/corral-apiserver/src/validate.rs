@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 pub fn object(r: &Resource, obj: &Value) -> Result<(), ApiError> {
     let mut errs = Vec::new();
-    for (field, pointer) in [("metadata.labels", "/metadata/labels"), ("metadata.annotations", "/metadata/annotations")] {
+    for (field, pointer) in [("metadata.labels", "/metadata/labels"), ("metadata.annotations", "/metadata/annotations")]
+    {
         if let Some(map) = obj.pointer(pointer) {
             match map.as_object() {
                 Some(m) => {
@@ -30,7 +31,11 @@ pub fn object(r: &Resource, obj: &Value) -> Result<(), ApiError> {
                     Ok(selector) => {
                         let template = obj.pointer("/spec/template").cloned().unwrap_or(json!({}));
                         if selector.is_empty() {
-                            errs.push(FieldError::invalid("spec.selector", sel, "empty selector is invalid for deployment"));
+                            errs.push(FieldError::invalid(
+                                "spec.selector",
+                                sel,
+                                "empty selector is invalid for deployment",
+                            ));
                         } else if !selector.matches(&template) {
                             let labels = template.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
                             errs.push(FieldError::invalid(
@@ -96,6 +101,10 @@ fn pod_spec(spec: Option<&Value>, path: &str, errs: &mut Vec<FieldError>) {
     if let Some(policy) = spec.and_then(|s| s.get("restartPolicy"))
         && !matches!(policy.as_str(), Some("Always" | "OnFailure" | "Never"))
     {
-        errs.push(FieldError::not_supported(format!("{path}.restartPolicy"), policy, &["Always", "OnFailure", "Never"]));
+        errs.push(FieldError::not_supported(
+            format!("{path}.restartPolicy"),
+            policy,
+            &["Always", "OnFailure", "Never"],
+        ));
     }
 }
