@@ -102,7 +102,7 @@ fn scrub(v: &mut serde_json::Value) {
 fn etcdctl_sees_the_same_as_with_etcd() -> Result<()> {
     init_tracing();
     info!("a Corral cluster and an etcd 3.4 cluster, both fresh");
-    let corral = Cluster::up(3, 24300, &[])?;
+    let corral = Cluster::up(3, 24300, &["--etcd-only"])?;
     let etcd_dir = tempfile::Builder::new().prefix("etcd-compat-").tempdir()?;
     let status = Command::new(corral_bin())
         .args(["bench", "etcd", "up", "--base-port", "24400", "--state-dir"])

@@ -47,6 +47,9 @@ pub struct UpArgs {
     /// Writes are refused beyond this many bytes on a server's disk (passed to every server).
     #[arg(long)]
     pub quota_backend_bytes: Option<u64>,
+    /// Servers serve only the etcd API: Corral as a drop-in etcd, no Kubernetes objects.
+    #[arg(long)]
+    pub etcd_only: bool,
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -188,6 +191,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     if let Some(n) = args.quota_backend_bytes {
         flags.extend(["--quota-backend-bytes".to_string(), n.to_string()]);
+    }
+    if args.etcd_only {
+        flags.push("--etcd-only".to_string());
     }
     if !flags.is_empty() {
         record.server_flags = flags;

@@ -78,6 +78,10 @@ pub struct ServerArgs {
     /// Allow an even number of voters.
     #[arg(long)]
     pub allow_even_voters: bool,
+    /// Serve only the etcd API (a drop-in etcd): no Kubernetes API and no system objects in
+    /// the store.
+    #[arg(long)]
+    pub etcd_only: bool,
     /// The Kubernetes API address.
     #[arg(long, default_value = "https://127.0.0.1:6443")]
     pub listen_api_url: String,
@@ -168,14 +172,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         node.bootstrap(members).await?;
     }
     tokio::spawn(publish(node.clone(), args.name.clone(), args.client_url().to_string(), stop_rx.clone()));
-    let api_task = start_api(&args, node.clone(), stop_rx.clone()).await?;
-    println!(
-        "corral server {} ready: etcd API on {}, peers on {}, Kubernetes API on {}",
-        args.name,
-        args.client_url(),
-        args.peer_url(),
-        args.listen_api_url
-    );
+    let api_task = match args.etcd_only {
+        true => None,
+        false => Some(start_api(&args, node.clone(), stop_rx.clone()).await?),
+    };
+    let api = if args.etcd_only { String::new() } else { format!(", Kubernetes API on {}", args.listen_api_url) };
+    println!("corral server {} ready: etcd API on {}, peers on {}{api}", args.name, args.client_url(), args.peer_url());
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -184,7 +186,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = peer_task.await;
         let _ = client_task.await;
-        let _ = api_task.await;
+        if let Some(task) = api_task {
+            let _ = task.await;
+        }
     })
     .await;
     Ok(())
