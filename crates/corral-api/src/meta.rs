@@ -180,7 +180,7 @@ pub fn prepare_create(r: &Resource, obj: &mut Value, ns: Option<&str>, mint: &dy
     meta.remove("deletionTimestamp");
     meta.remove("deletionGracePeriodSeconds");
     meta.remove("selfLink");
-    if obj.get("spec").is_some() || r.plural == "deployments" || r.plural == "replicasets" {
+    if obj.get("spec").is_some() {
         metadata_mut(obj).insert("generation".into(), json!(1));
     } else {
         metadata_mut(obj).remove("generation");

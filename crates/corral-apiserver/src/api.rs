@@ -2,6 +2,9 @@
 //! kube-apiserver answers them, over the [`ObjectStore`].
 
 use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::time::Duration;
 
 use corral_api::meta::{self, Minter};
@@ -105,7 +108,7 @@ impl Api {
         let any = q.get("resourceVersion") == Some("0");
         let found = self.store.get(&key, any).await?.ok_or_else(|| ApiError::not_found(r, name))?;
         if route.sub.as_deref() == Some("scale") {
-            return Ok(Reply::Object(200, scale_of(r, &found)));
+            return Ok(Reply::Object(200, scale_of(&found)));
         }
         Ok(Reply::Object(200, self.present(r, found.value, found.rev, out)))
     }
@@ -235,7 +238,7 @@ impl Api {
         }
         let sub = route.sub.clone();
         self.read_modify_write(route, name, 0, q, out, move |r, old| {
-            let base = if sub.as_deref() == Some("scale") { scale_of(r, old) } else { with_rv(old) };
+            let base = if sub.as_deref() == Some("scale") { scale_of(old) } else { with_rv(old) };
             let patched = patch::apply_generic(kind, &base, &body)?;
             if let Some(rv) = patched.pointer("/metadata/resourceVersion").and_then(Value::as_str)
                 && rv != old.rev.to_string()
@@ -285,7 +288,7 @@ impl Api {
 
     fn present_sub(&self, r: &Resource, route: &ObjectRoute, obj: Value, rev: i64, out: Output) -> Value {
         if route.sub.as_deref() == Some("scale") {
-            return scale_of(r, &Stored { value: obj, rev });
+            return scale_of(&Stored { value: obj, rev });
         }
         self.present(r, obj, rev, out)
     }
@@ -408,10 +411,13 @@ impl Api {
         let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or_default(), r)?;
         let bookmarks = q.flag("allowWatchBookmarks");
         let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
-        let prefix = match (&route.name, fields.name()) {
-            (Some(name), _) => r.key(route.namespace.as_deref(), name),
-            _ => r.prefix(route.namespace.as_deref()),
+        // A watch of one object (`.../pods/web?watch=1`) watches its namespace and keeps only
+        // that name: a key prefix would also match `web-2`.
+        let only = route.name.clone();
+        let selected = move |obj: &Value| {
+            labels.matches(obj) && fields.matches(obj) && only.as_deref().is_none_or(|n| meta::name(obj) == n)
         };
+        let prefix = r.prefix(route.namespace.as_deref());
         let from = q.get("resourceVersion").filter(|v| !v.is_empty()).map(meta::parse_resource_version).transpose()?;
         let (tx, rx) = mpsc::channel::<Value>(256);
         let mut initial = Vec::new();
@@ -420,7 +426,7 @@ impl Api {
             _ => {
                 let page = self.store.list(&prefix, None, 0, 0, false).await?;
                 for item in page.items {
-                    if labels.matches(&item.value) && fields.matches(&item.value) {
+                    if selected(&item.value) {
                         initial.push(("ADDED", item.value, item.rev));
                     }
                 }
@@ -493,7 +499,7 @@ impl Api {
                     let Some(kv) = ev.inner.kv.as_ref() else { continue };
                     let rev = kv.mod_revision;
                     let prev = ev.inner.prev_kv.as_ref().and_then(|p| ObjectStore::decode(&p.value).ok());
-                    let was = prev.as_ref().is_some_and(|p| labels.matches(p) && fields.matches(p));
+                    let was = prev.as_ref().is_some_and(&selected);
                     let message = if ev.inner.r#type == 1 {
                         match prev {
                             Some(p) if was => Some(("DELETED", p)),
@@ -501,7 +507,7 @@ impl Api {
                         }
                     } else {
                         let Ok(obj) = ObjectStore::decode(&kv.value) else { continue };
-                        let is = labels.matches(&obj) && fields.matches(&obj);
+                        let is = selected(&obj);
                         match (was, is) {
                             (false, true) => Some(("ADDED", obj)),
                             (true, true) => Some(("MODIFIED", obj)),
@@ -545,7 +551,7 @@ fn into_update(r: &Resource, sub: Option<&str>, old: &Stored, mut new: Value) ->
 }
 
 /// The autoscaling/v1 Scale of a Deployment or ReplicaSet.
-fn scale_of(_r: &Resource, s: &Stored) -> Value {
+fn scale_of(s: &Stored) -> Value {
     let obj = &s.value;
     let selector = table::selector_text(obj.pointer("/spec/selector"));
     json!({
@@ -590,45 +596,16 @@ fn scale_into(r: &Resource, old: &Stored, scale: &Value) -> Result<Value, ApiErr
 
 fn encode_continue(rev: i64, key: &str) -> String {
     let raw = json!({"v": "meta.k8s.io/v1", "rv": rev, "start": key}).to_string();
-    base64url(raw.as_bytes())
+    URL_SAFE_NO_PAD.encode(raw)
 }
 
 fn decode_continue(token: &str) -> Result<(i64, String), ApiError> {
     let bad = || ApiError::BadRequest("continue key is not valid: illegal base64 data".into());
-    let raw = unbase64url(token).ok_or_else(bad)?;
+    let raw = URL_SAFE_NO_PAD.decode(token.trim_end_matches('=')).map_err(|_| bad())?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
     let rev = v.get("rv").and_then(Value::as_i64).ok_or_else(bad)?;
     let key = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
     Ok((rev, key.to_string()))
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64url(data: &[u8]) -> String {
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn unbase64url(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let vals: Vec<u32> = text
-        .trim_end_matches('=')
-        .bytes()
-        .map(|c| B64.iter().position(|b| *b == c).map(|p| p as u32))
-        .collect::<Option<_>>()?;
-    for chunk in vals.chunks(4) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, v)| n | v << (18 - 6 * i));
-        for i in 0..chunk.len().saturating_sub(1) {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -79,6 +79,28 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// The condition "`key` was last written at revision `rev`".
+fn at_revision(key: &str, rev: i64) -> Compare {
+    Compare {
+        key: key.as_bytes().to_vec(),
+        target: compare::CompareTarget::Mod as i32,
+        result: compare::CompareResult::Equal as i32,
+        target_union: Some(compare::TargetUnion::ModRevision(rev)),
+        ..Default::default()
+    }
+}
+
+/// The condition "`key` does not exist".
+fn absent(key: &str) -> Compare {
+    Compare {
+        key: key.as_bytes().to_vec(),
+        target: compare::CompareTarget::Create as i32,
+        result: compare::CompareResult::Equal as i32,
+        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+        ..Default::default()
+    }
+}
+
 /// What a conditional write found when its condition failed.
 pub enum WriteOutcome {
     Written(i64),
@@ -89,10 +111,6 @@ pub enum WriteOutcome {
 impl ObjectStore {
     pub fn new(node: Arc<StoreNode>) -> Self {
         Self { node }
-    }
-
-    pub fn node(&self) -> &Arc<StoreNode> {
-        &self.node
     }
 
     /// Reads one object; linearizable unless `any` (resourceVersion=0).
@@ -142,23 +160,7 @@ impl ObjectStore {
     /// Writes `value` under `key` if the key's mod revision is `expect` (0: absent).
     pub async fn put_if(&self, key: &str, value: &Value, expect: i64) -> Result<WriteOutcome, ApiError> {
         let raw = encode(value)?;
-        let cmp = if expect == 0 {
-            Compare {
-                key: key.as_bytes().to_vec(),
-                target: compare::CompareTarget::Create as i32,
-                result: compare::CompareResult::Equal as i32,
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                ..Default::default()
-            }
-        } else {
-            Compare {
-                key: key.as_bytes().to_vec(),
-                target: compare::CompareTarget::Mod as i32,
-                result: compare::CompareResult::Equal as i32,
-                target_union: Some(compare::TargetUnion::ModRevision(expect)),
-                ..Default::default()
-            }
-        };
+        let cmp = if expect == 0 { absent(key) } else { at_revision(key, expect) };
         let put = request_op::Request::RequestPut(PutRequest {
             key: key.as_bytes().to_vec(),
             value: raw,
@@ -169,13 +171,7 @@ impl ObjectStore {
 
     /// Deletes `key` if its mod revision is `expect`.
     pub async fn delete_if(&self, key: &str, expect: i64) -> Result<WriteOutcome, ApiError> {
-        let cmp = Compare {
-            key: key.as_bytes().to_vec(),
-            target: compare::CompareTarget::Mod as i32,
-            result: compare::CompareResult::Equal as i32,
-            target_union: Some(compare::TargetUnion::ModRevision(expect)),
-            ..Default::default()
-        };
+        let cmp = at_revision(key, expect);
         let del = request_op::Request::RequestDeleteRange(DeleteRangeRequest {
             key: key.as_bytes().to_vec(),
             ..Default::default()
@@ -223,11 +219,6 @@ impl ObjectStore {
             StoreError::Compacted { compact_rev } => ApiError::Gone { requested: after, oldest: compact_rev },
             other => store_error(other),
         })
-    }
-
-    /// The store's current revision (what a list at "now" would report).
-    pub fn current_revision(&self) -> i64 {
-        self.node.mvcc().current_revision()
     }
 
     pub fn decode(raw: &[u8]) -> Result<Value, ApiError> {
