@@ -143,7 +143,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Flushes buffered writes to durable storage.
     fn sync(&self) -> Result<()>;
 
-    /// Approximate bytes on disk.
+    /// Approximate bytes the state machine occupies on disk (the space quota counts these).
     fn size_bytes(&self) -> u64;
 
     /// Compacts the underlying files (etcd's Defragment).
