@@ -132,3 +132,93 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     assert_eq!(text(&c.kubectl().args(["get", "deploy,cm", "-o", "name"]).output()?.stdout), "");
     Ok(())
 }
+
+const SSA: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: ssa
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: ssa}}
+  template:
+    metadata: {labels: {app: ssa}}
+    spec:
+      containers:
+      - name: web
+        image: nginx:1.25
+";
+
+#[test]
+fn typed_clients_and_server_side_apply() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, 24930, &[])?;
+
+    info!("kubectl create sends protobuf: every kind it creates that way is decoded");
+    assert_eq!(c.kube(&["create", "namespace", "team-a"])?, "namespace/team-a created\n");
+    assert_eq!(
+        c.kube(&["create", "configmap", "conf", "-n", "team-a", "--from-literal=mode=fast"])?,
+        "configmap/conf created\n"
+    );
+    assert_eq!(
+        c.kube(&["create", "secret", "generic", "creds", "--from-literal=user=admin"])?,
+        "secret/creds created\n"
+    );
+    assert_eq!(
+        c.kube(&["create", "deployment", "web", "--image=nginx:1.25", "--replicas=0", "--port=80"])?,
+        "deployment.apps/web created\n"
+    );
+    assert_eq!(c.kube(&["get", "cm", "conf", "-n", "team-a", "-o", "jsonpath={.data.mode}"])?, "fast");
+    assert_eq!(c.kube(&["get", "secret", "creds", "-o", "jsonpath={.data.user}"])?, "YWRtaW4=");
+    let web = c.kube(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].ports[0].containerPort}",
+    ])?;
+    assert_eq!(web, "0 80", "an explicit zero survives the protobuf decoding");
+    let manager = c.kube(&[
+        "get",
+        "deploy",
+        "web",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[0].manager}",
+    ])?;
+    assert_eq!(manager, "kubectl-create");
+
+    info!("server-side apply creates, owns its fields and reports another manager's as a conflict");
+    assert_eq!(
+        run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(SSA))?,
+        "deployment.apps/ssa serverside-applied\n"
+    );
+    c.kube(&["scale", "deployment", "ssa", "--replicas=4"])?;
+    let changed = SSA.replace("replicas: 2", "replicas: 3");
+    let conflict = c
+        .kubectl()
+        .args(["apply", "--server-side", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("piped").write_all(changed.as_bytes())?;
+            child.wait_with_output()
+        })?;
+    assert!(!conflict.status.success());
+    let err = text(&conflict.stderr);
+    assert!(err.contains(r#"Apply failed with 1 conflict: conflict with "kubectl" with subresource "scale" using apps/v1: .spec.replicas"#), "{err}");
+    assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "4", "nothing applied");
+    run(c.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&changed))?;
+    assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "3");
+
+    info!("a field left out of the applied configuration is removed");
+    let with_env = changed.replace("image: nginx:1.25", "image: nginx:1.25\n        env: [{name: A, value: '1'}]");
+    run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(&with_env))?;
+    let env = "jsonpath={.spec.template.spec.containers[0].env[*].name}";
+    assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", env])?, "A");
+    run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(&changed))?;
+    assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", env])?, "");
+    Ok(())
+}

@@ -2,8 +2,10 @@
 //! data, object metadata rules, label and field selectors, patches, server-side tables and
 //! `metav1.Status` errors. `corral-apiserver` puts these behind HTTP and the store.
 
+pub mod apply;
 pub mod meta;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod selector;
 pub mod status;

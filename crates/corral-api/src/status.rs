@@ -82,6 +82,9 @@ pub enum ApiError {
     NoRoute,
     #[error("{0}")]
     Forbidden(String),
+    /// Server-side apply would take fields other managers own, with other values.
+    #[error("{message}")]
+    ApplyConflict { message: String, fields: Vec<String> },
     #[error("Unauthorized")]
     Unauthorized,
     #[error("the body of the request was in an unknown format - accepted media types include: {0}")]
@@ -137,7 +140,7 @@ impl ApiError {
     pub fn code(&self) -> u16 {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => 404,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => 409,
+            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } | ApiError::ApplyConflict { .. } => 409,
             ApiError::Invalid { .. } => 422,
             ApiError::BadRequest(_) => 400,
             ApiError::MethodNotAllowed => 405,
@@ -156,7 +159,7 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
-            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Conflict { .. } | ApiError::ApplyConflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
@@ -179,6 +182,9 @@ impl ApiError {
             | ApiError::Conflict { group, plural, name, .. } => Some(details(name, group, plural, None)),
             ApiError::Invalid { group, kind, name, causes } => Some(details(name, group, kind, Some(causes))),
             ApiError::Internal(msg) => Some(json!({ "causes": [{ "message": msg }] })),
+            ApiError::ApplyConflict { fields, .. } => Some(json!({
+                "causes": fields.iter().map(|f| json!({ "reason": "FieldManagerConflict", "field": f })).collect::<Vec<_>>()
+            })),
             _ => None,
         };
         let mut status = json!({

@@ -7,6 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::time::Duration;
 
+use corral_api::apply::{self, Writer};
 use corral_api::meta::{self, Minter};
 use corral_api::patch::{self, PatchType};
 use corral_api::resources::{self, Resource};
@@ -92,6 +93,16 @@ fn now(api: &Api) -> i64 {
 }
 
 impl Api {
+    /// Who a write is recorded under in managedFields: `fieldManager`, else the client's name.
+    fn writer(&self, r: &Resource, q: &Query, sub: Option<&str>) -> Writer {
+        Writer {
+            manager: q.get("fieldManager").unwrap_or("unknown").to_string(),
+            api_version: r.api_version(),
+            subresource: sub.map(str::to_string),
+            time: meta::rfc3339(now(self)),
+        }
+    }
+
     fn present(&self, r: &Resource, mut obj: Value, rev: i64, out: Output) -> Value {
         meta::set_resource_version(&mut obj, rev);
         meta::set_type(r, &mut obj);
@@ -160,10 +171,26 @@ impl Api {
         ))
     }
 
-    pub async fn create(&self, route: &ObjectRoute, mut obj: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
+    pub async fn create(&self, route: &ObjectRoute, obj: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
+        self.create_as(route, obj, q, out, true).await
+    }
+
+    /// Creates an object; `record` is false when server-side apply already wrote its
+    /// managedFields.
+    async fn create_as(
+        &self,
+        route: &ObjectRoute,
+        mut obj: Value,
+        q: &Query,
+        out: Output,
+        record: bool,
+    ) -> Result<Reply, ApiError> {
         let r = route.resource;
         meta::prepare_create(r, &mut obj, route.namespace.as_deref(), self.mint.as_ref())?;
         crate::defaults::apply(r, &mut obj);
+        if record {
+            apply::record_update(None, &mut obj, &self.writer(r, q, None));
+        }
         crate::validate::object(r, &obj)?;
         let name = meta::name(&obj).to_string();
         if r.namespaced {
@@ -211,16 +238,19 @@ impl Api {
         }
         let expect = meta::resource_version(&body)?;
         let sub = route.sub.clone();
+        let writer = self.writer(route.resource, q, sub.as_deref());
         self.read_modify_write(route, name, expect, q, out, move |r, old| {
-            if sub.as_deref() == Some("scale") {
-                return scale_into(r, old, &body);
-            }
-            into_update(r, sub.as_deref(), old, body.clone())
+            let mut new = match sub.as_deref() {
+                Some("scale") => scale_into(r, old, &body)?,
+                sub => into_update(r, sub, old, body.clone())?,
+            };
+            apply::record_update(Some(&old.value), &mut new, &writer);
+            Ok(new)
         })
         .await
     }
 
-    /// PATCH in any of the three patch types; server-side apply is not served yet.
+    /// PATCH in any of the three patch types, or server-side apply.
     pub async fn patch(
         &self,
         route: &ObjectRoute,
@@ -230,13 +260,11 @@ impl Api {
         q: &Query,
         out: Output,
     ) -> Result<Reply, ApiError> {
-        if kind == PatchType::Apply {
-            return Err(ApiError::UnsupportedMediaType(
-                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json"
-                    .into(),
-            ));
-        }
         let sub = route.sub.clone();
+        let writer = self.writer(route.resource, q, sub.as_deref());
+        if kind == PatchType::Apply {
+            return self.server_side_apply(route, name, body, q, out, writer).await;
+        }
         self.read_modify_write(route, name, 0, q, out, move |r, old| {
             let base = if sub.as_deref() == Some("scale") { scale_of(old) } else { with_rv(old) };
             let patched = patch::apply_generic(kind, &base, &body)?;
@@ -245,10 +273,59 @@ impl Api {
             {
                 return Err(ApiError::modified(r, meta::name(&old.value)));
             }
-            if sub.as_deref() == Some("scale") {
-                return scale_into(r, old, &patched);
+            let mut new = match sub.as_deref() {
+                Some("scale") => scale_into(r, old, &patched)?,
+                sub => into_update(r, sub, old, patched)?,
+            };
+            apply::record_update(Some(&old.value), &mut new, &writer);
+            Ok(new)
+        })
+        .await
+    }
+
+    /// Server-side apply: the object is created from the configuration when missing,
+    /// otherwise merged into it with field ownership (409 on another manager's fields
+    /// unless `force=true`).
+    async fn server_side_apply(
+        &self,
+        route: &ObjectRoute,
+        name: &str,
+        mut body: Value,
+        q: &Query,
+        out: Output,
+        writer: Writer,
+    ) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        if route.sub.is_some() {
+            return Err(ApiError::BadRequest("server-side apply is served on the object, not its subresources".into()));
+        }
+        meta::check_type(r, &body)?;
+        match meta::name(&body) {
+            "" => {
+                meta::metadata_mut(&mut body).insert("name".into(), json!(name));
             }
-            into_update(r, sub.as_deref(), old, patched)
+            n if n != name => {
+                return Err(ApiError::BadRequest(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                )));
+            }
+            _ => {}
+        }
+        if body.pointer("/metadata/managedFields").is_some() {
+            return Err(ApiError::BadRequest("metadata.managedFields must be nil in an apply configuration".into()));
+        }
+        let force = q.flag("force");
+        let key = r.key(route.namespace.as_deref(), name);
+        if self.store.get(&key, false).await?.is_none() {
+            let obj = apply::apply(None, &body, &writer, force)?;
+            match self.create_as(route, obj, q, out, false).await {
+                Err(ApiError::AlreadyExists { .. }) => {}
+                other => return other,
+            }
+        }
+        self.read_modify_write(route, name, 0, q, out, move |r, old| {
+            let merged = apply::apply(Some(&old.value), &body, &writer, force)?;
+            into_update(r, None, old, merged)
         })
         .await
     }

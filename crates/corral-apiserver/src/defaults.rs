@@ -32,7 +32,10 @@ pub fn apply(r: &Resource, obj: &mut Value) {
                 default(spec, "replicas", json!(1));
                 default(spec, "revisionHistoryLimit", json!(10));
                 default(spec, "progressDeadlineSeconds", json!(600));
-                default(spec, "strategy", json!({"type": "RollingUpdate"}));
+                default(spec, "strategy", json!({}));
+                if let Some(strategy) = spec.get_mut("strategy").and_then(Value::as_object_mut) {
+                    default(strategy, "type", json!("RollingUpdate"));
+                }
                 if let Some(strategy) = spec.get_mut("strategy").and_then(Value::as_object_mut)
                     && strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate")
                 {

@@ -228,8 +228,8 @@ async fn read_body(req: Request<Incoming>) -> Result<(Value, Option<PatchType>),
         })?
         .to_bytes();
     let patch = PatchType::from_content_type(&content_type);
-    if content_type.starts_with("application/vnd.kubernetes.protobuf") {
-        return Err(ApiError::UnsupportedMediaType("application/json".into()));
+    if content_type.starts_with(corral_api::protobuf::CONTENT_TYPE) {
+        return Ok((corral_api::protobuf::decode(&bytes)?, patch));
     }
     if bytes.is_empty() {
         return Ok((Value::Null, patch));
@@ -276,7 +276,14 @@ async fn dispatch(
 }
 
 async fn object(req: Request<Incoming>, route: route::ObjectRoute, api: &Api) -> Result<Response<Body>, ApiError> {
-    let q = Query::parse(req.uri().query());
+    let mut q = Query::parse(req.uri().query());
+    if q.get("fieldManager").is_none_or(str::is_empty) {
+        // As kube-apiserver: writes without a field manager are recorded under the
+        // client's name, the user agent up to its first `/`.
+        let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+        let manager = agent.split('/').next().filter(|m| !m.is_empty()).unwrap_or("unknown");
+        q.0.insert("fieldManager".into(), manager.to_string());
+    }
     let accept = req.headers().get("accept").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let out = output(&accept, &q);
     let method = req.method().clone();
