@@ -187,6 +187,19 @@ fn typed_clients_and_server_side_apply() -> Result<()> {
     ])?;
     assert_eq!(manager, "kubectl-create");
 
+    info!("Services get a cluster IP and node ports from their ranges, each address once");
+    assert_eq!(c.kube(&["get", "svc", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"])?, "10.96.0.1");
+    assert_eq!(c.kube(&["create", "service", "nodeport", "web", "--tcp=80:8080"])?, "service/web created\n");
+    let addr = c.kube(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}"])?;
+    let (ip, port) = addr.split_once(' ').expect("an address and a port");
+    let ip: std::net::Ipv4Addr = ip.parse()?;
+    assert!(ip.octets()[0] == 10 && (96..112).contains(&ip.octets()[1]), "{ip} is in 10.96.0.0/12");
+    assert!((30000..=32767).contains(&port.parse::<u32>()?), "{port} is a node port");
+    let taken = c.kube_fails(&["create", "service", "clusterip", "again", "--tcp=80", &format!("--clusterip={ip}")])?;
+    assert!(taken.contains("provided IP is already allocated"), "{taken}");
+    c.kube(&["delete", "service", "web"])?;
+    c.kube(&["create", "service", "clusterip", "again", "--tcp=80", &format!("--clusterip={ip}")])?;
+
     info!("server-side apply creates, owns its fields and reports another manager's as a conflict");
     assert_eq!(
         run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(SSA))?,
@@ -194,21 +207,11 @@ fn typed_clients_and_server_side_apply() -> Result<()> {
     );
     c.kube(&["scale", "deployment", "ssa", "--replicas=4"])?;
     let changed = SSA.replace("replicas: 2", "replicas: 3");
-    let conflict = c
-        .kubectl()
-        .args(["apply", "--server-side", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().expect("piped").write_all(changed.as_bytes())?;
-            child.wait_with_output()
-        })?;
-    assert!(!conflict.status.success());
-    let err = text(&conflict.stderr);
-    assert!(err.contains(r#"Apply failed with 1 conflict: conflict with "kubectl" with subresource "scale" using apps/v1: .spec.replicas"#), "{err}");
+    let conflict = run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(&changed))
+        .expect_err("another manager's field is a conflict")
+        .to_string();
+    let expected = r#"Apply failed with 1 conflict: conflict with "kubectl" with subresource "scale" using apps/v1: .spec.replicas"#;
+    assert!(conflict.contains(expected), "{conflict}");
     assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "4", "nothing applied");
     run(c.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&changed))?;
     assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "3");

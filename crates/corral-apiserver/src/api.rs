@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::route::ObjectRoute;
+use crate::services::{self, Ranges};
 use crate::storage::{ObjectStore, Stored, WriteOutcome};
 
 /// Retries of a read-modify-write that lost a race to another writer.
@@ -86,6 +87,8 @@ pub enum Reply {
 pub struct Api {
     pub store: ObjectStore,
     pub mint: Box<dyn Minter + Send + Sync>,
+    /// Where Services' cluster IPs and node ports come from.
+    pub services: Ranges,
 }
 
 fn now(api: &Api) -> i64 {
@@ -196,14 +199,21 @@ impl Api {
         if r.namespaced {
             self.check_namespace(meta::namespace(&obj).unwrap_or("default")).await?;
         }
-        if dry_run(q) {
-            return Ok(Reply::Object(201, self.present(r, obj, 0, out)));
-        }
         let key = r.key(meta::namespace(&obj), &name);
-        match self.store.put_if(&key, &obj, 0).await? {
-            WriteOutcome::Written(rev) => Ok(Reply::Object(201, self.present(r, obj, rev, out))),
-            WriteOutcome::Mismatch(_) => Err(ApiError::already_exists(r, &name)),
+        for _ in 0..WRITE_RETRIES {
+            let mut obj = obj.clone();
+            let side = services::side_of_write(&self.store, &self.services, r, None, &mut obj).await?;
+            if dry_run(q) {
+                return Ok(Reply::Object(201, self.present(r, obj, 0, out)));
+            }
+            match self.store.put_if_with(&key, &obj, 0, &side).await? {
+                WriteOutcome::Written(rev) => return Ok(Reply::Object(201, self.present(r, obj, rev, out))),
+                WriteOutcome::Mismatch(_) => return Err(ApiError::already_exists(r, &name)),
+                // Another Service took the address in between: choose again.
+                WriteOutcome::ClaimTaken => continue,
+            }
         }
+        Err(ApiError::Unavailable("could not allocate the Service's addresses: too many concurrent writers".into()))
     }
 
     /// Refuses writes into a namespace that does not exist or is being deleted.
@@ -348,16 +358,17 @@ impl Api {
             if expect != 0 && expect != old.rev {
                 return Err(ApiError::modified(r, name));
             }
-            let new = change(r, &old)?;
+            let mut new = change(r, &old)?;
             crate::validate::object(r, &new)?;
+            let side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
             if dry_run(q) || new == old.value {
                 return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
             }
-            match self.store.put_if(&key, &new, old.rev).await? {
+            match self.store.put_if_with(&key, &new, old.rev, &side).await? {
                 WriteOutcome::Written(rev) => return Ok(Reply::Object(200, self.present_sub(r, route, new, rev, out))),
                 WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
                 WriteOutcome::Mismatch(Some(_)) if expect != 0 => return Err(ApiError::modified(r, name)),
-                WriteOutcome::Mismatch(Some(_)) => continue,
+                WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
             }
         }
         Err(ApiError::modified(r, name))
@@ -417,12 +428,12 @@ impl Api {
                 if dry_run(q) {
                     return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
                 }
-                match self.store.delete_if(&key, old.rev).await? {
+                match self.store.delete_if_with(&key, old.rev, &services::side_of_delete(r, &old.value)).await? {
                     WriteOutcome::Written(_) => {
                         return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
                     }
                     WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
-                    WriteOutcome::Mismatch(Some(_)) => continue,
+                    WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
                 }
             }
             // Marked for deletion: the finalizers' owners (and the namespace cleaner) finish it.
@@ -448,7 +459,7 @@ impl Api {
                     return Ok(Reply::Object(200, self.present(r, obj, rev, Output::default())));
                 }
                 WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
-                WriteOutcome::Mismatch(Some(_)) => continue,
+                WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
             }
         }
         Err(ApiError::modified(r, name))

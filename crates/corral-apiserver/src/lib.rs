@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod http;
 pub mod namespaces;
 pub mod route;
+pub mod services;
 pub mod storage;
 mod validate;
 

@@ -12,7 +12,11 @@ pub const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"
 
 /// Creates the system namespaces that do not exist yet. Safe on every server and every
 /// start: creation is a compare-and-swap on absence.
-pub async fn ensure_system(store: &ObjectStore, mint: &dyn Minter) -> Result<(), corral_api::ApiError> {
+pub async fn ensure_system(
+    store: &ObjectStore,
+    mint: &dyn Minter,
+    ranges: &crate::services::Ranges,
+) -> Result<(), corral_api::ApiError> {
     let r = resources::find("", "namespaces").expect("namespaces are served");
     for name in SYSTEM_NAMESPACES {
         let key = r.key(None, name);
@@ -24,7 +28,7 @@ pub async fn ensure_system(store: &ObjectStore, mint: &dyn Minter) -> Result<(),
         crate::defaults::apply(r, &mut ns);
         store.put_if(&key, &ns, 0).await?;
     }
-    Ok(())
+    crate::services::ensure_kubernetes(store, mint, ranges).await
 }
 
 /// Deletes everything in a terminating namespace, then the namespace. Runs on the server
@@ -54,7 +58,8 @@ async fn cleanup(store: &ObjectStore, namespace: &str) -> Result<bool, corral_ap
                 continue;
             }
             let key = r.key(Some(namespace), meta::name(&item.value));
-            if let WriteOutcome::Mismatch(Some(_)) = store.delete_if(&key, item.rev).await? {
+            let side = crate::services::side_of_delete(r, &item.value);
+            if let WriteOutcome::Mismatch(Some(_)) = store.delete_if_with(&key, item.rev, &side).await? {
                 left += 1;
             }
         }

@@ -12,7 +12,7 @@ use corral_store::StoreError;
 use corral_store::mvcc::KeyRange;
 use corral_store::node::StoreNode;
 use corral_store::watch::WatchStream;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Objects above this size are refused, as etcd's request limit would refuse them.
 pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
@@ -106,6 +106,17 @@ pub enum WriteOutcome {
     Written(i64),
     /// The key held this revision (0: absent).
     Mismatch(Option<Stored>),
+    /// The object was as expected but one of the side claims exists already.
+    ClaimTaken,
+}
+
+/// Writes made in the same transaction as an object's: claim keys that must not exist yet
+/// (written naming `owner`) and keys to delete.
+#[derive(Debug, Default)]
+pub struct Side {
+    pub claims: Vec<String>,
+    pub owner: Value,
+    pub releases: Vec<String>,
 }
 
 impl ObjectStore {
@@ -159,6 +170,17 @@ impl ObjectStore {
 
     /// Writes `value` under `key` if the key's mod revision is `expect` (0: absent).
     pub async fn put_if(&self, key: &str, value: &Value, expect: i64) -> Result<WriteOutcome, ApiError> {
+        self.put_if_with(key, value, expect, &Side::default()).await
+    }
+
+    /// [`Self::put_if`], with side writes in the same transaction.
+    pub async fn put_if_with(
+        &self,
+        key: &str,
+        value: &Value,
+        expect: i64,
+        side: &Side,
+    ) -> Result<WriteOutcome, ApiError> {
         let raw = encode(value)?;
         let cmp = if expect == 0 { absent(key) } else { at_revision(key, expect) };
         let put = request_op::Request::RequestPut(PutRequest {
@@ -166,23 +188,47 @@ impl ObjectStore {
             value: raw,
             ..Default::default()
         });
-        self.txn(key, cmp, put).await
+        self.txn(key, expect, cmp, put, side).await
     }
 
     /// Deletes `key` if its mod revision is `expect`.
     pub async fn delete_if(&self, key: &str, expect: i64) -> Result<WriteOutcome, ApiError> {
+        self.delete_if_with(key, expect, &Side::default()).await
+    }
+
+    /// [`Self::delete_if`], with side writes in the same transaction.
+    pub async fn delete_if_with(&self, key: &str, expect: i64, side: &Side) -> Result<WriteOutcome, ApiError> {
         let cmp = at_revision(key, expect);
         let del = request_op::Request::RequestDeleteRange(DeleteRangeRequest {
             key: key.as_bytes().to_vec(),
             ..Default::default()
         });
-        self.txn(key, cmp, del).await
+        self.txn(key, expect, cmp, del, side).await
     }
 
-    async fn txn(&self, key: &str, cmp: Compare, op: request_op::Request) -> Result<WriteOutcome, ApiError> {
+    async fn txn(
+        &self,
+        key: &str,
+        expect: i64,
+        cmp: Compare,
+        op: request_op::Request,
+        side: &Side,
+    ) -> Result<WriteOutcome, ApiError> {
+        let mut compare = vec![cmp];
+        let mut success = vec![RequestOp { request: Some(op) }];
+        for claim in &side.claims {
+            compare.push(absent(claim));
+            let value = encode(&json!({ "claim": claim, "owner": side.owner }))?;
+            let put = PutRequest { key: claim.as_bytes().to_vec(), value, ..Default::default() };
+            success.push(RequestOp { request: Some(request_op::Request::RequestPut(put)) });
+        }
+        for release in &side.releases {
+            let del = DeleteRangeRequest { key: release.as_bytes().to_vec(), ..Default::default() };
+            success.push(RequestOp { request: Some(request_op::Request::RequestDeleteRange(del)) });
+        }
         let txn = TxnRequest {
-            compare: vec![cmp],
-            success: vec![RequestOp { request: Some(op) }],
+            compare,
+            success,
             failure: vec![RequestOp {
                 request: Some(request_op::Request::RequestRange(RangeRequest {
                     key: key.as_bytes().to_vec(),
@@ -204,11 +250,14 @@ impl ObjectStore {
             Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
             _ => None,
         });
-        Ok(WriteOutcome::Mismatch(
-            found
-                .map(|kv| Ok::<_, ApiError>(Stored { value: decode(&kv.value)?, rev: kv.mod_revision }))
-                .transpose()?,
-        ))
+        let found = found
+            .map(|kv| Ok::<_, ApiError>(Stored { value: decode(&kv.value)?, rev: kv.mod_revision }))
+            .transpose()?;
+        if found.as_ref().map_or(0, |f| f.rev) == expect {
+            // The object was as expected: a claim was taken in the meantime.
+            return Ok(WriteOutcome::ClaimTaken);
+        }
+        Ok(WriteOutcome::Mismatch(found))
     }
 
     /// Watches every key under `prefix` after revision `after` (0: from now).

@@ -88,6 +88,12 @@ pub struct ServerArgs {
     /// Bearer tokens for the Kubernetes API: lines of `token,user,uid,"group1,group2"`.
     #[arg(long)]
     pub token_auth_file: Option<PathBuf>,
+    /// Where Services' cluster IPs come from (the first address is `default/kubernetes`'s).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cluster_ip_range: String,
+    /// Where NodePort Services' node ports come from.
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
 }
 
 /// Who this server is, kept in the data directory across restarts.
@@ -211,12 +217,19 @@ async fn start_api(
         Some(path) => corral_apiserver::Tokens::load(path).with_context(|| format!("reading {}", path.display()))?,
         None => corral_apiserver::Tokens::default(),
     };
+    let ranges =
+        corral_apiserver::services::Ranges::parse(&args.service_cluster_ip_range, &args.service_node_port_range)
+            .map_err(|e| anyhow::anyhow!("{e}: fix --service-cluster-ip-range or --service-node-port-range"))?;
     let store = corral_apiserver::ObjectStore::new(node);
-    let api = Arc::new(corral_apiserver::Api { store: store.clone(), mint: Box::new(corral_api::meta::SystemMinter) });
+    let api = Arc::new(corral_apiserver::Api {
+        store: store.clone(),
+        mint: Box::new(corral_api::meta::SystemMinter),
+        services: ranges.clone(),
+    });
     let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string() };
     tokio::spawn(async move {
         for _ in 0..600 {
-            match corral_apiserver::namespaces::ensure_system(&store, &corral_api::meta::SystemMinter).await {
+            match corral_apiserver::namespaces::ensure_system(&store, &corral_api::meta::SystemMinter, &ranges).await {
                 Ok(()) => return,
                 Err(e) => tracing::debug!(error = %e, "system namespaces not created yet"),
             }
