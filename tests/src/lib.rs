@@ -134,7 +134,12 @@ impl Cluster {
 
     /// kubectl with the cluster's kubeconfig and a discovery cache of its own.
     pub fn kubectl(&self) -> Command {
-        let mut cmd = Command::new("kubectl");
+        self.kubectl_version("kubectl")
+    }
+
+    /// kubectl from a given binary (`kubectl.1.27` ...), with this cluster's kubeconfig.
+    pub fn kubectl_version(&self, binary: &str) -> Command {
+        let mut cmd = Command::new(binary);
         cmd.env("KUBECONFIG", self.state_dir().join("kubeconfig"))
             .arg("--cache-dir")
             .arg(self.state_dir().join("kube-cache"));

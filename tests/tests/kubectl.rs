@@ -216,6 +216,19 @@ fn typed_clients_and_server_side_apply() -> Result<()> {
     run(c.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&changed))?;
     assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "3");
 
+    info!("the oldest and newest kubectl we support: apply, get, delete");
+    for version in ["1.27", "1.33"] {
+        let binary = format!("/usr/lib/google-cloud-sdk/bin/kubectl.{version}");
+        let k = |args: &[&str]| run(c.kubectl_version(&binary).args(args), None);
+        let file = format!("{SEED}/deployment.yml");
+        assert_eq!(k(&["apply", "-f", &file])?, "deployment.apps/my-deployment created\n", "kubectl {version}");
+        assert!(k(&["get", "deploy", "my-deployment"])?.starts_with("NAME "), "kubectl {version}");
+        let created =
+            k(&["create", "configmap", &format!("smoke-{}", version.replace('.', "-")), "--from-literal=a=b"])?;
+        assert!(created.ends_with("created\n"), "kubectl {version}: {created}");
+        assert_eq!(k(&["delete", "-f", &file])?, "deployment.apps \"my-deployment\" deleted\n", "kubectl {version}");
+    }
+
     info!("a field left out of the applied configuration is removed");
     let with_env = changed.replace("image: nginx:1.25", "image: nginx:1.25\n        env: [{name: A, value: '1'}]");
     run(c.kubectl().args(["apply", "--server-side", "-f", "-"]), Some(&with_env))?;

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod meta;
+pub mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod resources;

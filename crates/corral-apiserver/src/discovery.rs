@@ -129,7 +129,9 @@ pub fn openapi_v3_group(path: &str) -> Option<Value> {
                 "parameters": [field_validation.clone()],
                 "x-kubernetes-action": action,
                 "x-kubernetes-group-version-kind": gvk.clone(),
-                "responses": {"200": {"description": "OK"}},
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
+                    "$ref": format!("#/components/schemas/{}", corral_api::openapi::component(r.kind))
+                }}}}},
             })
         };
         let mut patch = op("patch");
@@ -147,9 +149,12 @@ pub fn openapi_v3_group(path: &str) -> Option<Value> {
         "openapi": "3.0.0",
         "info": {"title": "Corral", "version": format!("v1.{KUBE_MINOR}.0")},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": SCHEMAS.clone()},
     }))
 }
+
+/// The served types' schemas, built once.
+static SCHEMAS: std::sync::LazyLock<Value> = std::sync::LazyLock::new(corral_api::openapi::components);
 
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))

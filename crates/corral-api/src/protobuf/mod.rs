@@ -7,7 +7,7 @@
 //! type is added by describing it, not by writing code. A field the table does not know is
 //! refused rather than dropped: nothing the client sent is silently lost.
 
-mod schema;
+pub(crate) mod schema;
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};

@@ -83,6 +83,13 @@ impl Message {
 static SCHEMA: LazyLock<HashMap<String, Message>> =
     LazyLock::new(|| parse(include_str!("schema.txt")).expect("schema.txt is checked by its tests"));
 
+/// Every message, in name order.
+pub fn messages() -> Vec<&'static Message> {
+    let mut all: Vec<&Message> = SCHEMA.values().collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
 /// The layout of a message (or a top-level kind) by name.
 pub fn message(name: &str) -> Option<&'static Message> {
     SCHEMA.get(name)
