@@ -100,6 +100,21 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     assert!(seen.lines().next().is_some_and(|h| h.starts_with("NAME")), "{seen}");
     assert!(seen.lines().any(|l| l.starts_with("watched ")), "{seen}");
 
+    info!("watches resume from a resourceVersion: recent ones from the watch cache, old ones from the store");
+    let rv = c.kube(&["get", "cm", "watched", "-o", "jsonpath={.metadata.resourceVersion}"])?;
+    c.kube(&["label", "cm", "watched", "step=two"])?;
+    for from in [rv.as_str(), "1"] {
+        let url = format!("/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&resourceVersion={from}");
+        let events = c.kube(&["get", "--raw", &url])?;
+        let modified: Vec<serde_json::Value> = events
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|e: &serde_json::Value| e["type"] == "MODIFIED" && e["object"]["metadata"]["name"] == "watched")
+            .collect();
+        assert_eq!(modified.len(), 1, "from {from}: {events}");
+        assert_eq!(modified[0]["object"]["metadata"]["labels"]["step"], "two");
+    }
+
     info!("errors read as Kubernetes writes them, and nothing is stored");
     let missing = c.kube_fails(&["get", "pod", "nope"])?;
     assert_eq!(missing.trim(), r#"Error from server (NotFound): pods "nope" not found"#);

@@ -2,6 +2,7 @@
 //! kube-apiserver answers them, over the [`ObjectStore`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,6 +18,7 @@ use corral_api::{ApiError, FieldError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::cache::{Change, FeedHandle, Subscription, WatchCache};
 use crate::route::ObjectRoute;
 use crate::services::{self, Ranges};
 use crate::storage::{ObjectStore, Stored, WriteOutcome};
@@ -89,6 +91,54 @@ pub struct Api {
     pub mint: Box<dyn Minter + Send + Sync>,
     /// Where Services' cluster IPs and node ports come from.
     pub services: Ranges,
+    pub cache: WatchCache,
+}
+
+/// Where one client watch's changes come from.
+enum Source {
+    /// The resource's shared feed; changes up to `skip_upto` are already known.
+    Shared {
+        rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
+        replay: std::collections::VecDeque<Arc<Change>>,
+        skip_upto: i64,
+        feed: Arc<FeedHandle>,
+    },
+    /// A store watch of its own, for a revision older than the feed remembers.
+    Direct(corral_store::watch::WatchStream),
+}
+
+impl Source {
+    /// The next changes; `Err(None)` ends the watch quietly (the client watches again),
+    /// `Err(Some)` with an error event.
+    async fn next(&mut self) -> Result<Vec<Arc<Change>>, Option<ApiError>> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self {
+            Source::Shared { rx, replay, skip_upto, .. } => loop {
+                let c = match replay.pop_front() {
+                    Some(c) => c,
+                    None => match rx.recv().await {
+                        Ok(c) => c,
+                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return Err(None),
+                    },
+                };
+                if c.rev > *skip_upto {
+                    return Ok(vec![c]);
+                }
+            },
+            Source::Direct(stream) => {
+                let events = stream.next().await.map_err(|e| Some(crate::storage::store_error(e)))?;
+                Ok(events.iter().filter_map(Change::from_event).map(Arc::new).collect())
+            }
+        }
+    }
+
+    /// The revision everything up to which has been seen, for bookmarks.
+    fn progress(&self) -> i64 {
+        match self {
+            Source::Shared { feed, .. } => feed.progress(),
+            Source::Direct(stream) => stream.next_revision() - 1,
+        }
+    }
 }
 
 fn now(api: &Api) -> i64 {
@@ -509,26 +559,34 @@ impl Api {
         let from = q.get("resourceVersion").filter(|v| !v.is_empty()).map(meta::parse_resource_version).transpose()?;
         let (tx, rx) = mpsc::channel::<Value>(256);
         let mut initial = Vec::new();
-        let start = match from {
-            Some(rv) if rv > 0 => rv,
+        let mut source = match from {
+            Some(rv) if rv > 0 => match self.cache.subscribe(&self.store, r, Some(rv))? {
+                Subscription::Shared { rx, replay, feed } => {
+                    Source::Shared { rx, replay: replay.into(), skip_upto: rv, feed }
+                }
+                Subscription::TooOld => match self.store.watch(&prefix, rv) {
+                    Ok(stream) => Source::Direct(stream),
+                    Err(ApiError::Gone { oldest, .. }) => {
+                        let status = ApiError::Gone { requested: rv, oldest }.to_status();
+                        let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
+                        return Ok(Reply::Watch(rx));
+                    }
+                    Err(e) => return Err(e),
+                },
+            },
             _ => {
+                // Subscribe before listing: whatever the feed sent before is in the list.
+                let Subscription::Shared { rx, feed, .. } = self.cache.subscribe(&self.store, r, None)? else {
+                    unreachable!("a subscription from now on is always shared")
+                };
                 let page = self.store.list(&prefix, None, 0, 0, false).await?;
                 for item in page.items {
                     if selected(&item.value) {
                         initial.push(("ADDED", item.value, item.rev));
                     }
                 }
-                page.rev
+                Source::Shared { rx, replay: Default::default(), skip_upto: page.rev, feed }
             }
-        };
-        let mut stream = match self.store.watch(&prefix, start) {
-            Ok(s) => s,
-            Err(ApiError::Gone { oldest, .. }) => {
-                let status = ApiError::Gone { requested: start, oldest }.to_status();
-                let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
-                return Ok(Reply::Watch(rx));
-            }
-            Err(e) => return Err(e),
         };
         let now_fn = self.mint.now();
         tokio::spawn(async move {
@@ -558,14 +616,14 @@ impl Api {
             loop {
                 let next = async {
                     match deadline {
-                        Some(d) => tokio::time::timeout_at(d, stream.next()).await.ok(),
-                        None => Some(stream.next().await),
+                        Some(d) => tokio::time::timeout_at(d, source.next()).await.ok(),
+                        None => Some(source.next().await),
                     }
                 };
-                let events = tokio::select! {
-                    e = next => e,
+                let changes = tokio::select! {
+                    c = next => c,
                     _ = bookmark.tick(), if bookmarks => {
-                        let rev = stream.next_revision() - 1;
+                        let rev = source.progress();
                         let mark = json!({"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version(),
                             "metadata": {"resourceVersion": rev.to_string()}}});
                         if tx.send(mark).await.is_err() { return; }
@@ -573,38 +631,29 @@ impl Api {
                     }
                     _ = tx.closed() => return,
                 };
-                let Some(events) = events else { return }; // timeoutSeconds passed
-                let events = match events {
-                    Ok(events) => events,
-                    Err(e) => {
-                        let _ = tx
-                            .send(json!({"type": "ERROR", "object": crate::storage::store_error(e).to_status()}))
-                            .await;
+                let Some(changes) = changes else { return }; // timeoutSeconds passed
+                let changes = match changes {
+                    Ok(changes) => changes,
+                    // Too slow, or the feed restarts: the client watches again.
+                    Err(None) => return,
+                    Err(Some(e)) => {
+                        let _ = tx.send(json!({"type": "ERROR", "object": e.to_status()})).await;
                         return;
                     }
                 };
-                for ev in events {
-                    let Some(kv) = ev.inner.kv.as_ref() else { continue };
-                    let rev = kv.mod_revision;
-                    let prev = ev.inner.prev_kv.as_ref().and_then(|p| ObjectStore::decode(&p.value).ok());
-                    let was = prev.as_ref().is_some_and(&selected);
-                    let message = if ev.inner.r#type == 1 {
-                        match prev {
-                            Some(p) if was => Some(("DELETED", p)),
-                            _ => None,
-                        }
-                    } else {
-                        let Ok(obj) = ObjectStore::decode(&kv.value) else { continue };
-                        let is = selected(&obj);
-                        match (was, is) {
+                for c in changes.iter().filter(|c| c.key.starts_with(&prefix)) {
+                    let was = c.prev.as_ref().is_some_and(&selected);
+                    let message = match &c.obj {
+                        None => c.prev.as_ref().filter(|_| was).map(|p| ("DELETED", p)),
+                        Some(obj) => match (was, selected(obj)) {
                             (false, true) => Some(("ADDED", obj)),
                             (true, true) => Some(("MODIFIED", obj)),
                             (true, false) => Some(("DELETED", obj)),
                             (false, false) => None,
-                        }
+                        },
                     };
                     if let Some((kind, obj)) = message
-                        && tx.send(send_event(kind, obj, rev)).await.is_err()
+                        && tx.send(send_event(kind, obj.clone(), c.rev)).await.is_err()
                     {
                         return;
                     }

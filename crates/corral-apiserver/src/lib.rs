@@ -3,6 +3,7 @@
 //! certificates or bearer tokens.
 
 pub mod api;
+mod cache;
 mod defaults;
 pub mod discovery;
 pub mod http;

@@ -225,6 +225,7 @@ async fn start_api(
         store: store.clone(),
         mint: Box::new(corral_api::meta::SystemMinter),
         services: ranges.clone(),
+        cache: Default::default(),
     });
     let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string() };
     tokio::spawn(async move {
