@@ -137,6 +137,36 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
         "{stale}"
     );
     assert_eq!(c.kube(&["get", "pods", "-n", "nowhere", "-o", "name"])?, "", "an absent namespace lists empty");
+    let bad = |manifest: &str, args: &[&str]| -> Result<String> {
+        let out = run(c.kubectl().args(args), Some(manifest));
+        Ok(out.expect_err("bad input is refused").to_string())
+    };
+    let cm = |extra: &str| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bad\n{extra}");
+    let err = bad(&cm(" data: [\n"), &["apply", "-f", "-"])?;
+    assert!(err.contains("error converting YAML to JSON"), "malformed YAML: {err}");
+    let err = bad(&cm("bogus: 1\n"), &["apply", "-f", "-"])?;
+    assert!(err.contains(r#"ConfigMap in version "v1" cannot be handled as a ConfigMap: strict decoding error: unknown field "bogus""#), "{err}");
+    let err = bad(&cm("").replace("kind: ConfigMap", "kind: Gizmo"), &["apply", "-f", "-"])?;
+    assert!(err.contains(r#"no matches for kind "Gizmo" in version "v1""#), "unknown kind: {err}");
+    let raw = ["create", "--raw", "/api/v1/namespaces/default/configmaps", "-f", "-"];
+    let err = bad(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"bad""#, &raw)?;
+    assert!(err.contains("could not be decoded as JSON"), "malformed JSON: {err}");
+    let err = bad(r#"{"apiVersion":"apps/v1","kind":"ConfigMap","metadata":{"name":"bad"}}"#, &raw)?;
+    assert!(err.contains("does not match the expected API version (v1)"), "wrong apiVersion: {err}");
+    let err = bad(&format!("{}data:\n  a: {}\n", cm(""), "x".repeat(1_600_000)), &["create", "-f", "-"])?;
+    assert!(err.contains("RequestEntityTooLarge") && err.contains("objects are limited to 1572864 bytes"), "{err}");
+    let err = bad(&format!("{}data:\n  a: {}\n", cm(""), "x".repeat(3_200_000)), &["create", "-f", "-"])?;
+    assert!(err.contains("Request entity too large: limit is 3145728"), "{err}");
+    c.kube(&["create", "configmap", "versioned", "--from-literal=a=b"])?;
+    let old = c.kube(&["get", "cm", "versioned", "-o", "yaml"])?;
+    c.kube(&["label", "cm", "versioned", "x=y"])?;
+    let err = bad(&old, &["replace", "-f", "-"])?;
+    assert!(
+        err.contains(r#"Operation cannot be fulfilled on configmaps "versioned": the object has been modified"#),
+        "{err}"
+    );
+    assert!(c.kube_fails(&["get", "cm", "bad"])?.contains("NotFound"), "nothing bad was stored");
+    c.kube(&["delete", "cm", "versioned"])?;
 
     info!("delete by name and by file; the objects are gone");
     assert_eq!(

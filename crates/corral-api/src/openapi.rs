@@ -125,9 +125,91 @@ fn type_schema(ty: &Type) -> Value {
     }
 }
 
+/// Removes the fields an object of `kind` does not have, and returns their paths
+/// (`spec.template.spec.containers[0].bogus`), as kube-apiserver drops what its types do not
+/// know. Kinds without a schema are left alone.
+pub fn prune_unknown(kind: &str, obj: &mut Value) -> Vec<String> {
+    let mut unknown = Vec::new();
+    if let (Some(m), Value::Object(map)) = (schema::message(kind), obj) {
+        prune_message(m, map, "", &mut unknown, true);
+    }
+    unknown
+}
+
+fn prune_message(m: &'static Message, map: &mut Map<String, Value>, path: &str, unknown: &mut Vec<String>, top: bool) {
+    let fields = flattened(m);
+    map.retain(|k, v| {
+        let here = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+        if top && (k == "apiVersion" || k == "kind") {
+            return true;
+        }
+        let Some(f) = fields.iter().find(|f| f.name == *k) else {
+            unknown.push(here);
+            return false;
+        };
+        prune_value(&f.ty, f.repeated, v, &here, unknown);
+        true
+    });
+}
+
+fn prune_value(ty: &Type, repeated: bool, v: &mut Value, path: &str, unknown: &mut Vec<String>) {
+    match (ty, v) {
+        (_, Value::Array(items)) if repeated => {
+            for (i, item) in items.iter_mut().enumerate() {
+                prune_value(ty, false, item, &format!("{path}[{i}]"), unknown);
+            }
+        }
+        (Type::Map(inner), Value::Object(map)) => {
+            for (k, item) in map.iter_mut() {
+                prune_value(inner, false, item, &format!("{path}.{k}"), unknown);
+            }
+        }
+        (Type::Message(name), Value::Object(map)) => {
+            if let Some(m) = schema::message(name) {
+                prune_message(m, map, path, unknown, false);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A message's fields with the inline structs' fields in place.
+fn flattened(m: &'static Message) -> Vec<&'static Field> {
+    let mut out = Vec::new();
+    for f in &m.fields {
+        match (&f.ty, f.name == schema::INLINE) {
+            (Type::Message(inner), true) => {
+                if let Some(inner) = schema::message(inner) {
+                    out.extend(flattened(inner));
+                }
+            }
+            _ => out.push(f),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_fields_are_named_by_path_and_removed() {
+        let mut d = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "bogus": 1,
+            "metadata": { "name": "x", "labels": { "any": "thing" } },
+            "spec": { "template": { "spec": { "containers": [
+                { "name": "c", "image": "i", "imagePullPolicy": "Always", "colour": "red",
+                  "livenessProbe": { "httpGet": { "path": "/", "port": 80 }, "periodSeconds": 3 } }
+            ] } } }
+        });
+        let unknown = prune_unknown("Deployment", &mut d);
+        assert_eq!(unknown, ["bogus", "spec.template.spec.containers[0].colour"]);
+        assert!(d.get("bogus").is_none());
+        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"], 80);
+        let mut node = json!({ "kind": "Node", "whatever": 1 });
+        assert!(prune_unknown("Node", &mut node).is_empty(), "kinds without a schema are left alone");
+    }
 
     #[test]
     fn kinds_are_tagged_and_lists_carry_their_merge_keys() {

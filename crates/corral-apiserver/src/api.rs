@@ -239,6 +239,7 @@ impl Api {
         record: bool,
     ) -> Result<Reply, ApiError> {
         let r = route.resource;
+        check_fields(r, &mut obj, strict(q))?;
         meta::prepare_create(r, &mut obj, route.namespace.as_deref(), self.mint.as_ref())?;
         crate::defaults::apply(r, &mut obj);
         if record {
@@ -297,6 +298,10 @@ impl Api {
             )));
         }
         let expect = meta::resource_version(&body)?;
+        let mut body = body;
+        if route.sub.is_none() {
+            check_fields(route.resource, &mut body, strict(q))?;
+        }
         let sub = route.sub.clone();
         let writer = self.writer(route.resource, q, sub.as_deref());
         self.read_modify_write(route, name, expect, q, out, move |r, old| {
@@ -322,12 +327,16 @@ impl Api {
     ) -> Result<Reply, ApiError> {
         let sub = route.sub.clone();
         let writer = self.writer(route.resource, q, sub.as_deref());
+        let strict = strict(q);
         if kind == PatchType::Apply {
             return self.server_side_apply(route, name, body, q, out, writer).await;
         }
         self.read_modify_write(route, name, 0, q, out, move |r, old| {
             let base = if sub.as_deref() == Some("scale") { scale_of(old) } else { with_rv(old) };
-            let patched = patch::apply_generic(kind, &base, &body)?;
+            let mut patched = patch::apply_generic(kind, &base, &body)?;
+            if sub.is_none() {
+                check_fields(r, &mut patched, strict)?;
+            }
             if let Some(rv) = patched.pointer("/metadata/resourceVersion").and_then(Value::as_str)
                 && rv != old.rev.to_string()
             {
@@ -360,6 +369,7 @@ impl Api {
             return Err(ApiError::BadRequest("server-side apply is served on the object, not its subresources".into()));
         }
         meta::check_type(r, &body)?;
+        check_fields(r, &mut body, strict(q))?;
         match meta::name(&body) {
             "" => {
                 meta::metadata_mut(&mut body).insert("name".into(), json!(name));
@@ -672,6 +682,26 @@ fn with_rv(old: &Stored) -> Value {
     let mut v = old.value.clone();
     meta::set_resource_version(&mut v, old.rev);
     v
+}
+
+/// Drops the fields the kind does not have, as kube-apiserver's decoding does; with
+/// `fieldValidation=Strict` (kubectl's default) they are refused instead.
+fn check_fields(r: &Resource, obj: &mut Value, strict: bool) -> Result<(), ApiError> {
+    let unknown = corral_api::openapi::prune_unknown(r.kind, obj);
+    if unknown.is_empty() || !strict {
+        return Ok(());
+    }
+    let fields: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+    Err(ApiError::BadRequest(format!(
+        "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+        fields.join(", "),
+        kind = r.kind,
+        version = r.version,
+    )))
+}
+
+fn strict(q: &Query) -> bool {
+    q.get("fieldValidation") == Some("Strict")
 }
 
 /// The object a PUT or PATCH produced, with the fields it may not change carried over.
