@@ -23,8 +23,9 @@ use crate::route::ObjectRoute;
 use crate::services::{self, Ranges};
 use crate::storage::{ObjectStore, Stored, WriteOutcome};
 
-/// Retries of a read-modify-write that lost a race to another writer.
-const WRITE_RETRIES: usize = 8;
+/// Retries of a read-modify-write that lost a race to another writer (each retry starts from
+/// the object the failed write found, without another read).
+const WRITE_RETRIES: usize = 32;
 
 /// How the client wants objects back.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -413,8 +414,9 @@ impl Api {
     ) -> Result<Reply, ApiError> {
         let r = route.resource;
         let key = r.key(route.namespace.as_deref(), name);
+        let mut current = self.store.get(&key, false).await?;
         for _ in 0..WRITE_RETRIES {
-            let old = self.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(r, name))?;
+            let old = current.take().ok_or_else(|| ApiError::not_found(r, name))?;
             if expect != 0 && expect != old.rev {
                 return Err(ApiError::modified(r, name));
             }
@@ -428,7 +430,9 @@ impl Api {
                 WriteOutcome::Written(rev) => return Ok(Reply::Object(200, self.present_sub(r, route, new, rev, out))),
                 WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
                 WriteOutcome::Mismatch(Some(_)) if expect != 0 => return Err(ApiError::modified(r, name)),
-                WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
+                // Somebody wrote in between: go again from what the failed write found.
+                WriteOutcome::Mismatch(found) => current = found,
+                WriteOutcome::ClaimTaken => current = Some(old),
             }
         }
         Err(ApiError::modified(r, name))

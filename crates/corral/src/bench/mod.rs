@@ -1,6 +1,7 @@
 //! `corral bench`: load generators that run the same client against Corral and against etcd,
 //! and print figures (throughput, latency percentiles, unavailability) to compare side by side.
 
+mod api;
 mod etcd;
 mod failover;
 mod kv;
@@ -15,6 +16,8 @@ pub use target::Target;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// The Kubernetes API: writes at a fixed rate, a 10,000-pod list, watch fan-out, RSS.
+    Api(api::ApiArgs),
     /// Put or range load against an etcd-v3 endpoint set; prints throughput and latency.
     Kv(kv::KvArgs),
     /// Kill the leader repeatedly under a write load; prints write unavailability per kill.
@@ -43,6 +46,7 @@ pub struct TargetArgs {
 
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Kv(args) => kv::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Etcd(args) => etcd::run(args).await,
