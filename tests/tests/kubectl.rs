@@ -261,6 +261,25 @@ fn typed_clients_and_server_side_apply() -> Result<()> {
     run(c.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&changed))?;
     assert_eq!(c.kube(&["get", "deploy", "ssa", "-o", "jsonpath={.spec.replicas}"])?, "3");
 
+    info!("binding assigns a pod once; eviction honours a disruption budget");
+    c.kube(&["apply", "-f", &format!("{SEED}/pod1.yml")])?;
+    let binding =
+        r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"pod1"},"target":{"kind":"Node","name":"n1"}}"#;
+    let bind = ["create", "--raw", "/api/v1/namespaces/default/pods/pod1/binding", "-f", "-"];
+    run(c.kubectl().args(bind), Some(binding))?;
+    assert_eq!(c.kube(&["get", "pod", "pod1", "-o", "jsonpath={.spec.nodeName}"])?, "n1");
+    let again = run(c.kubectl().args(bind), Some(&binding.replace("n1", "n2"))).expect_err("bound once").to_string();
+    assert!(again.contains("already assigned to node"), "{again}");
+    c.kube(&["label", "pod", "pod1", "app=evictme"])?;
+    c.kube(&["create", "pdb", "keep", "--selector=app=evictme", "--min-available=1"])?;
+    let evict = ["create", "--raw", "/api/v1/namespaces/default/pods/pod1/eviction", "-f", "-"];
+    let eviction = r#"{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"pod1"}}"#;
+    let refused = run(c.kubectl().args(evict), Some(eviction)).expect_err("the budget allows none").to_string();
+    assert!(refused.contains("would violate the pod's disruption budget"), "{refused}");
+    c.kube(&["delete", "pdb", "keep"])?;
+    run(c.kubectl().args(evict), Some(eviction))?;
+    assert!(c.kube_fails(&["get", "pod", "pod1"])?.contains("NotFound"), "evicted");
+
     info!("the oldest and newest kubectl we support: apply, get, delete");
     for version in ["1.27", "1.33"] {
         let binary = format!("/usr/lib/google-cloud-sdk/bin/kubectl.{version}");

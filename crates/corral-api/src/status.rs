@@ -91,6 +91,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A watch or list from a revision compaction removed.
     #[error("too old resource version: {requested} ({oldest})")]
     Gone { requested: i64, oldest: i64 },
@@ -148,6 +150,7 @@ impl ApiError {
             ApiError::Unauthorized => 401,
             ApiError::UnsupportedMediaType(_) => 415,
             ApiError::TooLarge(_) => 413,
+            ApiError::TooManyRequests(_) => 429,
             ApiError::Gone { .. } => 410,
             ApiError::Unavailable(_) => 503,
             ApiError::Timeout(_) => 504,
@@ -167,6 +170,7 @@ impl ApiError {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::TooLarge(_) => "RequestEntityTooLarge",
+            ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Gone { .. } => "Expired",
             ApiError::Unavailable(_) => "ServiceUnavailable",
             ApiError::Timeout(_) => "Timeout",

@@ -445,6 +445,78 @@ impl Api {
         self.present(r, obj, rev, out)
     }
 
+    /// POST pods/binding: assigns an unassigned pod to a node (the scheduler's write).
+    pub async fn bind(&self, route: &ObjectRoute, name: &str, body: &Value, q: &Query) -> Result<Reply, ApiError> {
+        let node = body.pointer("/target/name").and_then(Value::as_str).unwrap_or_default().to_string();
+        if node.is_empty() {
+            let r = route.resource;
+            return Err(ApiError::invalid(r, name, vec![FieldError::required("target.name", "")]));
+        }
+        let pod_route = ObjectRoute { sub: None, ..route.clone() };
+        let now = meta::rfc3339(now(self));
+        let writer = self.writer(route.resource, q, Some("binding"));
+        self.read_modify_write(&pod_route, name, 0, q, Output::default(), move |r, old| {
+            let conflict = |detail: String| ApiError::Conflict {
+                group: r.group.into(),
+                plural: r.plural.into(),
+                name: name.into(),
+                detail,
+            };
+            if old.value.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(conflict("pod is being deleted, cannot be assigned to a host".into()));
+            }
+            match old.value.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                Some(current) => Err(conflict(format!("pod {name} is already assigned to node {current:?}"))),
+                None => {
+                    let mut new = old.value.clone();
+                    new["spec"]["nodeName"] = json!(node);
+                    let conditions = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                    let mut conditions: Vec<Value> =
+                        conditions.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
+                    conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null,
+                                           "lastTransitionTime": now}));
+                    new["status"]["conditions"] = Value::Array(conditions);
+                    apply::record_update(Some(&old.value), &mut new, &writer);
+                    Ok(new)
+                }
+            }
+        })
+        .await?;
+        Ok(Reply::Object(201, created_status()))
+    }
+
+    /// POST pods/eviction: deletes the pod unless a PodDisruptionBudget selecting it allows no
+    /// disruption now (429, as kube-apiserver answers).
+    pub async fn evict(&self, route: &ObjectRoute, name: &str, body: &Value, q: &Query) -> Result<Reply, ApiError> {
+        let r = route.resource;
+        let key = r.key(route.namespace.as_deref(), name);
+        let pod = self.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(r, name))?;
+        let pdbs = resources::find("policy", "poddisruptionbudgets").expect("PDBs are served");
+        let page = self.store.list(&pdbs.prefix(route.namespace.as_deref()), None, 0, 0, false).await?;
+        for pdb in page.items {
+            // No selector selects nothing; an empty one (policy/v1) selects every pod.
+            let Some(selector) = pdb.value.pointer("/spec/selector").filter(|s| !s.is_null()) else { continue };
+            let selector = LabelSelector::from_json(selector).map_err(ApiError::Internal)?;
+            if !selector.matches(&pod.value) {
+                continue;
+            }
+            let allowed = pdb.value.pointer("/status/disruptionsAllowed").and_then(Value::as_i64).unwrap_or(0);
+            if allowed < 1 {
+                return Err(ApiError::TooManyRequests(format!(
+                    "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {} \
+                     needs {} healthy pods and has {} currently",
+                    meta::name(&pdb.value),
+                    pdb.value.pointer("/status/desiredHealthy").and_then(Value::as_i64).unwrap_or(0),
+                    pdb.value.pointer("/status/currentHealthy").and_then(Value::as_i64).unwrap_or(0),
+                )));
+            }
+        }
+        let options = body.get("deleteOptions").cloned().unwrap_or(Value::Null);
+        let pod_route = ObjectRoute { sub: None, ..route.clone() };
+        self.delete(&pod_route, name, &options, q).await?;
+        Ok(Reply::Object(201, created_status()))
+    }
+
     /// DELETE: at once, or by marking the object (deletionTimestamp) when finalizers or a
     /// graceful pod termination must run first.
     pub async fn delete(&self, route: &ObjectRoute, name: &str, options: &Value, q: &Query) -> Result<Reply, ApiError> {
@@ -686,6 +758,11 @@ fn with_rv(old: &Stored) -> Value {
     let mut v = old.value.clone();
     meta::set_resource_version(&mut v, old.rev);
     v
+}
+
+/// The Status a subresource POST (binding, eviction) answers with.
+fn created_status() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})
 }
 
 /// Drops the fields the kind does not have, as kube-apiserver's decoding does; with

@@ -310,6 +310,14 @@ async fn object(req: Request<Incoming>, route: route::ObjectRoute, api: &Api) ->
             let (body, _) = read_body(req).await?;
             api.create(&route, body, &q, out).await?
         }
+        (Method::POST, Some(name)) if route.sub.as_deref() == Some("binding") => {
+            let (body, _) = read_body(req).await?;
+            api.bind(&route, name, &body, &q).await?
+        }
+        (Method::POST, Some(name)) if route.sub.as_deref() == Some("eviction") => {
+            let (body, _) = read_body(req).await?;
+            api.evict(&route, name, &body, &q).await?
+        }
         (Method::PUT, Some(name)) => {
             let (body, _) = read_body(req).await?;
             api.update(&route, name, body, &q, out).await?

@@ -27,7 +27,7 @@ pub enum Route {
 }
 
 /// A resource path: `.../namespaces/{ns}/{plural}/{name}/{sub}` with the optional parts.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ObjectRoute {
     pub resource: &'static Resource,
     pub namespace: Option<String>,
