@@ -117,32 +117,111 @@ impl FieldSet {
 pub fn fields_of(obj: &Value) -> FieldSet {
     let mut set = FieldSet::default();
     if let Value::Object(m) = obj {
-        let mut m = m.clone();
-        for k in ["apiVersion", "kind", "status"] {
-            m.remove(k);
-        }
-        if let Some(Value::Object(md)) = m.get_mut("metadata") {
-            for k in ["name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"]
-            {
-                md.remove(k);
-            }
-            md.retain(|k, _| !k.starts_with("deletion"));
-            if md.is_empty() {
-                m.remove("metadata");
-            }
-        }
-        walk_map(&m, &mut Vec::new(), &mut Vec::new(), &mut set);
+        walk_map(m, &mut Vec::new(), &mut Vec::new(), &mut set);
     }
     set
+}
+
+/// Fields nobody owns: the type, the status (its own subresource) and the metadata the server
+/// keeps.
+fn is_bookkeeping(names: &[String]) -> bool {
+    match names {
+        [top] => matches!(top.as_str(), "apiVersion" | "kind" | "status"),
+        [meta, field] if meta == "metadata" => {
+            matches!(
+                field.as_str(),
+                "name" | "namespace" | "uid" | "resourceVersion" | "generation" | "creationTimestamp" | "managedFields"
+            ) || field.starts_with("deletion")
+        }
+        _ => false,
+    }
 }
 
 fn walk_map(m: &Map<String, Value>, names: &mut Vec<String>, path: &mut FieldPath, set: &mut FieldSet) {
     for (k, v) in m {
         names.push(k.clone());
-        path.push(format!("f:{k}"));
-        walk_value(v, names, path, set);
-        path.pop();
+        if !is_bookkeeping(names) {
+            path.push(format!("f:{k}"));
+            walk_value(v, names, path, set);
+            path.pop();
+        }
         names.pop();
+    }
+}
+
+/// The fields an update changed: set to a new value (`set`), or removed (`gone`). Equal
+/// subtrees are skipped whole, so a small change to a large object costs little.
+fn diff(
+    old: &Value,
+    new: &Value,
+    names: &mut Vec<String>,
+    path: &mut FieldPath,
+    set: &mut FieldSet,
+    gone: &mut FieldSet,
+) {
+    if old == new {
+        return;
+    }
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) if !o.is_empty() && !n.is_empty() && !is_atomic_map(names) => {
+            for k in o.keys().chain(n.keys().filter(|k| !o.contains_key(*k))) {
+                names.push(k.clone());
+                if !is_bookkeeping(names) {
+                    path.push(format!("f:{k}"));
+                    match (o.get(k), n.get(k)) {
+                        (Some(a), Some(b)) => diff(a, b, names, path, set, gone),
+                        (Some(a), None) => walk_value(a, names, path, gone),
+                        (None, Some(b)) => walk_value(b, names, path, set),
+                        (None, None) => {}
+                    }
+                    path.pop();
+                }
+                names.pop();
+            }
+        }
+        (Value::Array(o), Value::Array(n)) if matches!(shape(names), Shape::Keyed(_)) => {
+            let Shape::Keyed(keys) = shape(names) else { unreachable!() };
+            let keyed = |items: &[Value]| -> Vec<(Map<String, Value>, Value)> {
+                items.iter().filter_map(|i| Some((key_of(i, &keys)?, i.clone()))).collect()
+            };
+            let (o, n) = (keyed(o), keyed(n));
+            for (key, item) in &o {
+                path.push(key_elem(key));
+                match n.iter().find(|(k, _)| k == key) {
+                    Some((_, b)) => diff(item, b, names, path, set, gone),
+                    None => {
+                        gone.insert(path);
+                        if let Value::Object(m) = item {
+                            walk_map(m, names, path, gone);
+                        }
+                    }
+                }
+                path.pop();
+            }
+            for (key, item) in n.iter().filter(|(k, _)| !o.iter().any(|(ok, _)| ok == k)) {
+                path.push(key_elem(key));
+                set.insert(path);
+                if let Value::Object(m) = item {
+                    walk_map(m, names, path, set);
+                }
+                path.pop();
+            }
+        }
+        (Value::Array(o), Value::Array(n)) if matches!(shape(names), Shape::Set) => {
+            for (items, others, into) in [(o, n, &mut *gone), (n, o, &mut *set)] {
+                for item in items.iter().filter(|i| !others.contains(i)) {
+                    path.push(format!("v:{item}"));
+                    into.insert(path);
+                    path.pop();
+                }
+            }
+        }
+        // A scalar, an atomic value, or a change of shape: what was there is gone, what is
+        // there now is set.
+        _ => {
+            walk_value(old, names, path, gone);
+            walk_value(new, names, path, set);
+        }
     }
 }
 
@@ -153,9 +232,9 @@ fn walk_value(v: &Value, names: &mut Vec<String>, path: &mut FieldPath, set: &mu
             Shape::Keyed(keys) => {
                 let mut any = false;
                 for item in items {
-                    let Some(key) = item_key(item, &keys) else { continue };
+                    let Some(key) = key_of(item, &keys) else { continue };
                     any = true;
-                    path.push(key);
+                    path.push(key_elem(&key));
                     set.insert(path);
                     if let Value::Object(m) = item {
                         walk_map(m, names, path, set);
@@ -202,8 +281,8 @@ fn shape(names: &[String]) -> Shape {
     }
 }
 
-/// `k:{...}` for an item, its key fields with Kubernetes' defaults filled in.
-fn item_key(item: &Value, keys: &[&str]) -> Option<String> {
+/// An item's key fields, with Kubernetes' defaults filled in.
+fn key_of(item: &Value, keys: &[&str]) -> Option<Map<String, Value>> {
     let mut key = Map::new();
     for k in keys {
         let v = match (item.get(*k), *k) {
@@ -213,11 +292,16 @@ fn item_key(item: &Value, keys: &[&str]) -> Option<String> {
         };
         key.insert((*k).to_string(), v);
     }
-    Some(format!("k:{}", Value::Object(key)))
+    Some(key)
+}
+
+/// The path element of a keyed item: `k:{"name":"web"}`.
+fn key_elem(key: &Map<String, Value>) -> String {
+    format!("k:{}", serde_json::to_string(key).expect("a map serializes"))
 }
 
 /// The value at a path, if the object has it.
-pub fn value_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
+fn value_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
     let mut v = obj;
     for p in path {
         v = step(v, p)?;
@@ -226,19 +310,20 @@ pub fn value_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 fn step<'a>(v: &'a Value, elem: &str) -> Option<&'a Value> {
-    if let Some(field) = elem.strip_prefix("f:") {
-        return v.get(field);
+    match elem.strip_prefix("f:") {
+        Some(field) => v.get(field),
+        None => v.get(item_index(v.as_array()?, elem)?),
     }
-    let items = v.as_array()?;
+}
+
+/// The position of the list item a `k:` or `v:` element names.
+fn item_index(items: &[Value], elem: &str) -> Option<usize> {
     if let Some(key) = elem.strip_prefix("k:") {
         let key: Map<String, Value> = serde_json::from_str(key).ok()?;
-        return items.iter().find(|item| key_matches(item, &key));
+        return items.iter().position(|item| key_matches(item, &key));
     }
-    if let Some(raw) = elem.strip_prefix("v:") {
-        let want: Value = serde_json::from_str(raw).ok()?;
-        return items.iter().find(|item| **item == want);
-    }
-    None
+    let want: Value = serde_json::from_str(elem.strip_prefix("v:")?).ok()?;
+    items.iter().position(|item| *item == want)
 }
 
 fn key_matches(item: &Value, key: &Map<String, Value>) -> bool {
@@ -253,28 +338,28 @@ fn remove_at(obj: &mut Value, path: &[String]) {
     let Some((last, parents)) = path.split_last() else { return };
     let mut v = obj;
     for p in parents {
-        let next = if let Some(field) = p.strip_prefix("f:") {
-            v.get_mut(field)
-        } else {
-            let index = v.as_array().and_then(|items| {
-                let found = step(&Value::Array(items.clone()), p).cloned()?;
-                items.iter().position(|i| *i == found)
-            });
-            index.and_then(move |i| v.get_mut(i))
+        let next = match p.strip_prefix("f:") {
+            Some(field) => v.get_mut(field),
+            None => match v.as_array().and_then(|items| item_index(items, p)) {
+                Some(i) => v.get_mut(i),
+                None => None,
+            },
         };
         match next {
             Some(n) => v = n,
             None => return,
         }
     }
-    if let Some(field) = last.strip_prefix("f:") {
-        if let Some(m) = v.as_object_mut() {
+    match (last.strip_prefix("f:"), v) {
+        (Some(field), Value::Object(m)) => {
             m.remove(field);
         }
-    } else if let Some(found) = step(v, last).cloned()
-        && let Some(items) = v.as_array_mut()
-    {
-        items.retain(|i| *i != found);
+        (None, Value::Array(items)) => {
+            if let Some(i) = item_index(items, last) {
+                items.remove(i);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -362,7 +447,8 @@ pub struct Writer {
 }
 
 /// Records an update (create when `old` is None): the writer owns what it changed, nobody
-/// else does any more. A request that set `managedFields` itself keeps them as sent.
+/// else does any more. A request that set `managedFields` itself keeps them as sent; an
+/// empty list clears them.
 pub fn record_update(old: Option<&Value>, new: &mut Value, w: &Writer) {
     let before = old.map(entries).unwrap_or_default();
     let then = old.and_then(|o| o.pointer("/metadata/managedFields"));
@@ -373,21 +459,17 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, w: &Writer) {
             set_entries(new, Vec::new());
             return;
         }
+        // Set by the request (server-side apply's create among them): kept as sent.
+        Some(Value::Array(sent)) if old.is_none() && !sent.is_empty() => return,
         Some(sent) if old.is_some() && Some(sent) != then => return,
         Some(_) => {}
     }
-    let null = Value::Null;
-    let old_obj = old.unwrap_or(&null);
-    let (now_set, then_set) = (fields_of(new), fields_of(old_obj));
-    let mut changed: Vec<FieldPath> = Vec::new();
-    for p in now_set.members() {
-        let (a, b) = (value_at(old_obj, &p), value_at(new, &p));
-        let differs = if p.last().is_some_and(|l| !l.starts_with("f:")) { a.is_none() } else { a != b };
-        if differs {
-            changed.push(p);
-        }
+    let (mut set, mut gone) = (FieldSet::default(), FieldSet::default());
+    match old {
+        Some(old) => diff(old, new, &mut Vec::new(), &mut Vec::new(), &mut set, &mut gone),
+        None => set = fields_of(new),
     }
-    let gone: Vec<FieldPath> = then_set.members().into_iter().filter(|p| value_at(new, p).is_none()).collect();
+    let (changed, gone) = (set.members(), gone.members());
     if changed.is_empty() && gone.is_empty() {
         set_entries(new, before);
         return;
@@ -513,8 +595,7 @@ fn merge(live: &mut Value, applied: &Value, names: &mut Vec<String>) {
         (Value::Array(l), Value::Array(a)) => match shape(names) {
             Shape::Keyed(keys) => {
                 for item in a {
-                    let Some(key) = item_key(item, &keys) else { continue };
-                    let key: Map<String, Value> = serde_json::from_str(&key[2..]).unwrap_or_default();
+                    let Some(key) = key_of(item, &keys) else { continue };
                     match l.iter_mut().find(|i| key_matches(i, &key)) {
                         Some(existing) => merge(existing, item, names),
                         None => l.push(item.clone()),
@@ -623,6 +704,31 @@ mod tests {
         assert_eq!(out["metadata"]["annotations"], json!({ "shared": "y" }), "team dropped, shared kept");
         assert_eq!(out["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"], "1");
         assert_eq!(out["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1");
+    }
+
+    #[test]
+    fn a_create_owns_everything_and_an_update_only_what_it_changed() {
+        let mut created = deployment(3, "nginx:1");
+        record_update(None, &mut created, &writer("kubectl-create"));
+        let fields = entries(&created)[0].fields.to_json();
+        let container = &fields["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"];
+        assert_eq!((container["."].clone(), container["f:image"].clone()), (json!({}), json!({})));
+
+        let mut updated = created.clone();
+        updated["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:2");
+        updated["metadata"]["labels"] = json!({ "app": "web", "tier": "front" });
+        record_update(Some(&created), &mut updated, &writer("kubectl-set"));
+        let list = entries(&updated);
+        let mine = list[1].fields.to_json();
+        assert_eq!(
+            mine,
+            json!({ "f:metadata": { "f:labels": { "f:tier": {} } },
+                    "f:spec": { "f:template": { "f:spec": { "f:containers": {
+                        "k:{\"name\":\"web\"}": { "f:image": {} } } } } } })
+        );
+        let creator = list[0].fields.to_json();
+        let container = &creator["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"];
+        assert!(container.get("f:image").is_none() && container.get("f:name").is_some(), "the image moved");
     }
 
     #[test]

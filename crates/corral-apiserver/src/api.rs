@@ -102,7 +102,7 @@ enum Source {
         rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
         replay: std::collections::VecDeque<Arc<Change>>,
         skip_upto: i64,
-        feed: Arc<FeedHandle>,
+        feed: FeedHandle,
     },
     /// A store watch of its own, for a revision older than the feed remembers.
     Direct(corral_store::watch::WatchStream),
@@ -225,27 +225,12 @@ impl Api {
         ))
     }
 
-    pub async fn create(&self, route: &ObjectRoute, obj: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
-        self.create_as(route, obj, q, out, true).await
-    }
-
-    /// Creates an object; `record` is false when server-side apply already wrote its
-    /// managedFields.
-    async fn create_as(
-        &self,
-        route: &ObjectRoute,
-        mut obj: Value,
-        q: &Query,
-        out: Output,
-        record: bool,
-    ) -> Result<Reply, ApiError> {
+    pub async fn create(&self, route: &ObjectRoute, mut obj: Value, q: &Query, out: Output) -> Result<Reply, ApiError> {
         let r = route.resource;
         check_fields(r, &mut obj, strict(q))?;
         meta::prepare_create(r, &mut obj, route.namespace.as_deref(), self.mint.as_ref())?;
         crate::defaults::apply(r, &mut obj);
-        if record {
-            apply::record_update(None, &mut obj, &self.writer(r, q, None));
-        }
+        apply::record_update(None, &mut obj, &self.writer(r, q, None));
         crate::validate::object(r, &obj)?;
         let name = meta::name(&obj).to_string();
         if r.namespaced {
@@ -389,7 +374,7 @@ impl Api {
         let key = r.key(route.namespace.as_deref(), name);
         if self.store.get(&key, false).await?.is_none() {
             let obj = apply::apply(None, &body, &writer, force)?;
-            match self.create_as(route, obj, q, out, false).await {
+            match self.create(route, obj, q, out).await {
                 Err(ApiError::AlreadyExists { .. }) => {}
                 other => return other,
             }

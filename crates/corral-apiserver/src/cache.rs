@@ -65,7 +65,7 @@ pub enum Subscription {
     Shared {
         rx: broadcast::Receiver<Arc<Change>>,
         replay: Vec<Arc<Change>>,
-        feed: Arc<FeedHandle>,
+        feed: FeedHandle,
     },
     /// The revision is older than the feed remembers: the client needs its own store watch.
     TooOld,
@@ -104,7 +104,7 @@ impl WatchCache {
             Some(_) => return Ok(Subscription::TooOld),
         };
         drop(state);
-        Ok(Subscription::Shared { rx, replay, feed: Arc::new(FeedHandle(feed)) })
+        Ok(Subscription::Shared { rx, replay, feed: FeedHandle(feed) })
     }
 
     fn feed(&self, store: &ObjectStore, r: &'static Resource) -> Result<Arc<Feed>, ApiError> {

@@ -114,8 +114,18 @@ pub async fn side_of_write(
     if !is_service(r) {
         return Ok(Side::default());
     }
-    let taken = taken(store).await?;
-    let claims = allocate(r, old, new, ranges, &taken, &mut rand::rng())?;
+    // Most writes keep the addresses the Service holds: then what others hold does not
+    // matter, and the claims need not be read.
+    let mut kept = new.clone();
+    let unchanged = allocate(r, old, &mut kept, ranges, &Taken::default(), &mut rand::rng())
+        .is_ok_and(|claims| claims.is_empty());
+    let claims = if unchanged {
+        *new = kept;
+        Vec::new()
+    } else {
+        let taken = taken(store).await?;
+        allocate(r, old, new, ranges, &taken, &mut rand::rng())?
+    };
     let releases = old.map(|o| released(o, Some(new))).unwrap_or_default();
     let owner = json!(format!("{}/{}", meta::namespace(new).unwrap_or_default(), meta::name(new)));
     Ok(Side { claims, owner, releases })

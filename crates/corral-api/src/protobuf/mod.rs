@@ -75,7 +75,7 @@ fn decode_message(bytes: &[u8], message: &Message) -> Result<Map<String, Value>,
             // A packed repeated number.
             let mut packed = Reader::new(r.bytes()?);
             while !packed.done() {
-                let v = scalar_varint(field, packed.varint()?);
+                let v = scalar_varint(&field.ty, packed.varint()?);
                 push(&mut out, field, v);
             }
             continue;
@@ -86,7 +86,8 @@ fn decode_message(bytes: &[u8], message: &Message) -> Result<Map<String, Value>,
             map.as_object_mut().expect("maps are objects").insert(key, value);
             continue;
         }
-        let value = decode_value(&mut r, wire, field, message)?;
+        let value =
+            decode_value(&mut r, wire, &field.ty, &|| format!("field {num} ({}) of {}", field.name, message.name))?;
         if field.name == schema::INLINE {
             // An embedded struct (`json:",inline"`): its fields are the parent's in JSON.
             if let Value::Object(inner) = value {
@@ -116,10 +117,10 @@ fn is_zero(v: &Value) -> bool {
     }
 }
 
-fn decode_value(r: &mut Reader, wire: Wire, field: &Field, parent: &Message) -> Result<Value, ApiError> {
-    let mismatch = || bad(&format!("field {} ({}) of {} has the wrong wire type", field.num, field.name, parent.name));
-    let value = match (&field.ty, wire) {
-        (ty, Wire::Varint) if ty.is_varint() => scalar_varint(field, r.varint()?),
+/// One value of type `ty`; `what` names the field for errors.
+fn decode_value(r: &mut Reader, wire: Wire, ty: &Type, what: &dyn Fn() -> String) -> Result<Value, ApiError> {
+    let value = match (ty, wire) {
+        (ty, Wire::Varint) if ty.is_varint() => scalar_varint(ty, r.varint()?),
         (Type::Double, Wire::Fixed64) => json!(f64::from_bits(r.fixed64()?)),
         (Type::String, Wire::Len) => json!(r.string()?),
         (Type::Bytes, Wire::Len) => json!(base64::engine::general_purpose::STANDARD.encode(r.bytes()?)),
@@ -132,13 +133,13 @@ fn decode_value(r: &mut Reader, wire: Wire, field: &Field, parent: &Message) -> 
             let message = schema::message(name).expect("the schema's references are checked");
             Value::Object(decode_message(r.bytes()?, message)?)
         }
-        _ => return Err(mismatch()),
+        _ => return Err(bad(&format!("{} has the wrong wire type", what()))),
     };
     Ok(value)
 }
 
-fn scalar_varint(field: &Field, v: u64) -> Value {
-    match field.ty {
+fn scalar_varint(ty: &Type, v: u64) -> Value {
+    match ty {
         Type::Bool => json!(v != 0),
         Type::Int32 => json!(v as i64 as i32),
         _ => json!(v as i64),
@@ -147,14 +148,12 @@ fn scalar_varint(field: &Field, v: u64) -> Value {
 
 /// One `map<string, V>` entry: field 1 the key, field 2 the value.
 fn decode_entry(bytes: &[u8], value_ty: &Type) -> Result<(String, Value), ApiError> {
-    let entry_field = Field { num: 2, name: "value".into(), ty: value_ty.clone(), repeated: false, ptr: true };
-    let entry = Message { name: "map entry".into(), fields: vec![entry_field] };
     let (mut key, mut value) = (String::new(), None);
     let mut r = Reader::new(bytes);
     while let Some((num, wire)) = r.tag()? {
         match (num, wire) {
             (1, Wire::Len) => key = r.string()?,
-            (2, _) => value = Some(decode_value(&mut r, wire, &entry.fields[0], &entry)?),
+            (2, _) => value = Some(decode_value(&mut r, wire, value_ty, &|| format!("the value of map key {key:?}"))?),
             _ => r.skip(wire)?,
         }
     }
