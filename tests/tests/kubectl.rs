@@ -168,6 +168,42 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     assert!(c.kube_fails(&["get", "cm", "bad"])?.contains("NotFound"), "nothing bad was stored");
     c.kube(&["delete", "cm", "versioned"])?;
 
+    info!("describe, sorting, custom columns, labels and explain print as they do against Kubernetes");
+    let described = c.kube(&["describe", "deployment", "my-deployment"])?;
+    let field = |name: &str| described.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default();
+    assert_eq!(field("Name:"), "my-deployment", "{described}");
+    assert_eq!(field("Replicas:"), "5 desired | 0 updated | 0 total | 0 available | 0 unavailable");
+    assert_eq!(field("StrategyType:"), "RollingUpdate");
+    for (name, rank) in [("z-first", "1"), ("a-second", "2")] {
+        c.kube(&["create", "configmap", name, &format!("--from-literal=rank={rank}")])?;
+        c.kube(&["label", "configmap", name, "group=ranked"])?;
+    }
+    let columns = "custom-columns=NAME:.metadata.name,RANK:.data.rank";
+    let sorted = c.kube(&["get", "cm", "-l", "group=ranked", "--sort-by=.data.rank", "-o", columns])?;
+    assert_eq!(sorted, "NAME       RANK\nz-first    1\na-second   2\n");
+    let labelled = c.kube(&["get", "cm", "settings", "--show-labels"])?;
+    assert!(labelled.lines().nth(1).is_some_and(|l| l.ends_with("app=myapp,tier=back")), "{labelled}");
+    let everywhere = c.kube(&["get", "cm", "-A"])?;
+    assert!(everywhere.starts_with("NAMESPACE ") && everywhere.contains("z-first"), "{everywhere}");
+    assert!(c.kube(&["get", "cm", "z-first", "-o", "yaml"])?.contains("kind: ConfigMap\n"));
+    let explained = c.kube(&["explain", "pod.spec.containers"])?;
+    assert!(
+        explained.contains("FIELD: containers <[]Container>") && explained.contains("image\t<string>"),
+        "{explained}"
+    );
+    assert_eq!(
+        c.kube(&["delete", "cm", "-l", "group=ranked"])?,
+        "configmap \"a-second\" deleted\nconfigmap \"z-first\" deleted\n"
+    );
+    c.kube(&["create", "namespace", "scratch"])?;
+    for name in ["one", "two"] {
+        c.kube(&["create", "configmap", name, "-n", "scratch"])?;
+    }
+    assert_eq!(
+        c.kube(&["delete", "cm", "--all", "-n", "scratch"])?,
+        "configmap \"one\" deleted\nconfigmap \"two\" deleted\n"
+    );
+
     info!("delete by name and by file; the objects are gone");
     assert_eq!(
         c.kube(&["delete", "configmap", "settings", "watched"])?,
@@ -278,7 +314,22 @@ fn typed_clients_and_server_side_apply() -> Result<()> {
     assert!(refused.contains("would violate the pod's disruption budget"), "{refused}");
     c.kube(&["delete", "pdb", "keep"])?;
     run(c.kubectl().args(evict), Some(eviction))?;
-    assert!(c.kube_fails(&["get", "pod", "pod1"])?.contains("NotFound"), "evicted");
+
+    info!("a pod on a node terminates gracefully: marked with its grace period until its node (or a force) ends it");
+    let marked = c.kube(&["get", "pod", "pod1", "-o", "jsonpath={.metadata.deletionGracePeriodSeconds}"])?;
+    assert_eq!(marked, "30", "evicted with the default grace period");
+    assert!(c.kube(&["get", "pod", "pod1"])?.contains("Terminating"));
+    let forced = c.kube(&["delete", "pod", "pod1", "--grace-period=0", "--force"])?;
+    assert!(forced.contains(r#"pod "pod1" force deleted"#), "{forced}");
+    assert!(c.kube_fails(&["get", "pod", "pod1"])?.contains("NotFound"), "gone");
+
+    info!("a finalizer holds a deleted object until an update removes it");
+    c.kube(&["create", "configmap", "held", "--from-literal=a=b"])?;
+    c.kube(&["patch", "cm", "held", "--type", "merge", "-p", r#"{"metadata":{"finalizers":["example.com/hold"]}}"#])?;
+    assert_eq!(c.kube(&["delete", "cm", "held", "--wait=false"])?, "configmap \"held\" deleted\n");
+    assert!(!c.kube(&["get", "cm", "held", "-o", "jsonpath={.metadata.deletionTimestamp}"])?.is_empty());
+    c.kube(&["patch", "cm", "held", "--type", "json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#])?;
+    assert!(c.kube_fails(&["get", "cm", "held"])?.contains("NotFound"), "released and gone");
 
     info!("the oldest and newest kubectl we support: apply, get, delete");
     for version in ["1.27", "1.33"] {

@@ -3,6 +3,7 @@
 //! `metav1.Status` errors. `corral-apiserver` puts these behind HTTP and the store.
 
 pub mod apply;
+pub mod deletion;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

@@ -9,6 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::time::Duration;
 
 use corral_api::apply::{self, Writer};
+use corral_api::deletion::{self, Deletion, Propagation};
 use corral_api::meta::{self, Minter};
 use corral_api::patch::{self, PatchType};
 use corral_api::resources::{self, Resource};
@@ -411,7 +412,14 @@ impl Api {
             if dry_run(q) || new == old.value {
                 return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
             }
-            match self.store.put_if_with(&key, &new, old.rev, &side).await? {
+            let written = if deletion::finished(&new) {
+                // The last finalizer is gone from a marked object: the update deletes it.
+                let side = services::side_of_delete(r, &old.value);
+                self.store.delete_if_with(&key, old.rev, &side).await?
+            } else {
+                self.store.put_if_with(&key, &new, old.rev, &side).await?
+            };
+            match written {
                 WriteOutcome::Written(rev) => return Ok(Reply::Object(200, self.present_sub(r, route, new, rev, out))),
                 WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
                 WriteOutcome::Mismatch(Some(_)) if expect != 0 => return Err(ApiError::modified(r, name)),
@@ -507,15 +515,17 @@ impl Api {
     pub async fn delete(&self, route: &ObjectRoute, name: &str, options: &Value, q: &Query) -> Result<Reply, ApiError> {
         let r = route.resource;
         let key = r.key(route.namespace.as_deref(), name);
-        let policy = options
-            .get("propagationPolicy")
-            .and_then(Value::as_str)
-            .or(q.get("propagationPolicy"))
-            .unwrap_or("Background")
-            .to_string();
-        if !matches!(policy.as_str(), "Background" | "Foreground" | "Orphan") {
-            return Err(ApiError::BadRequest(format!("unsupported propagation policy {policy:?}")));
-        }
+        let policy = Propagation::parse(
+            options.get("propagationPolicy").and_then(Value::as_str).or(q.get("propagationPolicy")),
+        )?;
+        let grace = match options.get("gracePeriodSeconds").and_then(Value::as_i64) {
+            Some(g) => Some(g),
+            None => q
+                .get("gracePeriodSeconds")
+                .map(|g| g.parse::<i64>())
+                .transpose()
+                .map_err(|_| ApiError::BadRequest("gracePeriodSeconds must be a whole number of seconds".into()))?,
+        };
         for _ in 0..WRITE_RETRIES {
             let old = self.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(r, name))?;
             if let Some(uid) = options.pointer("/preconditions/uid").and_then(Value::as_str)
@@ -531,42 +541,31 @@ impl Api {
                     ),
                 });
             }
-            let mut obj = old.value.clone();
-            let mut finalizers: Vec<Value> =
-                obj.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
-            let extra = match policy.as_str() {
-                "Foreground" => Some("foregroundDeletion"),
-                "Orphan" => Some("orphan"),
-                _ => None,
-            };
-            if let Some(f) = extra
-                && !finalizers.iter().any(|x| x == f)
-            {
-                finalizers.push(json!(f));
-            }
             let namespace_delete = r.plural == "namespaces";
-            if finalizers.is_empty() && !namespace_delete {
-                if dry_run(q) {
-                    return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
-                }
-                match self.store.delete_if_with(&key, old.rev, &services::side_of_delete(r, &old.value)).await? {
-                    WriteOutcome::Written(_) => {
-                        return Ok(Reply::Object(200, self.present(r, obj, old.rev, Output::default())));
+            let plan = deletion::plan(r, &old.value, grace, policy, now(self));
+            let mut obj = match plan {
+                Deletion::Now if !namespace_delete => {
+                    if dry_run(q) {
+                        return Ok(Reply::Object(200, self.present(r, old.value, old.rev, Output::default())));
                     }
-                    WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
-                    WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
+                    match self.store.delete_if_with(&key, old.rev, &services::side_of_delete(r, &old.value)).await? {
+                        WriteOutcome::Written(_) => {
+                            return Ok(Reply::Object(200, self.present(r, old.value, old.rev, Output::default())));
+                        }
+                        WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
+                        WriteOutcome::Mismatch(Some(_)) | WriteOutcome::ClaimTaken => continue,
+                    }
                 }
-            }
-            // Marked for deletion: the finalizers' owners (and the namespace cleaner) finish it.
-            let m = meta::metadata_mut(&mut obj);
-            if !m.contains_key("deletionTimestamp") {
-                m.insert("deletionTimestamp".into(), json!(meta::rfc3339(now(self))));
-                m.insert("deletionGracePeriodSeconds".into(), json!(0));
-            }
-            if !finalizers.is_empty() {
-                m.insert("finalizers".into(), Value::Array(finalizers));
-            }
+                Deletion::Mark(obj) => obj,
+                Deletion::Now | Deletion::Unchanged => old.value.clone(),
+            };
+            // A namespace is marked and emptied by the cleaner, which deletes it last.
             if namespace_delete {
+                let m = meta::metadata_mut(&mut obj);
+                if !m.contains_key("deletionTimestamp") {
+                    m.insert("deletionTimestamp".into(), json!(meta::rfc3339(now(self))));
+                    m.insert("deletionGracePeriodSeconds".into(), json!(0));
+                }
                 obj["status"] = json!({"phase": "Terminating"});
             }
             if obj == old.value || dry_run(q) {

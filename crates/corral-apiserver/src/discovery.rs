@@ -90,6 +90,84 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": entries}))
 }
 
+/// The aggregated discovery versions clients ask for, newest first, with the Content-Type
+/// each is answered with (client-go compares it to decide how to read the body).
+pub const AGGREGATED: [(&str, &str); 2] = [
+    ("v2", "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"),
+    ("v2beta1", "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList"),
+];
+
+/// Which aggregated discovery version (and its Content-Type) an Accept header asks for, if
+/// any: the first listed that Corral serves.
+pub fn aggregated_version(accept: &str) -> Option<(&'static str, &'static str)> {
+    accept.split(',').find_map(|part| {
+        let params: Vec<&str> = part.split(';').map(str::trim).collect();
+        let has = |p: &str| params.contains(&p);
+        if !(has("g=apidiscovery.k8s.io") && has("as=APIGroupDiscoveryList")) {
+            return None;
+        }
+        AGGREGATED.iter().copied().find(|(v, _)| has(&format!("v={v}")))
+    })
+}
+
+/// `/api` (`core`) or `/apis` as an APIGroupDiscoveryList: every group with its resources in
+/// one document, so kubectl needs one request instead of one per group-version.
+pub fn aggregated(core: bool, version: &str) -> Value {
+    let items: Vec<Value> = resources::groups()
+        .into_iter()
+        .filter(|(g, _)| g.is_empty() == core)
+        .map(|(g, v)| {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.group == g && r.version == v)
+                .map(|r| {
+                    let subresources: Vec<Value> = r
+                        .subresources
+                        .iter()
+                        .map(|s| {
+                            json!({
+                                "subresource": s.name,
+                                "responseKind": {"group": s.group.unwrap_or(g), "version": s.version.unwrap_or(v),
+                                                 "kind": s.kind},
+                                "verbs": s.verbs,
+                            })
+                        })
+                        .collect();
+                    let mut entry = json!({
+                        "resource": r.plural,
+                        "responseKind": {"group": g, "version": v, "kind": r.kind},
+                        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                        "singularResource": r.singular,
+                        "verbs": VERBS,
+                    });
+                    if !r.short_names.is_empty() {
+                        entry["shortNames"] = json!(r.short_names);
+                    }
+                    if !r.categories.is_empty() {
+                        entry["categories"] = json!(r.categories);
+                    }
+                    if !subresources.is_empty() {
+                        entry["subresources"] = json!(subresources);
+                    }
+                    entry
+                })
+                .collect();
+            let mut metadata = json!({"creationTimestamp": null});
+            if !g.is_empty() {
+                metadata["name"] = json!(g);
+            }
+            json!({"metadata": metadata,
+                   "versions": [{"version": v, "resources": resources, "freshness": "Current"}]})
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+        "metadata": {},
+        "items": items,
+    })
+}
+
 /// `/openapi/v3`: one entry per group-version.
 pub fn openapi_v3_index() -> Value {
     let mut paths = serde_json::Map::new();
@@ -175,5 +253,32 @@ mod tests {
         assert!(resource_list("apps", "v2").is_none());
         assert!(groups()["groups"].as_array().unwrap().iter().any(|g| g["name"] == "apps"));
         assert!(openapi_v3_index()["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap().contains("hash="));
+    }
+
+    #[test]
+    fn aggregated_discovery_answers_the_first_version_asked_for_in_one_document() {
+        let v2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,\
+                  application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(v2).map(|(v, _)| v), Some("v2"));
+        let beta = "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(beta), Some(AGGREGATED[1]));
+        assert_eq!(aggregated_version("application/json, */*"), None);
+
+        let core = aggregated(true, "v2");
+        assert_eq!(core["items"].as_array().map(Vec::len), Some(1), "/api holds the core group only");
+        assert!(core["items"][0]["metadata"].get("name").is_none());
+        let pods = &core["items"][0]["versions"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "pods")
+            .unwrap();
+        assert_eq!(pods["scope"], "Namespaced");
+        let eviction =
+            pods["subresources"].as_array().unwrap().iter().find(|s| s["subresource"] == "eviction").unwrap();
+        assert_eq!(eviction["responseKind"], json!({"group": "policy", "version": "v1", "kind": "Eviction"}));
+        let apis = aggregated(false, "v2beta1");
+        assert_eq!(apis["apiVersion"], "apidiscovery.k8s.io/v2beta1");
+        assert!(apis["items"].as_array().unwrap().iter().any(|g| g["metadata"]["name"] == "apps"));
     }
 }

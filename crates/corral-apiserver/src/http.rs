@@ -247,12 +247,21 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     let get = req.method() == Method::GET;
     let ok = |v: Value| Ok(json_response(200, &v));
+    let accept = req.headers().get("accept").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let aggregated = discovery::aggregated_version(accept);
     match route {
         Route::Version if get => ok(discovery::version()),
         Route::Health(_) if get => Ok(Response::builder()
             .header("content-type", "text/plain; charset=utf-8")
             .body(Full::new(Bytes::from_static(b"ok")).boxed())
             .expect("valid response")),
+        Route::CoreVersions | Route::Groups if get && aggregated.is_some() => {
+            let (version, content_type) = aggregated.unwrap_or(discovery::AGGREGATED[0]);
+            let doc = discovery::aggregated(matches!(route, Route::CoreVersions), version);
+            let mut resp = json_response(200, &doc);
+            resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(content_type));
+            Ok(resp)
+        }
         Route::CoreVersions if get => ok(discovery::core_versions(&config.advertise)),
         Route::Groups if get => ok(discovery::groups()),
         Route::Group(g) if get => discovery::group(&g).map(|d| json_response(200, &d)).ok_or(ApiError::NoRoute),

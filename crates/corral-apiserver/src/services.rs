@@ -117,8 +117,8 @@ pub async fn side_of_write(
     // Most writes keep the addresses the Service holds: then what others hold does not
     // matter, and the claims need not be read.
     let mut kept = new.clone();
-    let unchanged = allocate(r, old, &mut kept, ranges, &Taken::default(), &mut rand::rng())
-        .is_ok_and(|claims| claims.is_empty());
+    let unchanged =
+        allocate(r, old, &mut kept, ranges, &Taken::default(), &mut rand::rng()).is_ok_and(|claims| claims.is_empty());
     let claims = if unchanged {
         *new = kept;
         Vec::new()
