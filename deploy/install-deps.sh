@@ -3,10 +3,15 @@
 #   librocksdb-dev, libclang-dev   the store's RocksDB (system library: minutes, not a quarter hour, to build)
 #   etcd-client                    etcdctl 3.4, the reference client in the end-to-end tests
 #   etcd-server                    etcd 3.4, the side-by-side anchor for compatibility tests and benchmarks
+#   containerd, runc               the container runtime agents drive through CRI
+#   containernetworking-plugins    CNI plugins (bridge, host-local, portmap, loopback) in /usr/lib/cni
+#   busybox-static, nginx, gcc     what `corral image build` makes the busybox, nginx and pause images of
+#   iproute2, nftables, iptables   node network namespaces, service rules
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
-packages=(librocksdb-dev libclang-dev etcd-client etcd-server)
+packages=(librocksdb-dev libclang-dev etcd-client etcd-server containerd runc containernetworking-plugins
+  busybox-static nginx gcc libc6-dev iproute2 nftables iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,7 +24,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "need root to install packages: run as root, or: sudo apt-get install ${missing[*]}" >&2
   exit 1
 fi
-# Debian starts etcd as a service on install; Corral only wants its binary.
+# Debian starts etcd, containerd and nginx as services on install; Corral only wants their binaries.
 no_start=/usr/sbin/policy-rc.d
 created_policy=0
 if [ ! -e "$no_start" ]; then

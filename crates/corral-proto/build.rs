@@ -2,12 +2,13 @@
 
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let includes = [root.join("etcd"), root.join("corral")];
+    let includes = [root.join("etcd"), root.join("corral"), root.join("cri")];
     let files = [
         root.join("etcd/kv.proto"),
         root.join("etcd/auth.proto"),
         root.join("etcd/rpc.proto"),
         root.join("corral/store.proto"),
+        root.join("cri/runtime.proto"),
     ];
     // Relative to this crate, so that a target directory shared by clones at other paths
     // (CI keeps one) still sees edits here.

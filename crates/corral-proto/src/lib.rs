@@ -2,6 +2,7 @@
 //!
 //! - [`etcdserverpb`], [`mvccpb`], [`authpb`]: etcd's v3 API, wire-compatible with etcd 3.4+.
 //! - [`store`]: Corral's Raft entries and server-to-server RPCs.
+//! - [`cri`]: the Kubernetes CRI (`runtime.v1`) the agent speaks to containerd.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -27,3 +28,12 @@ pub mod corral {
 }
 
 pub use corral::store::v1 as store;
+
+/// The container runtime interface, package `runtime.v1` (proto/cri/runtime.proto).
+pub mod runtime {
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
+pub use runtime::v1 as cri;

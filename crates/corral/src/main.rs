@@ -1,6 +1,7 @@
 //! `corral`: the one binary. Servers, local clusters, benchmarks.
 
 mod bench;
+mod image;
 mod local;
 mod server;
 mod tls;
@@ -31,6 +32,9 @@ enum Command {
     /// Benchmarks that print figures, run the same way against Corral and etcd.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Container images for machines with no registry.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 fn main() -> Result<()> {
@@ -44,6 +48,7 @@ fn main() -> Result<()> {
         Command::Up(args) => runtime.block_on(local::up(args)),
         Command::Down(args) => runtime.block_on(local::down(args)),
         Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
+        Command::Image(cmd) => image::run(cmd),
     }
 }
 
