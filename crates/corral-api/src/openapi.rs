@@ -207,8 +207,8 @@ mod tests {
         assert_eq!(unknown, ["bogus", "spec.template.spec.containers[0].colour"]);
         assert!(d.get("bogus").is_none());
         assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"], 80);
-        let mut node = json!({ "kind": "Node", "whatever": 1 });
-        assert!(prune_unknown("Node", &mut node).is_empty(), "kinds without a schema are left alone");
+        let mut widget = json!({ "kind": "Widget", "whatever": 1 });
+        assert!(prune_unknown("Widget", &mut widget).is_empty(), "kinds without a schema are left alone");
     }
 
     #[test]
@@ -228,6 +228,224 @@ mod tests {
         let probe = &c[component("Probe")]["properties"];
         assert!(probe.get("httpGet").is_some(), "an inline struct's fields are the parent's");
         let node = &c[component("Node")];
-        assert_eq!(node["x-kubernetes-group-version-kind"][0]["kind"], "Node", "kinds without a table entry too");
+        assert_eq!(node["x-kubernetes-group-version-kind"][0]["kind"], "Node");
+    }
+
+    #[test]
+    fn prune_keeps_every_field_of_served_system_kinds() {
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": "node-1", "uid": "6a1f0c3e-9d0b-4c51-a3a4-5d0d3c6c1b11", "resourceVersion": "812",
+                "creationTimestamp": "2025-05-01T10:00:00Z",
+                "labels": { "kubernetes.io/hostname": "node-1", "node-role.kubernetes.io/control-plane": "" },
+                "annotations": { "node.alpha.kubernetes.io/ttl": "0" }
+            },
+            "spec": {
+                "podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00:10:244::/64"],
+                "providerID": "kind://docker/kind/node-1", "unschedulable": true,
+                "taints": [
+                    { "key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule" },
+                    { "key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule",
+                      "timeAdded": "2025-05-01T10:05:00Z" }
+                ]
+            },
+            "status": {
+                "capacity": { "cpu": "4", "memory": "16318864Ki", "pods": "110", "ephemeral-storage": "102626232Ki" },
+                "allocatable": {
+                    "cpu": "3800m", "memory": "15704464Ki", "pods": "110", "ephemeral-storage": "94580335255"
+                },
+                "conditions": [
+                    { "type": "MemoryPressure", "status": "False", "lastHeartbeatTime": "2025-05-01T10:10:00Z",
+                      "lastTransitionTime": "2025-05-01T10:00:00Z", "reason": "KubeletHasSufficientMemory",
+                      "message": "kubelet has sufficient memory available" },
+                    { "type": "Ready", "status": "True", "lastHeartbeatTime": "2025-05-01T10:10:00Z",
+                      "lastTransitionTime": "2025-05-01T10:00:30Z", "reason": "KubeletReady",
+                      "message": "kubelet is posting ready status" }
+                ],
+                "addresses": [
+                    { "type": "InternalIP", "address": "172.18.0.2" },
+                    { "type": "Hostname", "address": "node-1" }
+                ],
+                "daemonEndpoints": { "kubeletEndpoint": { "Port": 10250 } },
+                "nodeInfo": {
+                    "machineID": "3050fbb203394830ad38c698ab0e261d",
+                    "systemUUID": "3ca8f8fd-1d9f-4bbc-99cb-d07cf9242484",
+                    "bootID": "5c5a1d6b-6447-45ac-ba88-b6a0c12c43f0", "kernelVersion": "6.8.0-59-generic",
+                    "osImage": "Debian GNU/Linux 12 (bookworm)", "containerRuntimeVersion": "containerd://2.0.3",
+                    "kubeletVersion": "v1.33.1", "kubeProxyVersion": "", "operatingSystem": "linux",
+                    "architecture": "amd64", "swap": { "capacity": 0 }
+                },
+                "images": [{ "names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 320368 }],
+                "volumesInUse": ["kubernetes.io/csi/hostpath.csi.k8s.io^vol-1"],
+                "volumesAttached": [{ "name": "kubernetes.io/csi/hostpath.csi.k8s.io^vol-1", "devicePath": "" }],
+                "config": { "active": { "configMap": {
+                    "namespace": "kube-system", "name": "node-1-config", "uid": "c0ffee", "resourceVersion": "7",
+                    "kubeletConfigKey": "kubelet"
+                } } },
+                "runtimeHandlers": [
+                    { "name": "", "features": { "recursiveReadOnlyMounts": true, "userNamespaces": true } },
+                    { "name": "runc", "features": { "recursiveReadOnlyMounts": true, "userNamespaces": false } }
+                ],
+                "features": { "supplementalGroupsPolicy": true }
+            }
+        });
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": { "name": "web-7d4b9c-x2x9q.183b1f2a4c6d8e00", "namespace": "default" },
+            "involvedObject": {
+                "kind": "Pod", "namespace": "default", "name": "web-7d4b9c-x2x9q", "uid": "0b1c",
+                "apiVersion": "v1", "resourceVersion": "1234", "fieldPath": "spec.containers{nginx}"
+            },
+            "reason": "Pulled", "message": "Successfully pulled image \"nginx:1.25\"",
+            "source": { "component": "kubelet", "host": "node-1" },
+            "firstTimestamp": "2025-05-01T10:00:00Z", "lastTimestamp": "2025-05-01T10:02:00Z", "count": 3,
+            "type": "Normal", "eventTime": "2025-05-01T10:00:00.123456Z",
+            "series": { "count": 2, "lastObservedTime": "2025-05-01T10:02:00.654321Z" },
+            "action": "Pulling", "related": { "kind": "Node", "name": "node-1", "apiVersion": "v1" },
+            "reportingComponent": "kubelet", "reportingInstance": "node-1"
+        });
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {
+                "name": "node-1", "namespace": "kube-node-lease",
+                "ownerReferences": [{ "apiVersion": "v1", "kind": "Node", "name": "node-1", "uid": "6a1f" }]
+            },
+            "spec": {
+                "holderIdentity": "node-1", "leaseDurationSeconds": 40, "acquireTime": "2025-05-01T10:00:00.000000Z",
+                "renewTime": "2025-05-01T10:10:00.123456Z", "leaseTransitions": 0,
+                "strategy": "OldestEmulationVersion", "preferredHolder": "node-2"
+            }
+        });
+        let endpoints = json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": { "name": "web", "namespace": "default", "labels": { "app": "web" } },
+            "subsets": [{
+                "addresses": [{
+                    "ip": "10.244.0.5", "nodeName": "node-1",
+                    "targetRef": { "kind": "Pod", "namespace": "default", "name": "web-1", "uid": "a1" }
+                }],
+                "notReadyAddresses": [{ "ip": "10.244.0.6", "hostname": "web-2", "nodeName": "node-1" }],
+                "ports": [{ "name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http" }]
+            }]
+        });
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": "web-abcde", "generateName": "web-", "namespace": "default",
+                "labels": { "kubernetes.io/service-name": "web" }
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.244.0.5"],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "hostname": "web-1",
+                "targetRef": { "kind": "Pod", "namespace": "default", "name": "web-1", "uid": "a1" },
+                "nodeName": "node-1", "zone": "zone-a",
+                "hints": { "forZones": [{ "name": "zone-a" }], "forNodes": [{ "name": "node-1" }] }
+            }],
+            "ports": [{ "name": "http", "protocol": "TCP", "port": 8080, "appProtocol": "http" }]
+        });
+        let pv = json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {
+                "name": "pv-local", "finalizers": ["kubernetes.io/pv-protection"],
+                "annotations": { "pv.kubernetes.io/bound-by-controller": "yes" }
+            },
+            "spec": {
+                "capacity": { "storage": "10Gi" },
+                "hostPath": { "path": "/data/pv-local", "type": "DirectoryOrCreate" },
+                "accessModes": ["ReadWriteOnce"],
+                "claimRef": {
+                    "kind": "PersistentVolumeClaim", "namespace": "default", "name": "data", "uid": "d4",
+                    "apiVersion": "v1", "resourceVersion": "777"
+                },
+                "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "manual",
+                "mountOptions": ["noatime"], "volumeMode": "Filesystem",
+                "nodeAffinity": { "required": { "nodeSelectorTerms": [{ "matchExpressions": [
+                    { "key": "kubernetes.io/hostname", "operator": "In", "values": ["node-1"] }
+                ] }] } }
+            },
+            "status": { "phase": "Bound", "lastPhaseTransitionTime": "2025-05-01T10:00:00Z" }
+        });
+        let csi_pv = json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": { "name": "pvc-0b1c" },
+            "spec": {
+                "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
+                "csi": {
+                    "driver": "hostpath.csi.k8s.io", "volumeHandle": "vol-1", "fsType": "ext4",
+                    "volumeAttributes": { "kubernetes.io/csi/node": "node-1" },
+                    "nodeExpandSecretRef": { "name": "expand", "namespace": "kube-system" }
+                },
+                "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "csi-hostpath",
+                "volumeAttributesClassName": "gold"
+            },
+            "status": { "phase": "Available" }
+        });
+        let hpa = json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": { "name": "web", "namespace": "default" },
+            "spec": {
+                "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": "web" },
+                "minReplicas": 1, "maxReplicas": 10,
+                "metrics": [
+                    { "type": "Resource", "resource": {
+                        "name": "cpu", "target": { "type": "Utilization", "averageUtilization": 50 }
+                    } },
+                    { "type": "Pods", "pods": {
+                        "metric": { "name": "requests_per_second", "selector": { "matchLabels": { "app": "web" } } },
+                        "target": { "type": "AverageValue", "averageValue": "100" }
+                    } }
+                ],
+                "behavior": {
+                    "scaleDown": {
+                        "stabilizationWindowSeconds": 300, "selectPolicy": "Max",
+                        "policies": [{ "type": "Percent", "value": 100, "periodSeconds": 15 }]
+                    },
+                    "scaleUp": {
+                        "stabilizationWindowSeconds": 0, "selectPolicy": "Max", "tolerance": "50m",
+                        "policies": [
+                            { "type": "Pods", "value": 4, "periodSeconds": 15 },
+                            { "type": "Percent", "value": 100, "periodSeconds": 15 }
+                        ]
+                    }
+                }
+            },
+            "status": {
+                "observedGeneration": 1, "lastScaleTime": "2025-05-01T10:00:00Z", "currentReplicas": 2,
+                "desiredReplicas": 3,
+                "currentMetrics": [
+                    { "type": "Resource", "resource": {
+                        "name": "cpu", "current": { "averageValue": "120m", "averageUtilization": 60 }
+                    } }
+                ],
+                "conditions": [{
+                    "type": "AbleToScale", "status": "True", "lastTransitionTime": "2025-05-01T10:00:00Z",
+                    "reason": "ReadyForNewScale", "message": "recommended size matches current size"
+                }]
+            }
+        });
+        for (kind, obj) in [
+            ("Node", node.clone()),
+            ("Event", event),
+            ("Lease", lease),
+            ("Endpoints", endpoints),
+            ("EndpointSlice", slice),
+            ("PersistentVolume", pv),
+            ("PersistentVolume", csi_pv),
+            ("HorizontalPodAutoscaler", hpa),
+        ] {
+            let mut pruned = obj.clone();
+            let unknown = prune_unknown(kind, &mut pruned);
+            assert!(unknown.is_empty(), "{kind}: {unknown:?} reported unknown");
+            assert_eq!(pruned, obj, "{kind} is unchanged");
+        }
+
+        let mut bogus = node;
+        bogus["spec"]["bogus"] = json!(true);
+        assert_eq!(prune_unknown("Node", &mut bogus), ["spec.bogus"]);
+        assert!(bogus["spec"].get("bogus").is_none(), "an invented field is dropped");
+        assert_eq!(bogus["spec"]["podCIDR"], "10.244.0.0/24", "its siblings are kept");
     }
 }

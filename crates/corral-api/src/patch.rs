@@ -96,7 +96,8 @@ pub fn list_strategy(path: &[&str]) -> ListStrategy {
         "ownerReferences" => MergeByKey("uid"),
         "hostAliases" => MergeByKey("ip"),
         "topologySpreadConstraints" => MergeByKey("topologyKey"),
-        "finalizers" => MergePrimitives,
+        "podIPs" | "hostIPs" => MergeByKey("ip"),
+        "finalizers" | "podCIDRs" => MergePrimitives,
         _ => Replace,
     }
 }
