@@ -1,0 +1,6 @@
+//! Corral's agent: the kubelet of a worker node. It runs the pods bound to its node through
+//! the container runtime's CRI (`cri`), and reports their status.
+
+pub mod cri;
+pub mod spec;
+pub mod sync;
