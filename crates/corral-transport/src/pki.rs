@@ -130,6 +130,34 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// Signs a certificate signing request for the public key it carries, with the subject
+    /// the CA decides (`common_name`, `organizations`), never the one the request asks for.
+    pub fn sign_request(&self, csr_pem: &str, common_name: &str, organizations: &[&str]) -> Result<String, PkiError> {
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = &mut request.params;
+        params.distinguished_name = dn(common_name, organizations);
+        params.subject_alt_names = Vec::new();
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
+        let issuer = Issuer::from_ca_cert_pem(&self.identity.cert_pem, &self.key)?;
+        Ok(request.signed_by(&issuer)?.pem())
+    }
+}
+
+/// A new key pair and a signing request for it: the key never leaves the machine that asks.
+pub fn signing_request(common_name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(common_name, &[]);
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
 fn dn(common_name: &str, organizations: &[&str]) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     for org in organizations {
