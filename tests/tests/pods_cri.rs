@@ -2,7 +2,8 @@
 //! by the test) with the images `corral image build` makes offline: a run-to-completion pod
 //! writes through a claimed volume and logs, nginx serves on its pod IP with env from a
 //! ConfigMap, a crashing container backs off, a bad image and a missing ConfigMap wait with
-//! kubelet's reasons, and termination leaves nothing behind.
+//! kubelet's reasons, and termination leaves nothing behind. containerd also passes the runtime
+//! conformance scenario the fake runtime is held to.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -96,6 +97,9 @@ async fn pods_run_through_containerd_with_offline_images() -> Result<()> {
     let version = client.version().await?;
     assert_eq!(version.runtime_name, "containerd");
     assert!(client.image_status("busybox").await?.is_some(), "short names resolve to docker.io/library");
+    let conformance_logs = dir.path().join("conformance");
+    std::fs::create_dir_all(&conformance_logs)?;
+    corral_agent::conformance::run_in(&client, &conformance_logs.display().to_string()).await?;
 
     let data = dir.path().join("pv-data");
     let objects = Objects(HashMap::from([
@@ -148,7 +152,18 @@ async fn pods_run_through_containerd_with_offline_images() -> Result<()> {
     .await?;
     let ip = running["podIP"].as_str().context("a pod IP")?.to_string();
     assert!(ip.starts_with("10.250.7."), "{ip}");
-    let answer = http_get(&ip, "/hostname").await?;
+    // Running (and, without a readiness probe, ready) as soon as the process starts, as with
+    // kubelet; nginx listens a moment later.
+    let mut answer = String::new();
+    for _ in 0..50 {
+        match http_get(&ip, "/hostname").await {
+            Ok(a) => {
+                answer = a;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("web\n"), "{answer}");
     let views = worker.observe().await?;
     let nginx = views["uid-web"].containers[0].id.clone();

@@ -135,68 +135,82 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
                 .map(str::to_string)
                 .or_else(|| Some(corral_api::meta::rfc3339(now / 1_000_000_000)));
         }
-        let actions = sync::plan(pod, view, &mut memory, now);
-        let mut sandbox = view.sandbox().filter(|s| s.ready).cloned();
-        for action in actions {
-            let span = tracing::info_span!("pod", pod = %str_at(pod, "/metadata/name"), uid = %uid, ?action);
-            let _enter = span.enter();
-            match action {
-                Action::StopSandbox { id } => {
-                    if let Err(e) = self.remove_sandbox(&id).await {
-                        tracing::warn!(error = %e, "removing a dead sandbox");
-                    }
+        // What the actions change is added to the view, so one round starts a sandbox and
+        // its containers, and the status reported already shows them.
+        let mut view = view.clone();
+        for _round in 0..2 {
+            let actions = sync::plan(pod, &view, &mut memory, now);
+            let started_sandbox = actions.iter().any(|a| matches!(a, Action::StartSandbox { .. }));
+            for action in actions {
+                let span = tracing::info_span!("pod", pod = %str_at(pod, "/metadata/name"), uid = %uid, ?action);
+                let _enter = span.enter();
+                if !self.act(pod, action, &mut view, &mut memory, now).await {
+                    break;
                 }
-                Action::StartSandbox { attempt } => match self.start_sandbox(pod, attempt).await {
-                    Ok(s) => sandbox = Some(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "starting the sandbox");
-                        break;
-                    }
-                },
-                Action::StartContainer { name, init, attempt } => {
-                    let Some(sb) = &sandbox else { break };
-                    match self.start_container(pod, sb, &name, init, attempt).await {
-                        Ok(()) => {
-                            memory.waiting.remove(&name);
-                        }
-                        Err(waiting) => {
-                            tracing::info!(container = %name, reason = %waiting.reason, message = %waiting.message, "not started");
-                            let retry = if waiting.reason == "ErrImagePull" || waiting.reason == "ImagePullBackOff" {
-                                PULL_BACKOFF_NS
-                            } else {
-                                CONFIG_RETRY_NS
-                            };
-                            let reason = match memory.waiting.get(&name) {
-                                Some(w) if w.reason == "ErrImagePull" || w.reason == "ImagePullBackOff" => {
-                                    if waiting.reason == "ErrImagePull" {
-                                        "ImagePullBackOff".to_string()
-                                    } else {
-                                        waiting.reason
-                                    }
-                                }
-                                _ => waiting.reason,
-                            };
-                            let message = if reason == "ImagePullBackOff" {
-                                format!("Back-off pulling image {:?}: {}", image_of(pod, &name), waiting.message)
-                            } else {
-                                waiting.message
-                            };
-                            memory.waiting.insert(name.clone(), Waiting { reason, message, until: now + retry });
-                        }
-                    }
+            }
+            if !started_sandbox || !view.sandbox().is_some_and(|s| s.ready) {
+                break;
+            }
+        }
+        let status = sync::pod_status(pod, &view, &memory, &self.node.host_ip, now);
+        self.memory.lock().expect("not poisoned").insert(uid, memory);
+        status
+    }
+
+    /// Carries out one action, recording its effect in `view` (and failures in `memory`);
+    /// false when the round cannot go on.
+    async fn act(&self, pod: &Value, action: Action, view: &mut PodView, memory: &mut PodMemory, now: i64) -> bool {
+        match action {
+            Action::StopSandbox { id } => {
+                if let Err(e) = self.remove_sandbox(&id).await {
+                    tracing::warn!(error = %e, "removing a dead sandbox");
+                    return false;
                 }
-                Action::KillContainer { id, name, why } => {
-                    tracing::info!(container = %name, why, "killing");
-                    let grace = grace_period(pod);
-                    if let Err(e) = self.runtime.stop_container(&id, grace).await {
-                        tracing::warn!(error = %e, "stopping a container");
+                view.sandboxes.retain(|s| s.id != id);
+                view.containers.retain(|c| c.sandbox_id != id);
+            }
+            Action::StartSandbox { attempt } => match self.start_sandbox(pod, attempt).await {
+                Ok(s) => view.sandboxes.push(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "starting the sandbox");
+                    return false;
+                }
+            },
+            Action::StartContainer { name, init, attempt } => {
+                let Some(sandbox) = view.sandbox().filter(|s| s.ready).cloned() else { return false };
+                match self.start_container(pod, &sandbox, &name, init, attempt).await {
+                    Ok(id) => {
+                        memory.waiting.remove(&name);
+                        if let Ok(status) = self.runtime.container_status(&id).await {
+                            view.containers.push(view_of_status(&sandbox.id, &status, init));
+                        }
+                    }
+                    Err(waiting) => {
+                        tracing::info!(container = %name, reason = %waiting.reason, message = %waiting.message, "not started");
+                        let pulling = |r: &str| r == "ErrImagePull" || r == "ImagePullBackOff";
+                        let retry = if pulling(&waiting.reason) { PULL_BACKOFF_NS } else { CONFIG_RETRY_NS };
+                        let again = memory.waiting.get(&name).is_some_and(|w| pulling(&w.reason));
+                        let (reason, message) = if again && waiting.reason == "ErrImagePull" {
+                            let image = image_of(pod, &name);
+                            (
+                                "ImagePullBackOff".to_string(),
+                                format!("Back-off pulling image {image:?}: {}", waiting.message),
+                            )
+                        } else {
+                            (waiting.reason, waiting.message)
+                        };
+                        memory.waiting.insert(name.clone(), Waiting { reason, message, until: now + retry });
                     }
                 }
             }
+            Action::KillContainer { id, name, why } => {
+                tracing::info!(container = %name, why, "killing");
+                if let Err(e) = self.runtime.stop_container(&id, grace_period(pod)).await {
+                    tracing::warn!(error = %e, "stopping a container");
+                }
+            }
         }
-        let status = sync::pod_status(pod, view, &memory, &self.node.host_ip, now);
-        self.memory.lock().expect("not poisoned").insert(uid, memory);
-        status
+        true
     }
 
     /// Stops every container of the pod within `grace` (SIGTERM, then SIGKILL), then its
@@ -268,7 +282,7 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
         name: &str,
         init: bool,
         attempt: u32,
-    ) -> Result<(), Waiting> {
+    ) -> Result<String, Waiting> {
         let waiting = |reason: &str, message: String| Waiting { reason: reason.into(), message, until: 0 };
         let field = if init { "initContainers" } else { "containers" };
         let container = pod
@@ -294,7 +308,8 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
             .create_container(&sandbox.id, config, sandbox_config)
             .await
             .map_err(|e| waiting("CreateContainerError", e.to_string()))?;
-        self.runtime.start_container(&id).await.map_err(|e| waiting("RunContainerError", e.to_string()))
+        self.runtime.start_container(&id).await.map_err(|e| waiting("RunContainerError", e.to_string()))?;
+        Ok(id)
     }
 
     /// Makes the image present: `Never` only checks, `IfNotPresent` pulls when missing,
@@ -404,6 +419,14 @@ pub fn grace_period(pod: &Value) -> Duration {
 }
 
 fn container_view(c: &cri::Container, status: &cri::ContainerStatus) -> ContainerView {
+    let mut v = view_of_status(&c.pod_sandbox_id, status, c.labels.contains_key(spec::INIT_CONTAINER));
+    if v.hash.is_empty() {
+        v.hash = c.annotations.get(spec::SPEC_HASH).cloned().unwrap_or_default();
+    }
+    v
+}
+
+fn view_of_status(sandbox_id: &str, status: &cri::ContainerStatus, init: bool) -> ContainerView {
     let state = match cri::ContainerState::try_from(status.state) {
         Ok(cri::ContainerState::ContainerCreated) => State::Created,
         Ok(cri::ContainerState::ContainerRunning) => State::Running,
@@ -411,11 +434,11 @@ fn container_view(c: &cri::Container, status: &cri::ContainerStatus) -> Containe
         _ => State::Unknown,
     };
     ContainerView {
-        id: c.id.clone(),
-        sandbox_id: c.pod_sandbox_id.clone(),
-        name: c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-        attempt: c.metadata.as_ref().map_or(0, |m| m.attempt),
-        init: c.labels.contains_key(spec::INIT_CONTAINER),
+        id: status.id.clone(),
+        sandbox_id: sandbox_id.to_string(),
+        name: status.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+        attempt: status.metadata.as_ref().map_or(0, |m| m.attempt),
+        init,
         state,
         exit_code: status.exit_code,
         reason: status.reason.clone(),
@@ -423,6 +446,71 @@ fn container_view(c: &cri::Container, status: &cri::ContainerStatus) -> Containe
         started_at: status.started_at,
         finished_at: status.finished_at,
         image_ref: status.image_ref.clone(),
-        hash: c.annotations.get(spec::SPEC_HASH).cloned().unwrap_or_default(),
+        hash: status.annotations.get(spec::SPEC_HASH).cloned().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeRuntime;
+    use serde_json::json;
+
+    struct Nothing;
+
+    impl Lookup for Nothing {
+        async fn get(&self, _: &str, _: &str, _: &str) -> Option<Value> {
+            None
+        }
+    }
+
+    fn fake_worker(root: &std::path::Path) -> Worker<FakeRuntime, Nothing> {
+        let node = NodeConfig {
+            node_name: "n1".into(),
+            host_ip: "10.0.0.1".into(),
+            cgroup_root: "/corral/n1".into(),
+            log_root: root.join("logs"),
+            pods_root: root.join("pods"),
+            cluster_dns: None,
+        };
+        Worker::new(Arc::new(FakeRuntime::with_images(&["busybox"])), Arc::new(Nothing), node)
+    }
+
+    async fn sync(worker: &Worker<FakeRuntime, Nothing>, pod: &Value) -> Value {
+        let views = worker.observe().await.unwrap();
+        let uid = str_at(pod, "/metadata/uid");
+        worker.sync_pod(pod, &views.get(uid).cloned().unwrap_or_default()).await
+    }
+
+    #[tokio::test]
+    async fn a_pod_runs_on_the_fake_runtime_and_terminates() {
+        let root = tempfile::tempdir().unwrap();
+        let worker = fake_worker(root.path());
+        let pod = json!({"metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+                         "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}});
+        // Round one starts the sandbox and the container; round two sees them.
+        sync(&worker, &pod).await;
+        let status = sync(&worker, &pod).await;
+        assert_eq!(status["phase"], "Running", "{status:#}");
+        assert!(status["podIP"].as_str().unwrap().starts_with("10.88."));
+        assert_eq!(status["containerStatuses"][0]["imageID"], format!("sha256:{:064x}", 1));
+
+        let views = worker.observe().await.unwrap();
+        worker.terminate("u1", &views["u1"], Duration::from_secs(1)).await.unwrap();
+        assert!(worker.observe().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_image_no_registry_has_waits_in_err_image_pull_then_back_off() {
+        let root = tempfile::tempdir().unwrap();
+        let worker = fake_worker(root.path());
+        let pod = json!({"metadata": {"name": "p", "namespace": "default", "uid": "u2"},
+                         "spec": {"containers": [{"name": "c", "image": "example.invalid/app:2"}]}});
+        sync(&worker, &pod).await;
+        let status = sync(&worker, &pod).await;
+        let waiting = &status["containerStatuses"][0]["state"]["waiting"];
+        assert_eq!(waiting["reason"], "ErrImagePull", "{status:#}");
+        assert!(waiting["message"].as_str().unwrap().contains("no registry reachable"));
+        assert_eq!(status["phase"], "Pending");
     }
 }
