@@ -22,7 +22,7 @@ impl Layout {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            sandbox_image: corral_image_names::PAUSE.into(),
+            sandbox_image: corral_image::PAUSE_IMAGE.into(),
             cni_bin_dir: "/usr/lib/cni".into(),
         }
     }
@@ -87,12 +87,6 @@ state = "{d}/state"
             cni_conf = self.cni_conf_dir().display(),
         )
     }
-}
-
-/// The names of the images every node has (kept here so the agent does not depend on the
-/// image builder).
-pub mod corral_image_names {
-    pub const PAUSE: &str = "registry.k8s.io/pause:3.9";
 }
 
 /// A CNI config for one node: a bridge with host-local addresses from the pod CIDR, and

@@ -11,6 +11,7 @@ use std::time::Duration;
 use corral_proto::cri;
 
 use crate::cri::{CriError, CriResult, ExecOutput, Runtime};
+use crate::sync::now_ns;
 
 #[derive(Clone, Debug)]
 struct Sandbox {
@@ -53,10 +54,6 @@ struct State {
 #[derive(Default)]
 pub struct FakeRuntime {
     state: Mutex<State>,
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// `busybox` and `docker.io/library/busybox:latest` name the same image, as in containerd.

@@ -54,11 +54,11 @@ pub struct References {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+pub(crate) fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
 }
 
-fn string_map(v: Option<&Value>) -> HashMap<String, String> {
+pub(crate) fn string_map(v: Option<&Value>) -> HashMap<String, String> {
     v.and_then(Value::as_object)
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default()
@@ -119,14 +119,6 @@ pub fn sandbox_config(pod: &Value, placement: &Placement, attempt: u32) -> cri::
             });
         }
     }
-    let mode = if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod };
-    let pid = if pod.pointer("/spec/hostPID").and_then(Value::as_bool).unwrap_or(false) {
-        cri::NamespaceMode::Node
-    } else if pod.pointer("/spec/shareProcessNamespace").and_then(Value::as_bool).unwrap_or(false) {
-        cri::NamespaceMode::Pod
-    } else {
-        cri::NamespaceMode::Container
-    };
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.into(),
@@ -143,12 +135,7 @@ pub fn sandbox_config(pod: &Value, placement: &Placement, attempt: u32) -> cri::
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: pod_cgroup(pod, placement),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: mode as i32,
-                    pid: pid as i32,
-                    ipc: mode as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespace_options(pod)),
                 ..Default::default()
             }),
             sysctls: pod
@@ -162,6 +149,21 @@ pub fn sandbox_config(pod: &Value, placement: &Placement, attempt: u32) -> cri::
         }),
         ..Default::default()
     }
+}
+
+/// The namespaces the pod's sandbox and containers share: the node's network and IPC with
+/// hostNetwork, the node's PID namespace with hostPID, one per pod with shareProcessNamespace.
+fn namespace_options(pod: &Value) -> cri::NamespaceOption {
+    let flag = |field: &str| pod.pointer(field).and_then(Value::as_bool).unwrap_or(false);
+    let shared = if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod };
+    let pid = if flag("/spec/hostPID") {
+        cri::NamespaceMode::Node
+    } else if flag("/spec/shareProcessNamespace") {
+        cri::NamespaceMode::Pod
+    } else {
+        cri::NamespaceMode::Container
+    };
+    cri::NamespaceOption { network: shared as i32, pid: pid as i32, ipc: shared as i32, ..Default::default() }
 }
 
 /// `<root>/pod<uid>`: one cgroup per pod under the node's.
@@ -398,7 +400,7 @@ fn environment(
 }
 
 /// A Secret's data, decoded, with stringData over it.
-fn secret_data(secret: &Value) -> HashMap<String, Vec<u8>> {
+pub(crate) fn secret_data(secret: &Value) -> HashMap<String, Vec<u8>> {
     use base64::Engine as _;
     let mut out: HashMap<String, Vec<u8>> = HashMap::new();
     for (k, v) in string_map(secret.get("data")) {
@@ -504,14 +506,6 @@ fn security_context(pod: &Value, container: &Value) -> cri::LinuxContainerSecuri
     let pod_sc = pod.pointer("/spec/securityContext");
     let sc = container.get("securityContext");
     let pick = |field: &str| sc.and_then(|s| s.get(field)).or_else(|| pod_sc.and_then(|s| s.get(field)));
-    let pid = if pod.pointer("/spec/hostPID").and_then(Value::as_bool).unwrap_or(false) {
-        cri::NamespaceMode::Node
-    } else if pod.pointer("/spec/shareProcessNamespace").and_then(Value::as_bool).unwrap_or(false) {
-        cri::NamespaceMode::Pod
-    } else {
-        cri::NamespaceMode::Container
-    };
-    let mode = if host_network(pod) { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod };
     cri::LinuxContainerSecurityContext {
         capabilities: sc.and_then(|s| s.get("capabilities")).map(|c| cri::Capability {
             add_capabilities: strings(c.get("add")),
@@ -519,12 +513,7 @@ fn security_context(pod: &Value, container: &Value) -> cri::LinuxContainerSecuri
             ..Default::default()
         }),
         privileged: sc.and_then(|s| s.get("privileged")).and_then(Value::as_bool).unwrap_or(false),
-        namespace_options: Some(cri::NamespaceOption {
-            network: mode as i32,
-            pid: pid as i32,
-            ipc: mode as i32,
-            ..Default::default()
-        }),
+        namespace_options: Some(namespace_options(pod)),
         run_as_user: pick("runAsUser").and_then(Value::as_i64).map(|value| cri::Int64Value { value }),
         run_as_group: pick("runAsGroup").and_then(Value::as_i64).map(|value| cri::Int64Value { value }),
         readonly_rootfs: sc.and_then(|s| s.get("readOnlyRootFilesystem")).and_then(Value::as_bool).unwrap_or(false),

@@ -14,6 +14,11 @@ pub const BACKOFF_MAX_NS: i64 = 300_000_000_000;
 /// A container that ran this long before exiting starts its back-off over.
 pub const BACKOFF_RESET_NS: i64 = 600_000_000_000;
 
+/// The wall clock in nanoseconds since the epoch, as CRI timestamps are.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     Created,

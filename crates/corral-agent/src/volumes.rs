@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::spec::ConfigError;
+use crate::spec::{ConfigError, secret_data, str_at, string_map};
 
 /// The API objects a pod's volumes refer to, by name in the pod's namespace (volumes by
 /// their own name).
@@ -23,10 +23,6 @@ pub struct VolumeSources {
 /// The directory that holds a pod's emptyDir, configMap and secret volumes.
 pub fn pod_dir(root: &Path, uid: &str) -> PathBuf {
     root.join(uid)
-}
-
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn io(path: &Path, e: std::io::Error) -> ConfigError {
@@ -54,7 +50,7 @@ pub fn prepare(
         } else if let Some(c) = v.get("configMap") {
             let cm_name = str_at(c, "/name");
             let data = match sources.config_maps.get(cm_name) {
-                Some(cm) => string_entries(cm.get("data")),
+                Some(cm) => string_map(cm.get("data")).into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
                 None if c.get("optional").and_then(Value::as_bool).unwrap_or(false) => Vec::new(),
                 None => return Err(ConfigError(format!("configmap \"{cm_name}\" not found"))),
             };
@@ -64,7 +60,7 @@ pub fn prepare(
         } else if let Some(s) = v.get("secret") {
             let secret_name = str_at(s, "/secretName");
             let data = match sources.secrets.get(secret_name) {
-                Some(secret) => secret_entries(secret),
+                Some(secret) => secret_data(secret).into_iter().collect(),
                 None if s.get("optional").and_then(Value::as_bool).unwrap_or(false) => Vec::new(),
                 None => return Err(ConfigError(format!("secret \"{secret_name}\" not found"))),
             };
@@ -122,25 +118,6 @@ fn host_path(path: &str, kind: &str) -> Result<PathBuf, ConfigError> {
         _ => {}
     }
     Ok(p)
-}
-
-fn string_entries(data: Option<&Value>) -> Vec<(String, Vec<u8>)> {
-    data.and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.as_bytes().to_vec()))).collect())
-        .unwrap_or_default()
-}
-
-fn secret_entries(secret: &Value) -> Vec<(String, Vec<u8>)> {
-    use base64::Engine as _;
-    let mut out: Vec<(String, Vec<u8>)> = secret
-        .get("data")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), base64::engine::general_purpose::STANDARD.decode(v.as_str()?).ok()?)))
-        .collect();
-    out.extend(string_entries(secret.get("stringData")));
-    out
 }
 
 /// Writes a configMap or secret volume: every key (or the listed `items`), with the mode.

@@ -11,8 +11,8 @@ use corral_proto::cri;
 use serde_json::Value;
 
 use crate::cri::{CriError, CriResult, Runtime};
-use crate::spec::{self, ConfigError, Placement, References};
-use crate::sync::{self, Action, ContainerView, PodMemory, PodView, SandboxView, State, Waiting};
+use crate::spec::{self, ConfigError, Placement, References, str_at};
+use crate::sync::{self, Action, ContainerView, PodMemory, PodView, SandboxView, State, Waiting, now_ns};
 use crate::volumes::{self, VolumeSources};
 
 /// Where the node keeps things and how it is named and reached.
@@ -47,14 +47,6 @@ pub struct Worker<R: Runtime, L: Lookup> {
     /// start times, by id and state: not asked for again.
     seen: Mutex<HashMap<(String, i32), ContainerView>>,
     sandbox_ips: Mutex<HashMap<String, String>>,
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
 }
 
 impl<R: Runtime, L: Lookup> Worker<R, L> {

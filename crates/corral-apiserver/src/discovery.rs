@@ -48,6 +48,16 @@ pub fn group(name: &str) -> Option<Value> {
     Some(doc)
 }
 
+/// A resource's short names and categories, left out when it has none (as kube-apiserver).
+fn add_names(entry: &mut Value, r: &resources::Resource) {
+    if !r.short_names.is_empty() {
+        entry["shortNames"] = json!(r.short_names);
+    }
+    if !r.categories.is_empty() {
+        entry["categories"] = json!(r.categories);
+    }
+}
+
 /// The APIResourceList of one group-version, or None when it is not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     let mut entries = Vec::new();
@@ -59,12 +69,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             "kind": r.kind,
             "verbs": VERBS,
         });
-        if !r.short_names.is_empty() {
-            entry["shortNames"] = json!(r.short_names);
-        }
-        if !r.categories.is_empty() {
-            entry["categories"] = json!(r.categories);
-        }
+        add_names(&mut entry, r);
         entries.push(entry);
         for s in r.subresources {
             let mut sub = json!({
@@ -140,12 +145,7 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                         "singularResource": r.singular,
                         "verbs": VERBS,
                     });
-                    if !r.short_names.is_empty() {
-                        entry["shortNames"] = json!(r.short_names);
-                    }
-                    if !r.categories.is_empty() {
-                        entry["categories"] = json!(r.categories);
-                    }
+                    add_names(&mut entry, r);
                     if !subresources.is_empty() {
                         entry["subresources"] = json!(subresources);
                     }

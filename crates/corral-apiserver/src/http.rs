@@ -255,15 +255,18 @@ async fn dispatch(
             .header("content-type", "text/plain; charset=utf-8")
             .body(Full::new(Bytes::from_static(b"ok")).boxed())
             .expect("valid response")),
-        Route::CoreVersions | Route::Groups if get && aggregated.is_some() => {
-            let (version, content_type) = aggregated.unwrap_or(discovery::AGGREGATED[0]);
-            let doc = discovery::aggregated(matches!(route, Route::CoreVersions), version);
-            let mut resp = json_response(200, &doc);
-            resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(content_type));
-            Ok(resp)
+        Route::CoreVersions | Route::Groups if get => {
+            let core = matches!(route, Route::CoreVersions);
+            match aggregated {
+                Some((version, content_type)) => {
+                    let mut resp = json_response(200, &discovery::aggregated(core, version));
+                    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(content_type));
+                    Ok(resp)
+                }
+                None if core => ok(discovery::core_versions(&config.advertise)),
+                None => ok(discovery::groups()),
+            }
         }
-        Route::CoreVersions if get => ok(discovery::core_versions(&config.advertise)),
-        Route::Groups if get => ok(discovery::groups()),
         Route::Group(g) if get => discovery::group(&g).map(|d| json_response(200, &d)).ok_or(ApiError::NoRoute),
         Route::Resources { group, version } if get => {
             discovery::resource_list(&group, &version).map(|d| json_response(200, &d)).ok_or(ApiError::NoRoute)
