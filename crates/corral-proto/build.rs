@@ -8,6 +8,7 @@ fn main() {
         root.join("etcd/auth.proto"),
         root.join("etcd/rpc.proto"),
         root.join("corral/store.proto"),
+        root.join("corral/agent.proto"),
         root.join("cri/runtime.proto"),
     ];
     // Relative to this crate, so that a target directory shared by clones at other paths

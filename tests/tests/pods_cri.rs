@@ -35,39 +35,8 @@ struct Cleanup<'a>(&'a Layout);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        // Whatever the test left running (it failed midway): kill the tasks and remove the
-        // sandboxes while containerd still answers, so no shim, netns or mount outlives it.
-        let ctr = |args: &[&str]| {
-            std::process::Command::new("ctr")
-                .arg("--address")
-                .arg(self.0.socket())
-                .args(["--namespace", "k8s.io"])
-                .args(args)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
-        for task in ctr(&["tasks", "ls", "-q"]).lines() {
-            ctr(&["tasks", "kill", "--signal", "SIGKILL", task]);
-        }
-        // On a thread of its own: this runs inside the test's runtime, which cannot block.
-        let socket = self.0.socket();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                let Ok(client) = corral_agent::cri::CriClient::new(&socket) else { return };
-                for s in client.list_pod_sandboxes().await.unwrap_or_default() {
-                    let _ = client.stop_pod_sandbox(&s.id).await;
-                    let _ = client.remove_pod_sandbox(&s.id).await;
-                }
-            });
-        })
-        .join();
-        if let Some(pid) = containerd::running_pid(self.0) {
-            // SAFETY: the pid is the containerd this test started, read from its pid file.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_secs(1));
-        }
+        // Whatever the test left running (it failed midway) goes, and containerd with it.
+        containerd::teardown(self.0);
         let _ = std::process::Command::new("ip").args(["link", "del", BRIDGE]).status();
     }
 }

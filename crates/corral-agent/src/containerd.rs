@@ -178,8 +178,62 @@ pub async fn ensure_running(
 /// The pid of the containerd `ensure_running` started, if it is still alive.
 pub fn running_pid(layout: &Layout) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(layout.pid_file()).ok()?.trim().parse().ok()?;
-    // SAFETY: signal 0 only checks that the process exists.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    // A zombie has exited; a pid reused by another program is not ours.
+    let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+    let ours = String::from_utf8_lossy(&cmdline).contains("containerd");
+    (!zombie && ours).then_some(pid)
+}
+
+/// Ends everything a node's containerd runs, then containerd itself: kills every task,
+/// stops and removes every sandbox (their network namespaces and mounts go with them) while
+/// containerd still answers, then stops containerd (by the pid it was started with).
+/// Blocking; safe to call from inside a runtime, and when containerd is not running.
+pub fn teardown(layout: &Layout) {
+    let ctr = |args: &[&str]| {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(layout.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    if layout.socket().exists() {
+        for task in ctr(&["tasks", "ls", "-q"]).lines() {
+            ctr(&["tasks", "kill", "--signal", "SIGKILL", task]);
+        }
+        // A thread and runtime of its own: the caller may be inside a runtime that cannot block.
+        let socket = layout.socket();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                let Ok(client) = CriClient::new(&socket) else { return };
+                let Ok(Ok(sandboxes)) = tokio::time::timeout(Duration::from_secs(5), client.list_pod_sandboxes()).await
+                else {
+                    return;
+                };
+                for s in sandboxes {
+                    let _ = client.stop_pod_sandbox(&s.id).await;
+                    let _ = client.remove_pod_sandbox(&s.id).await;
+                }
+            });
+        })
+        .join();
+    }
+    if let Some(pid) = running_pid(layout) {
+        // SAFETY: the pid is the containerd `ensure_running` started, from its pid file.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running_pid(layout).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if running_pid(layout).is_some() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// Imports an OCI archive into the CRI's image namespace (with containerd's own `ctr`).

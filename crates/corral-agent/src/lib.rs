@@ -1,10 +1,14 @@
-//! Corral's agent: the kubelet of a worker node. It runs the pods bound to its node through
-//! the container runtime's CRI (`cri`), and reports their status.
+//! Corral's agent: the kubelet of a worker node. It joins the cluster and keeps a QUIC link
+//! to the servers (`link`), runs the pods bound to its node through the container runtime's
+//! CRI (`worker`, `sync`, `cri`), and reports them and the node (`agent`, `node`).
 
+pub mod agent;
 pub mod conformance;
 pub mod containerd;
 pub mod cri;
 pub mod fake;
+pub mod link;
+pub mod node;
 pub mod spec;
 pub mod sync;
 pub mod volumes;

@@ -1,7 +1,8 @@
 //! The Kubernetes REST API, served by every server over its replicated store: discovery,
 //! the verbs on every resource of `corral_api::resources`, watches, and HTTPS with client
-//! certificates or bearer tokens.
+//! certificates or bearer tokens; and the endpoint agents reach the cluster through (`agents`).
 
+pub mod agents;
 pub mod api;
 mod cache;
 mod defaults;

@@ -18,6 +18,7 @@ use clap::Args;
 use corral_proto::etcdserverpb::cluster_client::ClusterClient;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{MemberListRequest, StatusRequest};
+use corral_agent::containerd::Layout;
 use corral_transport::{CertificateAuthority, Usage};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
@@ -29,7 +30,7 @@ pub struct UpArgs {
     /// Control-plane servers (odd: 1, 3, 5, 7).
     #[arg(long, default_value_t = 3)]
     pub servers: usize,
-    /// Worker agents (not yet: must be 0).
+    /// Worker agents, each with its own containerd (on this host's network for now).
     #[arg(long, default_value_t = 0)]
     pub agents: usize,
     /// Where the cluster keeps everything.
@@ -76,6 +77,22 @@ pub struct ClusterRecord {
     /// Tuning flags every server was started with; a restart by `corral up` reuses them.
     #[serde(default)]
     pub server_flags: Vec<String>,
+    #[serde(default)]
+    pub agents: Vec<AgentRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    pub pod_cidr: String,
+    pub bridge: String,
+    pub pid: Option<u32>,
+}
+
+impl AgentRecord {
+    pub fn data_dir(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join("agents").join(&self.name)
+    }
 }
 
 impl ClusterRecord {
@@ -131,13 +148,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             args.servers + 1
         );
     }
-    if args.agents != 0 {
-        bail!("--agents {}: agents are not available yet; use --agents 0", args.agents);
+    if args.agents > 50 {
+        bail!("--agents {}: want at most 50", args.agents);
     }
     let dir = &args.state_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = &dir.canonicalize()?;
-    let mut progress = Progress::new(4);
+    let mut progress = Progress::new(if args.agents > 0 { 8 } else { 4 });
 
     let existing = ClusterRecord::load(dir)?;
     if let Some(record) = &existing
@@ -181,6 +198,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             })
             .collect(),
         server_flags: Vec::new(),
+        agents: Vec::new(),
     });
     let mut flags = Vec::new();
     if let Some(n) = args.snapshot_count {
@@ -222,6 +240,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     progress.start("writing kubeconfig and etcdctl.env");
     write_client_files(dir, &record)?;
     progress.done("done");
+    if args.agents > 0 {
+        start_agents(dir, &mut record, args.agents, &mut progress, Duration::from_secs(args.timeout_s)).await?;
+    }
     println!();
     println!("Cluster is up. Try:");
     println!("  set -a; . {}/etcdctl.env; set +a; etcdctl member list -w table", dir.display());
@@ -264,11 +285,136 @@ fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra:
 
 /// True if `pid` is a corral server started for this state directory.
 fn is_our_server(pid: u32, dir: &Path) -> bool {
+    is_ours(pid, dir, "server")
+}
+
+/// True if `pid` is a live `corral <command>` started for this state directory.
+fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let text = String::from_utf8_lossy(&cmdline);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
-    !zombie && text.contains("server\0") && text.contains(&*dir.join("pki").to_string_lossy())
+    !zombie && text.contains(&format!("{command}\0")) && text.contains(&*dir.to_string_lossy())
+}
+
+/// Builds the images and a join token (once), starts every agent that is not running, and
+/// waits until every node is Ready.
+async fn start_agents(
+    dir: &Path,
+    record: &mut ClusterRecord,
+    count: usize,
+    progress: &mut Progress,
+    timeout: Duration,
+) -> Result<()> {
+    progress.start("images");
+    let images = dir.join("images");
+    if images.join("nginx.tar").exists() {
+        progress.done("kept");
+    } else {
+        let built = corral_image::build_all(&corral_image::Host::default(), &images, |_, _| {})
+            .context("building images (deploy/install-deps.sh installs busybox-static, nginx and gcc)")?;
+        progress.done(&format!("{} archives in {}", built.len(), images.display()));
+    }
+    progress.start("join token");
+    let token_file = dir.join("token");
+    if token_file.exists() {
+        progress.done("kept");
+    } else {
+        let token = crate::token::create(&dir.join("pki"), &record.servers[0].api_url, None, "corral up").await?;
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        progress.done(&format!("{}", token_file.display()));
+    }
+    progress.start(&format!("starting {count} agents"));
+    if record.agents.len() != count {
+        record.agents = (0..count)
+            .map(|i| AgentRecord {
+                name: format!("a{}", i + 1),
+                pod_cidr: format!("10.244.{}.0/24", i + 1),
+                bridge: format!("corral-a{}", i + 1),
+                pid: None,
+            })
+            .collect();
+    }
+    let servers: Vec<String> =
+        record.servers.iter().map(|s| s.api_url.trim_start_matches("https://").to_string()).collect();
+    let mut started = 0;
+    for agent in &mut record.agents {
+        if agent.pid.is_some_and(|pid| is_ours(pid, dir, "agent")) {
+            continue;
+        }
+        agent.pid = Some(spawn_agent(dir, agent, &servers, &token_file, &images)?);
+        started += 1;
+    }
+    record.save(dir)?;
+    progress.done(&format!("{started} started"));
+    progress.start("waiting for the nodes to be Ready");
+    let names: Vec<String> = record.agents.iter().map(|a| a.name.clone()).collect();
+    wait_nodes_ready(dir, &record.servers[0].api_url, &names, timeout).await?;
+    progress.done("Ready");
+    Ok(())
+}
+
+fn spawn_agent(dir: &Path, agent: &AgentRecord, servers: &[String], token: &Path, images: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let data = agent.data_dir(dir);
+    std::fs::create_dir_all(&data)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("agent.log"))?;
+    let exe = std::env::current_exe().context("locating the corral binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("agent")
+        .args(["--node-name", &agent.name])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--server", &servers.join(",")])
+        .arg("--token-file")
+        .arg(token)
+        .arg("--images-dir")
+        .arg(images)
+        .args(["--pod-cidr", &agent.pod_cidr, "--bridge", &agent.bridge])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn().context("starting corral agent")?.id())
+}
+
+async fn wait_nodes_ready(dir: &Path, api_url: &str, names: &[String], timeout: Duration) -> Result<()> {
+    let client = crate::kube::Client::connect(&dir.join("pki"), api_url, 1).await?;
+    let deadline = Instant::now() + timeout;
+    let mut missing = names.to_vec();
+    while Instant::now() < deadline {
+        if let Ok(body) = client.ok(hyper::Method::GET, "/api/v1/nodes", None, "application/json").await {
+            let list: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let ready: Vec<&str> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| {
+                    n.pointer("/status/conditions").and_then(|c| c.as_array()).is_some_and(|c| {
+                        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+                .filter_map(|n| n.pointer("/metadata/name").and_then(|v| v.as_str()))
+                .collect();
+            missing = names.iter().filter(|n| !ready.contains(&n.as_str())).cloned().collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    bail!(
+        "nodes {} did not become Ready in {}s; see {}/agents/*/agent.log",
+        missing.join(", "),
+        timeout.as_secs(),
+        dir.display()
+    )
 }
 
 /// Waits until every server reports the same leader; returns its name.
@@ -370,7 +516,23 @@ pub async fn down(args: DownArgs) -> Result<()> {
         .flat_map(|r| r.servers.iter())
         .filter_map(|s| s.pid.filter(|pid| is_our_server(*pid, dir)).map(|pid| (s.name.clone(), pid)))
         .collect();
-    let mut progress = Progress::new(2);
+    let mut progress = Progress::new(3);
+    progress.start(&format!("stopping {} agents and their pods", record.as_ref().map_or(0, |r| r.agents.len())));
+    for agent in record.iter().flat_map(|r| r.agents.iter()) {
+        if let Some(pid) = agent.pid.filter(|pid| is_ours(*pid, dir, "agent")) {
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while is_ours(pid, dir, "agent") && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        corral_agent::containerd::teardown(&Layout::new(&agent.data_dir(dir).join("containerd")));
+        let _ = std::process::Command::new("ip").args(["link", "del", &agent.bridge]).stderr(Stdio::null()).status();
+        if let Some(pid) = agent.pid.filter(|pid| is_ours(*pid, dir, "agent")) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+    progress.done("stopped");
     progress.start(&format!("stopping {} servers", pids.len()));
     for (_, pid) in &pids {
         unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
@@ -388,7 +550,7 @@ pub async fn down(args: DownArgs) -> Result<()> {
     }
     progress.done(&if killed > 0 { format!("{killed} did not stop in 10s and were killed") } else { "stopped".into() });
     progress.start(&format!("removing {}", dir.display()));
-    for name in ["servers", "pki", "cluster.json", "kubeconfig", "etcdctl.env"] {
+    for name in ["agents", "servers", "pki", "images", "token", "cluster.json", "kubeconfig", "etcdctl.env"] {
         let path = dir.join(name);
         if path.is_dir() {
             std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;

@@ -1,9 +1,12 @@
 //! `corral`: the one binary. Servers, local clusters, benchmarks.
 
+mod agent;
 mod bench;
 mod image;
+mod kube;
 mod local;
 mod server;
+mod token;
 mod tls;
 mod urls;
 
@@ -25,6 +28,11 @@ struct Cli {
 enum Command {
     /// Run one control-plane server (store, etcd v3 API, Raft).
     Server(server::ServerArgs),
+    /// Run one worker node: pods through containerd, reported to the servers.
+    Agent(agent::AgentArgs),
+    /// Join tokens for agents.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Start a local cluster in the background and wait until it is healthy.
     Up(local::UpArgs),
     /// Stop a local cluster and remove everything it made.
@@ -45,6 +53,11 @@ fn main() -> Result<()> {
             init_logging();
             runtime.block_on(server::run(args))
         }
+        Command::Agent(args) => {
+            init_logging();
+            runtime.block_on(agent::run(args))
+        }
+        Command::Token(cmd) => runtime.block_on(token::run(cmd)),
         Command::Up(args) => runtime.block_on(local::up(args)),
         Command::Down(args) => runtime.block_on(local::down(args)),
         Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),

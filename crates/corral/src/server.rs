@@ -94,6 +94,12 @@ pub struct ServerArgs {
     /// Where NodePort Services' node ports come from.
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: String,
+    /// The agent endpoint (QUIC, UDP; default: the Kubernetes API's address and port).
+    #[arg(long)]
+    pub listen_agent_addr: Option<String>,
+    /// The agent address other servers hand to agents (default: the listen address).
+    #[arg(long)]
+    pub advertise_agent_addr: Option<String>,
 }
 
 /// Who this server is, kept in the data directory across restarts.
@@ -227,6 +233,18 @@ async fn start_api(
         services: ranges.clone(),
         cache: Default::default(),
     });
+    if let Some(dir) = &args.tls_dir {
+        let agent_addr = match &args.listen_agent_addr {
+            Some(a) => a.parse().with_context(|| format!("--listen-agent-addr {a}: want HOST:PORT"))?,
+            None => addr,
+        };
+        let ca = corral_transport::CertificateAuthority::load(dir)
+            .with_context(|| format!("the agent endpoint signs node certificates with {}/ca.key", dir.display()))?;
+        let endpoint = corral_transport::quic::server(agent_addr, dir, "server")?;
+        let advertise = args.advertise_agent_addr.clone().unwrap_or_else(|| agent_addr.to_string());
+        let agents = corral_apiserver::agents::AgentEndpoint::new(api.clone(), ca, &args.name, &advertise);
+        tokio::spawn(agents.serve(endpoint, stop.clone()));
+    }
     let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string() };
     tokio::spawn(async move {
         for _ in 0..600 {
@@ -334,7 +352,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("signal handler");
     let mut int = signal(SignalKind::interrupt()).expect("signal handler");

@@ -14,14 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
+
+use crate::kube::Client;
 
 #[derive(Args, Debug)]
 pub struct ApiArgs {
@@ -51,82 +50,6 @@ pub struct ApiArgs {
 const NS: &str = "bench";
 /// Concurrent HTTP/2 streams per connection (servers allow more).
 const STREAMS_PER_CONN: usize = 100;
-
-/// HTTP/2 connections with the admin client certificate.
-#[derive(Clone)]
-struct Client {
-    conns: Arc<Vec<SendRequest<Full<Bytes>>>>,
-    next: Arc<AtomicUsize>,
-    authority: String,
-}
-
-impl Client {
-    async fn connect(dir: &std::path::Path, url: &str, conns: usize) -> Result<Client> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let pki = dir.join("pki");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(pki.join("ca.crt"))? {
-            roots.add(cert?)?;
-        }
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(pki.join("admin.crt"))?.collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(pki.join("admin.key"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let authority = url.trim_start_matches("https://").to_string();
-        let mut out = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            let tcp =
-                tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {url}"))?;
-            tcp.set_nodelay(true)?;
-            let stream = connector.connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp).await?;
-            let (send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            out.push(send);
-        }
-        Ok(Client { conns: Arc::new(out), next: Arc::new(AtomicUsize::new(0)), authority })
-    }
-
-    fn request(
-        method: Method,
-        authority: &str,
-        path: &str,
-        body: Option<&Value>,
-        ct: &str,
-    ) -> Result<Request<Full<Bytes>>> {
-        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("json"))).unwrap_or_default();
-        Ok(Request::builder()
-            .method(method)
-            .uri(format!("https://{authority}{path}"))
-            .header("content-type", ct)
-            .header("accept", "application/json")
-            .body(Full::new(body))?)
-    }
-
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<(StatusCode, Bytes)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut send = self.conns[i].clone();
-        let resp = send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, body))
-    }
-
-    async fn ok(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<Bytes> {
-        let (status, body) = self.call(method.clone(), path, body, ct).await?;
-        if !status.is_success() {
-            bail!("{method} {path}: {status}: {}", String::from_utf8_lossy(&body));
-        }
-        Ok(body)
-    }
-}
 
 fn pod(name: &str) -> Value {
     json!({
@@ -166,7 +89,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
         .get(args.server)
         .and_then(|s| s["api_url"].as_str())
         .with_context(|| format!("no server {} with an API URL in cluster.json", args.server))?;
-    let client = Client::connect(&args.state_dir, url, 8).await?;
+    let client = Client::connect(&args.state_dir.join("pki"), url, 8).await?;
     let ns = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": NS } });
     match client.call(Method::POST, "/api/v1/namespaces", Some(&ns), JSON).await? {
         (s, _) if s.is_success() || s == StatusCode::CONFLICT => {}
@@ -313,7 +236,7 @@ async fn fan_out(args: &ApiArgs, url: &str, client: &Client, created: usize, tag
     let list = client.ok(Method::GET, &format!("{}?limit=1", pods_path()), None, JSON).await?;
     let rv = serde_json::from_slice::<Value>(&list)?["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_string();
     let conns = args.watchers.div_ceil(STREAMS_PER_CONN).max(1);
-    let watch_client = Client::connect(&args.state_dir, url, conns).await?;
+    let watch_client = Client::connect(&args.state_dir.join("pki"), url, conns).await?;
     let delivery = Arc::new(Mutex::new(histogram()));
     let seen = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -323,9 +246,7 @@ async fn fan_out(args: &ApiArgs, url: &str, client: &Client, created: usize, tag
         let (c, delivery, seen, ready) = (watch_client.clone(), delivery.clone(), seen.clone(), ready.clone());
         let path = format!("{}?watch=1&resourceVersion={rv}&labelSelector=app%3Dbench", pods_path());
         watchers.spawn(async move {
-            let i = c.next.fetch_add(1, Ordering::Relaxed) % c.conns.len();
-            let mut send = c.conns[i].clone();
-            let resp = send.send_request(Client::request(Method::GET, &c.authority, &path, None, JSON)?).await;
+            let resp = c.stream(Method::GET, &path).await;
             ready.wait().await;
             let mut body = resp?.into_body();
             let mut buf = Vec::new();

@@ -1,0 +1,370 @@
+//! The agent's loops: the pods bound to its node arrive over a watch that resumes from the
+//! last revision on whichever server answers (`watch_pods`); every second, or at once on a
+//! change, each pod is synced against the runtime (`sync_round`); statuses, terminations,
+//! the Node and its Lease go out in batches (`report_loop`). With no server reachable, pods
+//! keep running and what is to be reported waits in the outbox.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corral_proto::agent::{self as proto, AgentRequest, agent_request, agent_response, pod_event::Type};
+use corral_transport::frame;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::cri::Runtime;
+use crate::link::{Link, LinkError};
+use crate::node::{self, Facts};
+use crate::spec::str_at;
+use crate::sync::PodView;
+use crate::worker::{Lookup, Worker, grace_period};
+
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+const LEASE_EVERY: Duration = Duration::from_secs(10);
+/// The Node's status goes out when it changes, and at least this often.
+const NODE_EVERY: Duration = Duration::from_secs(60);
+/// A pod watch silent this long (servers send progress every 5 s) is given up.
+const WATCH_SILENCE: Duration = Duration::from_secs(15);
+/// Statuses per report.
+const BATCH: usize = 200;
+/// How long a pod deleted behind the agent's back (force deletion) gets to stop.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+
+/// Objects pods refer to, fetched from the servers.
+pub struct LinkLookup(pub Arc<Link>);
+
+impl Lookup for LinkLookup {
+    async fn get(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        let request = AgentRequest {
+            kind: Some(agent_request::Kind::Lookup(proto::Lookup {
+                plural: plural.into(),
+                namespace: namespace.into(),
+                name: name.into(),
+            })),
+        };
+        match self.0.request(request).await {
+            Ok(proto::AgentResponse { kind: Some(agent_response::Kind::Found(f)) }) if !f.object.is_empty() => {
+                serde_json::from_slice(&f.object).ok()
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(plural, namespace, name, error = %e, "lookup failed");
+                None
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Desired {
+    /// By uid.
+    pods: HashMap<String, Value>,
+    /// Whether a snapshot has arrived: until then, no pod the runtime has is an orphan.
+    known: bool,
+    revision: i64,
+}
+
+#[derive(Default)]
+struct Outbox {
+    statuses: HashMap<String, (proto::PodRef, Value)>,
+    terminated: HashMap<String, proto::PodRef>,
+    /// The last status the servers took, by uid.
+    reported: HashMap<String, Value>,
+}
+
+pub struct Agent<R: Runtime> {
+    worker: Arc<Worker<R, LinkLookup>>,
+    link: Arc<Link>,
+    facts: Mutex<Facts>,
+    version: String,
+    desired: Mutex<Desired>,
+    changed: Notify,
+    outbox: Mutex<Outbox>,
+    outgoing: Notify,
+    terminating: Mutex<HashSet<String>>,
+}
+
+fn pod_ref(pod: &Value) -> proto::PodRef {
+    proto::PodRef {
+        namespace: str_at(pod, "/metadata/namespace").to_string(),
+        name: str_at(pod, "/metadata/name").to_string(),
+        uid: str_at(pod, "/metadata/uid").to_string(),
+    }
+}
+
+impl<R: Runtime> Agent<R> {
+    /// `version` is what the Node reports as its kubelet version.
+    pub fn new(worker: Arc<Worker<R, LinkLookup>>, link: Arc<Link>, facts: Facts, version: &str) -> Arc<Self> {
+        Arc::new(Self {
+            worker,
+            link,
+            facts: Mutex::new(facts),
+            version: version.to_string(),
+            desired: Mutex::new(Desired::default()),
+            changed: Notify::new(),
+            outbox: Mutex::new(Outbox::default()),
+            outgoing: Notify::new(),
+            terminating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Runs until `stop` turns true. Pods keep running after it returns.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let tasks = [
+            tokio::spawn(self.clone().watch_pods()),
+            tokio::spawn(self.clone().sync_loop()),
+            tokio::spawn(self.clone().report_loop()),
+        ];
+        let _ = stop.wait_for(|s| *s).await;
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    /// Keeps `desired` equal to the pods bound to this node, resuming from the last
+    /// revision seen on whichever server answers.
+    async fn watch_pods(self: Arc<Self>) {
+        let mut broken_at: Option<Instant> = None;
+        loop {
+            let from = self.desired.lock().expect("not poisoned").revision;
+            let request = AgentRequest {
+                kind: Some(agent_request::Kind::WatchPods(proto::WatchPods { from_revision: from })),
+            };
+            let (conn, mut recv) = match self.link.open(request).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    tracing::debug!(error = %e, "pod watch not open");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            let mut first = true;
+            loop {
+                let event = match tokio::time::timeout(WATCH_SILENCE, frame::read::<proto::AgentResponse, _>(&mut recv)).await {
+                    Ok(Ok(Some(proto::AgentResponse { kind: Some(agent_response::Kind::PodEvent(e)) }))) => e,
+                    Ok(Ok(Some(other))) => {
+                        tracing::warn!(?other, "the pod watch was refused");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                        self.link.abandon(&conn).await;
+                        break;
+                    }
+                };
+                if first {
+                    first = false;
+                    let server = self.link.server().unwrap_or_default();
+                    match broken_at.take() {
+                        Some(t) => tracing::info!(
+                            server = %server, from, after_ms = t.elapsed().as_millis() as u64,
+                            "pod watch resumed"
+                        ),
+                        None => tracing::info!(server = %server, from, "pod watch started"),
+                    }
+                }
+                self.apply(event);
+                self.changed.notify_one();
+            }
+            if broken_at.is_none() {
+                broken_at = Some(Instant::now());
+                tracing::warn!("pod watch broke; trying the servers again");
+            }
+        }
+    }
+
+    fn apply(&self, event: proto::PodEvent) {
+        let mut desired = self.desired.lock().expect("not poisoned");
+        let kind = Type::try_from(event.r#type).unwrap_or(Type::Unspecified);
+        let object = || serde_json::from_slice::<Value>(&event.object).ok();
+        match kind {
+            Type::Snapshot => {
+                let pods: Vec<Value> = serde_json::from_slice(&event.object).unwrap_or_default();
+                desired.pods = pods.into_iter().map(|p| (str_at(&p, "/metadata/uid").to_string(), p)).collect();
+                desired.known = true;
+            }
+            Type::Put => {
+                if let Some(p) = object() {
+                    desired.pods.insert(str_at(&p, "/metadata/uid").to_string(), p);
+                }
+            }
+            Type::Delete => {
+                if let Some(p) = object() {
+                    desired.pods.remove(str_at(&p, "/metadata/uid"));
+                }
+            }
+            Type::Progress | Type::Unspecified => {}
+        }
+        desired.revision = desired.revision.max(event.revision);
+    }
+
+    async fn sync_loop(self: Arc<Self>) {
+        loop {
+            let _ = tokio::time::timeout(SYNC_EVERY, self.changed.notified()).await;
+            self.sync_round().await;
+        }
+    }
+
+    /// One pass over every pod: runs the desired ones, terminates the deleted ones and the
+    /// orphans, and queues the statuses that changed.
+    pub async fn sync_round(self: &Arc<Self>) {
+        let views = match self.worker.observe().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "the runtime does not answer");
+                return;
+            }
+        };
+        let (pods, known) = {
+            let d = self.desired.lock().expect("not poisoned");
+            (d.pods.clone(), d.known)
+        };
+        let empty = PodView::default();
+        let running = pods.iter().filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none()).map(|(uid, pod)| {
+            let view = views.get(uid).unwrap_or(&empty);
+            async move { (pod, self.worker.sync_pod(pod, view).await) }
+        });
+        for (pod, status) in futures::future::join_all(running).await {
+            self.queue_status(pod, status);
+        }
+        for (uid, pod) in pods.iter().filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_some()) {
+            self.spawn_terminate(uid, views.get(uid).cloned().unwrap_or_default(), grace_period(pod), Some(pod_ref(pod)));
+        }
+        if known {
+            for (uid, view) in views.iter().filter(|(uid, _)| !pods.contains_key(*uid)) {
+                self.spawn_terminate(uid, view.clone(), ORPHAN_GRACE, None);
+            }
+        }
+        // Forget terminations that are over: the pod is gone from both sides.
+        self.terminating.lock().expect("not poisoned").retain(|uid| pods.contains_key(uid) || views.contains_key(uid));
+    }
+
+    fn queue_status(&self, pod: &Value, status: Value) {
+        // Transition times stay as the servers have them while nothing changed.
+        let mut wrapped = json!({"status": status});
+        node::stabilize(Some(pod), &mut wrapped, false);
+        let status = wrapped["status"].take();
+        let uid = str_at(pod, "/metadata/uid").to_string();
+        let mut outbox = self.outbox.lock().expect("not poisoned");
+        let last = match outbox.statuses.get(&uid) {
+            Some((_, s)) => Some(s),
+            None => outbox.reported.get(&uid).or(pod.get("status")),
+        };
+        if last == Some(&status) {
+            return;
+        }
+        outbox.statuses.insert(uid, (pod_ref(pod), status));
+        drop(outbox);
+        self.outgoing.notify_one();
+    }
+
+    /// Stops a pod's containers within `grace` in the background (once per pod); a pod
+    /// being deleted is reported terminated afterwards so the servers remove it.
+    fn spawn_terminate(self: &Arc<Self>, uid: &str, view: PodView, grace: Duration, pod: Option<proto::PodRef>) {
+        if !self.terminating.lock().expect("not poisoned").insert(uid.to_string()) {
+            return;
+        }
+        let this = self.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            tracing::info!(uid = %uid, pod = pod.as_ref().map_or("(deleted)", |p| p.name.as_str()), ?grace, "terminating");
+            if let Err(e) = this.worker.terminate(&uid, &view, grace).await {
+                tracing::warn!(uid = %uid, error = %e, "terminating failed; retrying");
+                this.terminating.lock().expect("not poisoned").remove(&uid);
+                return;
+            }
+            if let Some(pod) = pod {
+                let mut outbox = this.outbox.lock().expect("not poisoned");
+                outbox.statuses.remove(&uid);
+                outbox.terminated.insert(uid, pod);
+                drop(outbox);
+                this.outgoing.notify_one();
+            }
+        });
+    }
+
+    async fn report_loop(self: Arc<Self>) {
+        let mut last_lease: Option<Instant> = None;
+        let mut last_node: Option<(Instant, Value)> = None;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let _ = tokio::time::timeout(SYNC_EVERY, self.outgoing.notified()).await;
+            let lease_due = last_lease.is_none_or(|t| t.elapsed() >= LEASE_EVERY);
+            let node = lease_due.then(|| self.node_report(last_node.as_ref())).flatten();
+            let (statuses, terminated) = {
+                let outbox = self.outbox.lock().expect("not poisoned");
+                let statuses: Vec<(String, proto::PodRef, Value)> = outbox
+                    .statuses
+                    .iter()
+                    .take(BATCH)
+                    .map(|(uid, (r, s))| (uid.clone(), r.clone(), s.clone()))
+                    .collect();
+                (statuses, outbox.terminated.clone())
+            };
+            if !lease_due && statuses.is_empty() && terminated.is_empty() {
+                continue;
+            }
+            let report = proto::Report {
+                node: node.as_ref().map(|n| serde_json::to_vec(n).expect("JSON")).unwrap_or_default(),
+                heartbeat: lease_due,
+                pods: statuses
+                    .iter()
+                    .map(|(_, r, s)| proto::PodStatus { pod: Some(r.clone()), status: serde_json::to_vec(s).expect("JSON") })
+                    .collect(),
+                terminated: terminated.values().cloned().collect(),
+            };
+            let request = AgentRequest { kind: Some(agent_request::Kind::Report(report)) };
+            match self.link.request(request).await {
+                Ok(_) => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(after_ms = since.elapsed().as_millis() as u64, "reporting again");
+                    }
+                    if lease_due {
+                        last_lease = Some(Instant::now());
+                    }
+                    if let Some(n) = node {
+                        last_node = Some((Instant::now(), n));
+                    }
+                    let mut outbox = self.outbox.lock().expect("not poisoned");
+                    for (uid, _, sent) in statuses {
+                        if outbox.statuses.get(&uid).is_some_and(|(_, s)| *s == sent) {
+                            outbox.statuses.remove(&uid);
+                        }
+                        outbox.reported.insert(uid, sent);
+                    }
+                    for uid in terminated.keys() {
+                        outbox.terminated.remove(uid);
+                        outbox.reported.remove(uid);
+                    }
+                }
+                Err(e) => {
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(error = %e, "reporting failed; keeping it for later");
+                    }
+                    if matches!(e, LinkError::Unreachable(_)) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Node to send now: when it changed since `last`, or a minute has passed.
+    fn node_report(&self, last: Option<&(Instant, Value)>) -> Option<Value> {
+        let facts = {
+            let mut f = self.facts.lock().expect("not poisoned");
+            let fresh = Facts::gather(&f.node_name, &f.host_ip, std::path::Path::new("/"), &f.runtime_version);
+            f.memory_available_bytes = fresh.memory_available_bytes;
+            f.disk_available_bytes = fresh.disk_available_bytes;
+            f.pids_used = fresh.pids_used;
+            f.clone()
+        };
+        let now = corral_api::meta::rfc3339(crate::sync::now_ns() / 1_000_000_000);
+        let mut node = node::node_object(&facts, &self.version, &now);
+        let due = last.is_none_or(|(t, _)| t.elapsed() >= NODE_EVERY);
+        node::stabilize(last.map(|(_, n)| n), &mut node, due);
+        (due || last.is_some_and(|(_, n)| *n != node)).then_some(node)
+    }
+}

@@ -1,0 +1,246 @@
+//! The agent's connection to the servers: QUIC with its node certificate, one stream per
+//! request, to whichever server answers. When the server it uses dies or is cut off, the
+//! next request goes to the next server in the list.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use corral_proto::agent::{AgentRequest, AgentResponse, Join, agent_request, agent_response};
+use corral_transport::quic::{self, ClientIdentity, Trust};
+use corral_transport::{JoinToken, frame, signing_request};
+
+/// How long a server gets to accept a connection before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one request (not a watch) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no server answered: {0}")]
+    Unreachable(String),
+    #[error("the server refused: {0}")]
+    Refused(String),
+    #[error("the request broke off: {0}")]
+    Broken(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What an agent keeps from joining: its certificate and key, the CA, and the servers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub servers: Vec<String>,
+}
+
+impl Credentials {
+    const FILE: &str = "credentials.json";
+
+    pub fn load(dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(dir.join(Self::FILE)).ok()?).ok()
+    }
+
+    /// Written atomically and readable by root only: the key is in it.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{}.tmp", Self::FILE));
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("JSON"))?;
+        f.sync_all()?;
+        std::fs::rename(tmp, dir.join(Self::FILE))
+    }
+}
+
+async fn resolve(server: &str) -> Result<(SocketAddr, String), LinkError> {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h).trim_matches(['[', ']']).to_string();
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| LinkError::Unreachable(format!("{server}: {e}")))?
+        .next()
+        .ok_or_else(|| LinkError::Unreachable(format!("{server}: no address")))?;
+    Ok((addr, host))
+}
+
+async fn connect(endpoint: &quinn::Endpoint, server: &str) -> Result<quinn::Connection, LinkError> {
+    let (addr, host) = resolve(server).await?;
+    let connecting = endpoint.connect(addr, &host).map_err(|e| LinkError::Unreachable(format!("{server}: {e}")))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(LinkError::Unreachable(format!("{server}: {e}"))),
+        Err(_) => Err(LinkError::Unreachable(format!("{server}: no answer in {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// Sends one request on a new stream and reads the one answer.
+async fn call(conn: &quinn::Connection, request: &AgentRequest) -> Result<AgentResponse, LinkError> {
+    let broken = |e: &dyn std::fmt::Display| LinkError::Broken(e.to_string());
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(&e))?;
+        frame::write(&mut send, request).await.map_err(|e| broken(&e))?;
+        let _ = send.finish();
+        let reply: Option<AgentResponse> = frame::read(&mut recv).await.map_err(|e| broken(&e))?;
+        reply.ok_or_else(|| LinkError::Broken("the server closed the stream without an answer".into()))
+    };
+    let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| LinkError::Broken(format!("no answer in {REQUEST_TIMEOUT:?}")))??;
+    match reply.kind {
+        Some(agent_response::Kind::Refused(r)) => Err(LinkError::Refused(r.message)),
+        _ => Ok(reply),
+    }
+}
+
+/// Joins the cluster at any of `servers` with `token`: a new key, a certificate for it
+/// signed by the cluster CA, and the list of every server.
+pub async fn join(servers: &[String], token: &str, node_name: &str) -> Result<Credentials, LinkError> {
+    let token = JoinToken::parse(token).map_err(|e| LinkError::Setup(e.to_string()))?;
+    let user = format!("system:node:{node_name}");
+    let (key_pem, csr_pem) = signing_request(&user).map_err(|e| LinkError::Setup(e.to_string()))?;
+    let endpoint = quic::client(&Trust::Pinned(token.ca_hash.clone()), None).map_err(|e| LinkError::Setup(e.to_string()))?;
+    let request = AgentRequest {
+        kind: Some(agent_request::Kind::Join(Join {
+            token: token.to_string(),
+            node_name: node_name.to_string(),
+            csr_pem,
+        })),
+    };
+    let mut last = LinkError::Unreachable("no server given: pass --server".into());
+    for server in servers {
+        let conn = match connect(&endpoint, server).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let reply = call(&conn, &request).await;
+        conn.close(0u32.into(), b"joined");
+        match reply?.kind {
+            Some(agent_response::Kind::Joined(j)) => {
+                let mut servers = j.servers;
+                if servers.is_empty() {
+                    servers.push(server.clone());
+                }
+                return Ok(Credentials { ca_pem: j.ca_pem, cert_pem: j.cert_pem, key_pem, servers });
+            }
+            _ => last = LinkError::Broken(format!("{server} answered a join with something else")),
+        }
+    }
+    Err(last)
+}
+
+/// The agent's connection, re-established on another server when it breaks.
+pub struct Link {
+    endpoint: quinn::Endpoint,
+    servers: Vec<String>,
+    state: tokio::sync::Mutex<State>,
+    current_server: Mutex<Option<String>>,
+}
+
+struct State {
+    /// The server tried next.
+    next: usize,
+    conn: Option<quinn::Connection>,
+}
+
+impl Link {
+    pub fn new(credentials: &Credentials, extra_servers: &[String]) -> Result<Self, LinkError> {
+        let identity = ClientIdentity { cert_pem: credentials.cert_pem.clone(), key_pem: credentials.key_pem.clone() };
+        let endpoint = quic::client(&Trust::Ca(credentials.ca_pem.clone()), Some(&identity))
+            .map_err(|e| LinkError::Setup(e.to_string()))?;
+        let mut servers = extra_servers.to_vec();
+        for s in &credentials.servers {
+            if !servers.contains(s) {
+                servers.push(s.clone());
+            }
+        }
+        Ok(Self {
+            endpoint,
+            servers,
+            state: tokio::sync::Mutex::new(State { next: 0, conn: None }),
+            current_server: Mutex::new(None),
+        })
+    }
+
+    /// The server the agent is connected to now, if any.
+    pub fn server(&self) -> Option<String> {
+        self.current_server.lock().expect("not poisoned").clone()
+    }
+
+    /// The live connection, or a new one to the first server that answers, starting after
+    /// the one that failed last.
+    pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
+        let mut state = self.state.lock().await;
+        if let Some(c) = &state.conn
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        state.conn = None;
+        *self.current_server.lock().expect("not poisoned") = None;
+        let mut errors = Vec::new();
+        for _ in 0..self.servers.len() {
+            let i = state.next % self.servers.len();
+            let server = &self.servers[i];
+            match connect(&self.endpoint, server).await {
+                Ok(c) => {
+                    tracing::info!(server = %server, "connected");
+                    state.conn = Some(c.clone());
+                    *self.current_server.lock().expect("not poisoned") = Some(server.clone());
+                    return Ok(c);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+            state.next = i + 1;
+        }
+        Err(LinkError::Unreachable(errors.join("; ")))
+    }
+
+    /// Gives up on `conn` (it broke): the next connection goes to the next server.
+    pub async fn abandon(&self, conn: &quinn::Connection) {
+        let mut state = self.state.lock().await;
+        if state.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            conn.close(0u32.into(), b"abandoned");
+            state.conn = None;
+            state.next += 1;
+        }
+    }
+
+    /// One request and its answer; a broken connection is abandoned.
+    pub async fn request(&self, request: AgentRequest) -> Result<AgentResponse, LinkError> {
+        let conn = self.connection().await?;
+        let reply = call(&conn, &request).await;
+        if let Err(LinkError::Broken(_)) = &reply {
+            self.abandon(&conn).await;
+        }
+        reply
+    }
+
+    /// Opens a long-lived request (a watch): the stream to read answers from.
+    pub async fn open(&self, request: AgentRequest) -> Result<(quinn::Connection, quinn::RecvStream), LinkError> {
+        let conn = self.connection().await?;
+        let opened = async {
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| LinkError::Broken(e.to_string()))?;
+            frame::write(&mut send, &request).await.map_err(|e| LinkError::Broken(e.to_string()))?;
+            let _ = send.finish();
+            Ok(recv)
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, opened).await {
+            Ok(Ok(recv)) => Ok((conn, recv)),
+            Ok(Err(e)) => {
+                self.abandon(&conn).await;
+                Err(e)
+            }
+            Err(_) => {
+                self.abandon(&conn).await;
+                Err(LinkError::Broken("opening a stream timed out".into()))
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The agent endpoint every server runs: QUIC with mutual TLS, one stream per request.
+//! Agents join with a token (and get a node certificate), watch the pods bound to their
+//! node from a revision, report node and pod status in batches, and look up the objects
+//! their pods refer to. Every write goes through the API's own paths (`Api`), so agents get
+//! the same validation, compare-and-swap and deletion semantics as kubectl.
+
+pub mod rules;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_api::{ApiError, meta, resources};
+use corral_proto::agent::{
+    AgentRequest, AgentResponse, Found, Join, Joined, Lookup, PodEvent, PodRef, Refused, Report, Reported,
+    agent_request, agent_response, pod_event::Type,
+};
+use corral_transport::{CertificateAuthority, JoinToken, frame, quic};
+use serde_json::{Value, json};
+
+use crate::api::{Api, Output, Query, Reply};
+use crate::cache::Change;
+use crate::route::ObjectRoute;
+use crate::storage::WriteOutcome;
+
+/// How often an idle pod watch tells the agent how far it has got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The Lease duration agents' heartbeats promise (kubelet's default).
+const LEASE_SECONDS: i64 = 40;
+/// Where each server records its agent address, for agents to fail over to.
+const SERVERS_PREFIX: &str = "/registry/corral/servers/";
+
+pub struct AgentEndpoint {
+    api: Arc<Api>,
+    ca: CertificateAuthority,
+    ca_hash: String,
+    server_name: String,
+    advertise: String,
+    /// The open connection of each node's agent (for the streams servers open to agents).
+    connections: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+type Send = quinn::SendStream;
+
+fn route(plural: &str, namespace: Option<&str>, sub: Option<&str>) -> ObjectRoute {
+    let (group, plural) = plural.split_once('/').unwrap_or(("", plural));
+    ObjectRoute {
+        resource: resources::find(group, plural).expect("a served resource"),
+        namespace: namespace.map(str::to_string),
+        name: None,
+        sub: sub.map(str::to_string),
+    }
+}
+
+fn refused(message: impl Into<String>) -> AgentResponse {
+    AgentResponse { kind: Some(agent_response::Kind::Refused(Refused { message: message.into() })) }
+}
+
+fn object(reply: Reply) -> Value {
+    match reply {
+        Reply::Object(_, v) => v,
+        Reply::Watch(_) => Value::Null,
+    }
+}
+
+impl AgentEndpoint {
+    /// `ca` signs agents' certificates; `advertise` is the address agents reach this
+    /// server's endpoint at.
+    pub fn new(api: Arc<Api>, ca: CertificateAuthority, server_name: &str, advertise: &str) -> Arc<Self> {
+        let ca_hash = quic::ca_hash(ca.cert_pem()).expect("the cluster CA is a certificate");
+        Arc::new(Self {
+            api,
+            ca,
+            ca_hash,
+            server_name: server_name.to_string(),
+            advertise: advertise.to_string(),
+            connections: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Accepts agents until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, mut stop: tokio::sync::watch::Receiver<bool>) {
+        tokio::spawn(self.clone().publish(stop.clone()));
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            tokio::spawn(self.clone().connection(incoming));
+        }
+        endpoint.close(0u32.into(), b"server stopping");
+    }
+
+    /// Records this server's agent address in the store (retried until a leader takes it).
+    async fn publish(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let key = format!("{SERVERS_PREFIX}{}", self.server_name);
+        let record = json!({"name": self.server_name, "agentAddress": self.advertise});
+        for _ in 0..600 {
+            let done = match self.api.store.get(&key, false).await {
+                Ok(Some(s)) if s.value == record => true,
+                Ok(found) => {
+                    matches!(self.api.store.put_if(&key, &record, found.map_or(0, |f| f.rev)).await, Ok(WriteOutcome::Written(_)))
+                }
+                Err(_) => false,
+            };
+            if done {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        tracing::warn!("gave up recording this server's agent address");
+    }
+
+    async fn servers(&self) -> Vec<String> {
+        let mut out = vec![self.advertise.clone()];
+        if let Ok(page) = self.api.store.list(SERVERS_PREFIX, None, 0, 0, true).await {
+            for s in page.items {
+                if let Some(addr) = s.value.get("agentAddress").and_then(Value::as_str)
+                    && !out.iter().any(|o| o == addr)
+                {
+                    out.push(addr.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "an agent's handshake failed");
+                return;
+            }
+        };
+        let node = quic::peer(&conn).and_then(|p| rules::node_of(&p.name, &p.groups));
+        let span = tracing::info_span!("agent", node = node.as_deref().unwrap_or("-"), remote = %conn.remote_address());
+        if let Some(n) = &node {
+            span.in_scope(|| tracing::info!("agent connected"));
+            self.connections.lock().expect("not poisoned").insert(n.clone(), conn.clone());
+        }
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    if node.is_some() {
+                        span.in_scope(|| tracing::info!(reason = %e, "agent disconnected"));
+                    }
+                    break;
+                }
+            };
+            let this = self.clone();
+            let node = node.clone();
+            tokio::spawn(tracing::Instrument::instrument(this.stream(node, send, recv), span.clone()));
+        }
+        if let Some(n) = &node {
+            let mut conns = self.connections.lock().expect("not poisoned");
+            if conns.get(n).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                conns.remove(n);
+            }
+        }
+    }
+
+    async fn stream(self: Arc<Self>, node: Option<String>, mut send: Send, mut recv: quinn::RecvStream) {
+        let request: AgentRequest = match frame::read(&mut recv).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "a bad request frame");
+                return;
+            }
+        };
+        use agent_request::Kind;
+        let reply = match (request.kind, node) {
+            (Some(Kind::Join(join)), _) => self.join(join).await,
+            (_, None) => refused("join first: this connection has no node certificate"),
+            (Some(Kind::WatchPods(w)), Some(node)) => {
+                if let Err(e) = self.watch_pods(&node, w.from_revision, &mut send).await {
+                    tracing::debug!(error = %e, "pod watch ended");
+                }
+                let _ = send.finish();
+                return;
+            }
+            (Some(Kind::Report(report)), Some(node)) => self.report(&node, report).await,
+            (Some(Kind::Lookup(lookup)), Some(_)) => self.lookup(lookup).await,
+            (None, Some(_)) => refused("an empty request"),
+        };
+        if frame::write(&mut send, &reply).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+
+    async fn join(&self, join: Join) -> AgentResponse {
+        let token = match JoinToken::parse(&join.token) {
+            Ok(t) => t,
+            Err(e) => return refused(e.to_string()),
+        };
+        if !meta::is_dns1123_subdomain(&join.node_name) {
+            return refused(format!("node name {:?} is not a lowercase RFC 1123 subdomain: fix --node-name", join.node_name));
+        }
+        let key = route("secrets", Some("kube-system"), None).resource.key(Some("kube-system"), &token.secret_name());
+        let secret = match self.api.store.get(&key, false).await {
+            Ok(s) => s.map(|s| s.value),
+            Err(e) => return refused(format!("the cluster cannot check the token now ({e}); retry")),
+        };
+        if let Err(why) = rules::check_join(&token, &self.ca_hash, secret.as_ref(), self.api.mint.now()) {
+            tracing::warn!(node = %join.node_name, token = %token.id, "join refused: {why}");
+            return refused(why);
+        }
+        let user = format!("{}{}", rules::NODE_USER_PREFIX, join.node_name);
+        match self.ca.sign_request(&join.csr_pem, &user, &[rules::NODES_GROUP]) {
+            Ok(cert_pem) => {
+                tracing::info!(node = %join.node_name, token = %token.id, "agent joined");
+                AgentResponse {
+                    kind: Some(agent_response::Kind::Joined(Joined {
+                        cert_pem,
+                        ca_pem: self.ca.cert_pem().to_string(),
+                        servers: self.servers().await,
+                        pod_cidr: String::new(),
+                    })),
+                }
+            }
+            Err(e) => refused(format!("the certificate request is invalid: {e}")),
+        }
+    }
+
+    /// Streams the node's pods: a snapshot first when starting from 0 or from a revision
+    /// compacted away, then every change in revision order, with progress when idle.
+    async fn watch_pods(&self, node: &str, from: i64, send: &mut Send) -> Result<(), String> {
+        let prefix = route("pods", None, None).resource.prefix(None);
+        let store = &self.api.store;
+        let resumed = if from > 0 { store.watch(&prefix, from).ok() } else { None };
+        let mut stream = match resumed {
+            Some(s) => s,
+            None => {
+                let page = store.list(&prefix, None, 0, 0, false).await.map_err(|e| e.to_string())?;
+                let pods: Vec<Value> = page
+                    .items
+                    .into_iter()
+                    .filter(|s| rules::node_name(&s.value) == node)
+                    .map(|mut s| {
+                        meta::set_resource_version(&mut s.value, s.rev);
+                        s.value
+                    })
+                    .collect();
+                let raw = serde_json::to_vec(&pods).expect("JSON");
+                self.send_event(send, Type::Snapshot, page.rev, raw).await?;
+                store.watch(&prefix, page.rev).map_err(|e| e.to_string())?
+            }
+        };
+        loop {
+            let events = tokio::select! {
+                e = stream.next() => e.map_err(|e| e.to_string())?,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    self.send_event(send, Type::Progress, stream.next_revision() - 1, Vec::new()).await?;
+                    continue;
+                }
+            };
+            for change in events.iter().filter_map(Change::from_event) {
+                if let Some((kind, mut pod)) = rules::pod_event(change.obj.as_ref(), change.prev.as_ref(), node) {
+                    meta::set_resource_version(&mut pod, change.rev);
+                    self.send_event(send, kind, change.rev, serde_json::to_vec(&pod).expect("JSON")).await?;
+                }
+            }
+        }
+    }
+
+    async fn send_event(&self, send: &mut Send, kind: Type, revision: i64, object: Vec<u8>) -> Result<(), String> {
+        let event = PodEvent { r#type: kind as i32, revision, object };
+        let msg = AgentResponse { kind: Some(agent_response::Kind::PodEvent(event)) };
+        frame::write(send, &msg).await.map_err(|e| e.to_string())
+    }
+
+    async fn report(&self, node: &str, report: Report) -> AgentResponse {
+        if !report.node.is_empty() {
+            let reported: Value = match serde_json::from_slice(&report.node) {
+                Ok(v) => v,
+                Err(e) => return refused(format!("the node is not JSON: {e}")),
+            };
+            if meta::name(&reported) != node {
+                return refused(format!("an agent of node {node} may not report node {}", meta::name(&reported)));
+            }
+            if let Err(e) = self.write_node(node, &reported).await {
+                return refused(format!("updating node {node}: {e}"));
+            }
+        }
+        if report.heartbeat
+            && let Err(e) = self.renew_lease(node).await
+        {
+            return refused(format!("renewing node {node}'s lease: {e}"));
+        }
+        let mut rejected = Vec::new();
+        for status in report.pods {
+            let Some(pod) = status.pod else { continue };
+            let value: Value = match serde_json::from_slice(&status.status) {
+                Ok(v) => v,
+                Err(_) => {
+                    rejected.push(pod);
+                    continue;
+                }
+            };
+            match self.write_pod_status(node, &pod, value).await {
+                Ok(()) => {}
+                Err(ApiError::NotFound { .. }) | Err(ApiError::Conflict { .. }) | Err(ApiError::Forbidden(_)) => {
+                    rejected.push(pod)
+                }
+                Err(e) => return refused(format!("updating pod {}/{}: {e}", pod.namespace, pod.name)),
+            }
+        }
+        for pod in report.terminated {
+            let options = json!({"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}});
+            let route = route("pods", Some(&pod.namespace), None);
+            match self.api.delete(&route, &pod.name, &options, &Query::default()).await {
+                Ok(_) | Err(ApiError::NotFound { .. }) | Err(ApiError::Conflict { .. }) => {}
+                Err(e) => return refused(format!("removing pod {}/{}: {e}", pod.namespace, pod.name)),
+            }
+        }
+        AgentResponse { kind: Some(agent_response::Kind::Reported(Reported { rejected })) }
+    }
+
+    async fn write_node(&self, node: &str, reported: &Value) -> Result<(), ApiError> {
+        let main = route("nodes", None, None);
+        let key = main.resource.key(None, node);
+        let q = Query::default();
+        let Some(stored) = self.api.store.get(&key, false).await? else {
+            let created = object(self.api.create(&main, rules::merge_node(None, reported), &q, Output::default()).await?);
+            // A create keeps no status: write it as the status subresource does.
+            let mut with_status = created;
+            with_status["status"] = reported["status"].clone();
+            let status = route("nodes", None, Some("status"));
+            self.api.update(&status, node, with_status, &q, Output::default()).await?;
+            return Ok(());
+        };
+        let mut merged = rules::merge_node(Some(&stored.value), reported);
+        meta::set_resource_version(&mut merged, stored.rev);
+        if merged.get("metadata") != stored.value.get("metadata") {
+            let updated = object(self.api.update(&main, node, merged.clone(), &q, Output::default()).await?);
+            merged["metadata"] = updated["metadata"].clone();
+        }
+        if merged.get("status") != stored.value.get("status") {
+            let status = route("nodes", None, Some("status"));
+            self.api.update(&status, node, merged, &q, Output::default()).await?;
+        }
+        Ok(())
+    }
+
+    async fn renew_lease(&self, node: &str) -> Result<(), ApiError> {
+        let leases = route("coordination.k8s.io/leases", Some("kube-node-lease"), None);
+        let key = leases.resource.key(Some("kube-node-lease"), node);
+        let nodes = route("nodes", None, None);
+        let owner = self.api.store.get(&nodes.resource.key(None, node), false).await?;
+        let uid = owner.as_ref().map(|n| meta::uid(&n.value).to_string());
+        let mut lease = rules::lease(node, uid.as_deref(), &micro_time_now(), LEASE_SECONDS);
+        let q = Query::default();
+        match self.api.store.get(&key, false).await? {
+            None => match self.api.create(&leases, lease, &q, Output::default()).await {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Some(stored) => {
+                lease["metadata"] = stored.value["metadata"].clone();
+                meta::set_resource_version(&mut lease, stored.rev);
+                self.api.update(&leases, node, lease, &q, Output::default()).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Replaces a pod's status, if the pod is still the one the agent runs (same uid) and
+    /// bound to its node.
+    async fn write_pod_status(&self, node: &str, pod: &PodRef, status: Value) -> Result<(), ApiError> {
+        let route = route("pods", Some(&pod.namespace), Some("status"));
+        let key = route.resource.key(Some(&pod.namespace), &pod.name);
+        for _ in 0..3 {
+            let stored = self.api.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(route.resource, &pod.name))?;
+            if meta::uid(&stored.value) != pod.uid {
+                return Err(ApiError::not_found(route.resource, &pod.name));
+            }
+            if rules::node_name(&stored.value) != node {
+                return Err(ApiError::Forbidden(format!("pod {} is not bound to node {node}", pod.name)));
+            }
+            if stored.value.get("status") == Some(&status) {
+                return Ok(());
+            }
+            let mut obj = stored.value.clone();
+            obj["status"] = status.clone();
+            meta::set_resource_version(&mut obj, stored.rev);
+            match self.api.update(&route, &pod.name, obj, &Query::default(), Output::default()).await {
+                Err(ApiError::Conflict { .. }) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+        Err(ApiError::modified(route.resource, &pod.name))
+    }
+
+    async fn lookup(&self, lookup: Lookup) -> AgentResponse {
+        const ALLOWED: &[&str] = &["configmaps", "secrets", "persistentvolumeclaims", "persistentvolumes"];
+        if !ALLOWED.contains(&lookup.plural.as_str()) {
+            return refused(format!("agents may not read {}", lookup.plural));
+        }
+        let r = route(&lookup.plural, None, None).resource;
+        let namespace = r.namespaced.then_some(lookup.namespace.as_str());
+        let object = match self.api.store.get(&r.key(namespace, &lookup.name), false).await {
+            Ok(Some(mut s)) => {
+                meta::set_resource_version(&mut s.value, s.rev);
+                meta::set_type(r, &mut s.value);
+                serde_json::to_vec(&s.value).expect("JSON")
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => return refused(format!("reading {} {}: {e}", lookup.plural, lookup.name)),
+        };
+        AgentResponse { kind: Some(agent_response::Kind::Found(Found { object })) }
+    }
+
+    /// The connection of a node's agent, when it is connected to this server.
+    pub fn agent(&self, node: &str) -> Option<quinn::Connection> {
+        self.connections.lock().expect("not poisoned").get(node).cloned()
+    }
+}
+
+/// Kubernetes' MicroTime: RFC 3339 with microseconds.
+fn micro_time_now() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = meta::rfc3339(now.as_secs() as i64);
+    format!("{}.{:06}Z", secs.trim_end_matches('Z'), now.subsec_micros())
+}

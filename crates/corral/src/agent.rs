@@ -1,0 +1,132 @@
+//! `corral agent`: one worker node. Joins with a token (once; the node certificate is kept in
+//! the data directory), starts the node's own containerd unless given a socket, imports the
+//! image archives, and runs the agent's loops until SIGTERM. Pods outlive the agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use corral_agent::agent::{Agent, LinkLookup};
+use corral_agent::containerd::{self, Layout};
+use corral_agent::cri::{CriClient, Runtime};
+use corral_agent::link::{self, Credentials, Link};
+use corral_agent::node::Facts;
+use corral_agent::worker::{NodeConfig, Worker};
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// A server's agent address (HOST:PORT, the Kubernetes API's port over UDP); repeat or
+    /// separate with commas. After joining, the agent also knows every other server.
+    #[arg(long = "server", env = "CORRAL_SERVER", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// The join token (`corral token create`); only needed the first time.
+    #[arg(long, env = "CORRAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Where the agent keeps its certificate, containerd, pod volumes and logs.
+    #[arg(long, default_value = "/var/lib/corral/agent")]
+    pub data_dir: PathBuf,
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// The address other nodes and the servers reach this node at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub node_ip: String,
+    /// This node's pod CIDR, for its CNI bridge.
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: String,
+    /// The Linux bridge pods attach to.
+    #[arg(long, default_value = "cni0")]
+    pub bridge: String,
+    /// Use a running containerd at this socket instead of starting the node's own.
+    #[arg(long)]
+    pub containerd_socket: Option<PathBuf>,
+    /// OCI image archives imported at start (default: DATA_DIR/images).
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
+    /// The cluster DNS server pods resolve through, and its search domain.
+    #[arg(long)]
+    pub cluster_dns: Option<String>,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Extra labels for the Node: key=value, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "node".into())
+}
+
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let node_name = args.node_name.clone().unwrap_or_else(host_name);
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let pki = data_dir.join("pki");
+
+    let credentials = match Credentials::load(&pki) {
+        Some(c) => c,
+        None => {
+            let token = match (&args.token, &args.token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+                (None, None) => bail!(
+                    "this node has not joined yet: pass --token (or --token-file) with a token from `corral token create`"
+                ),
+            };
+            if args.servers.is_empty() {
+                bail!("pass --server HOST:PORT (a server's Kubernetes API address) to join through");
+            }
+            let c = link::join(&args.servers, token.trim(), &node_name).await.context("joining the cluster")?;
+            c.save(&pki).with_context(|| format!("saving the node certificate in {}", pki.display()))?;
+            println!("joined as node {node_name}; {} servers", c.servers.len());
+            c
+        }
+    };
+
+    let runtime = match &args.containerd_socket {
+        Some(socket) => CriClient::new(socket).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => {
+            let layout = Layout::new(&data_dir.join("containerd"));
+            let cni = containerd::cni_bridge_config(&args.bridge, &args.pod_cidr, true, &data_dir.join("cni-ipam"));
+            let client = containerd::ensure_running(&layout, &cni, Duration::from_secs(30)).await?;
+            let images = args.images_dir.clone().unwrap_or_else(|| data_dir.join("images"));
+            let started = Instant::now();
+            let n = containerd::import_all(&layout, &images)?;
+            tracing::info!(images = n, dir = %images.display(), ms = started.elapsed().as_millis() as u64, "images imported");
+            client
+        }
+    };
+    let version = runtime.version().await.context("asking the container runtime its version")?;
+    let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
+
+    let link = Arc::new(Link::new(&credentials, &args.servers)?);
+    let node = NodeConfig {
+        node_name: node_name.clone(),
+        host_ip: args.node_ip.clone(),
+        cgroup_root: format!("/corral/{node_name}"),
+        log_root: data_dir.join("logs"),
+        pods_root: data_dir.join("pods"),
+        cluster_dns: args.cluster_dns.clone().map(|ip| (ip, args.cluster_domain.clone())),
+    };
+    let worker = Arc::new(Worker::new(Arc::new(runtime), Arc::new(LinkLookup(link.clone())), node));
+    let mut facts = Facts::gather(&node_name, &args.node_ip, &data_dir, &runtime_version);
+    for label in &args.node_labels {
+        let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;
+        facts.labels.push((k.to_string(), v.to_string()));
+    }
+    let kubelet_version = format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
+    let agent = Agent::new(worker, link, facts, &kubelet_version);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(agent.run(stop_rx));
+    println!("corral agent {node_name} running ({runtime_version})");
+    crate::server::wait_for_signal().await;
+    tracing::info!("stopping; pods keep running");
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    Ok(())
+}

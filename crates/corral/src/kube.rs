@@ -1,0 +1,97 @@
+//! A small Kubernetes API client for the binary's own commands (benchmarks, tokens): HTTP/2
+//! over TLS with the admin client certificate, JSON in and out.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+
+/// HTTP/2 connections with the admin client certificate.
+#[derive(Clone)]
+pub struct Client {
+    conns: Arc<Vec<SendRequest<Full<Bytes>>>>,
+    next: Arc<AtomicUsize>,
+    authority: String,
+}
+
+impl Client {
+    /// `pki` holds ca.crt, admin.crt and admin.key.
+    pub async fn connect(pki: &std::path::Path, url: &str, conns: usize) -> Result<Client> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(pki.join("ca.crt"))? {
+            roots.add(cert?)?;
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(pki.join("admin.crt"))?.collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(pki.join("admin.key"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let authority = url.trim_start_matches("https://").to_string();
+        let mut out = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let tcp =
+                tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {url}"))?;
+            tcp.set_nodelay(true)?;
+            let stream = connector.connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp).await?;
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            out.push(send);
+        }
+        Ok(Client { conns: Arc::new(out), next: Arc::new(AtomicUsize::new(0)), authority })
+    }
+
+    fn request(
+        method: Method,
+        authority: &str,
+        path: &str,
+        body: Option<&Value>,
+        ct: &str,
+    ) -> Result<Request<Full<Bytes>>> {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("json"))).unwrap_or_default();
+        Ok(Request::builder()
+            .method(method)
+            .uri(format!("https://{authority}{path}"))
+            .header("content-type", ct)
+            .header("accept", "application/json")
+            .body(Full::new(body))?)
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<(StatusCode, Bytes)> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut send = self.conns[i].clone();
+        let resp = send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    /// A request whose answer is read as it comes (a watch).
+    pub async fn stream(&self, method: Method, path: &str) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut send = self.conns[i].clone();
+        Ok(send.send_request(Self::request(method, &self.authority, path, None, "application/json")?).await?)
+    }
+
+    pub async fn ok(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<Bytes> {
+        let (status, body) = self.call(method.clone(), path, body, ct).await?;
+        if !status.is_success() {
+            bail!("{method} {path}: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body)
+    }
+}
+
