@@ -68,6 +68,25 @@ impl Cluster {
         self.run_up(servers, &[])
     }
 
+    /// Runs `corral up` again with flags (`--agents N` restarts agents that are not running).
+    pub fn up_again(&self, servers: usize, extra: &[&str]) -> Result<()> {
+        self.run_up(servers, extra)
+    }
+
+    /// An agent's log (`corral up --agents`).
+    pub fn agent_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state_dir().join("agents").join(name).join("agent.log")).unwrap_or_default()
+    }
+
+    /// The pid of an agent (`corral up --agents`), from cluster.json.
+    pub fn agent_pid(&self, name: &str) -> Result<u32> {
+        let raw = std::fs::read(self.state_dir().join("cluster.json"))?;
+        let record: serde_json::Value = serde_json::from_slice(&raw)?;
+        let agents = record["agents"].as_array().context("cluster.json has no agents")?;
+        let agent = agents.iter().find(|a| a["name"] == name).context("no such agent")?;
+        agent["pid"].as_u64().map(|p| p as u32).context("the agent has no pid")
+    }
+
     /// A second handle on the same cluster, for tasks that outlive a borrow; it does not
     /// take the cluster down when dropped.
     pub fn adopt(other: &Cluster) -> Cluster {
@@ -151,6 +170,11 @@ impl Cluster {
         run(self.kubectl().args(args), None)
     }
 
+    /// Runs kubectl with `args`, feeding it `stdin` (`apply -f -`).
+    pub fn kube_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        run(self.kubectl().args(args), Some(stdin))
+    }
+
     /// Runs kubectl with `args` against one server's API (`https://127.0.0.1:PORT`).
     pub fn kube_at(&self, server: &str, args: &[&str]) -> Result<String> {
         run(self.kubectl().arg(format!("--server={server}")).args(args), None)
@@ -178,6 +202,17 @@ impl Cluster {
                 let log = std::fs::read_to_string(e.path().join("server.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 out.push_str(&format!("--- {} (last lines) ---\n", e.file_name().to_string_lossy()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("agents")) {
+            for e in entries.flatten() {
+                let log = self.agent_log(&e.file_name().to_string_lossy());
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                out.push_str(&format!("--- agent {} (last lines) ---\n", e.file_name().to_string_lossy()));
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
                     out.push('\n');

@@ -128,9 +128,8 @@ impl<R: Runtime> Agent<R> {
         let mut broken_at: Option<Instant> = None;
         loop {
             let from = self.desired.lock().expect("not poisoned").revision;
-            let request = AgentRequest {
-                kind: Some(agent_request::Kind::WatchPods(proto::WatchPods { from_revision: from })),
-            };
+            let request =
+                AgentRequest { kind: Some(agent_request::Kind::WatchPods(proto::WatchPods { from_revision: from })) };
             let (conn, mut recv) = match self.link.open(request).await {
                 Ok(opened) => opened,
                 Err(e) => {
@@ -141,7 +140,9 @@ impl<R: Runtime> Agent<R> {
             };
             let mut first = true;
             loop {
-                let event = match tokio::time::timeout(WATCH_SILENCE, frame::read::<proto::AgentResponse, _>(&mut recv)).await {
+                let event = match tokio::time::timeout(WATCH_SILENCE, frame::read::<proto::AgentResponse, _>(&mut recv))
+                    .await
+                {
                     Ok(Ok(Some(proto::AgentResponse { kind: Some(agent_response::Kind::PodEvent(e)) }))) => e,
                     Ok(Ok(Some(other))) => {
                         tracing::warn!(?other, "the pod watch was refused");
@@ -221,15 +222,21 @@ impl<R: Runtime> Agent<R> {
             (d.pods.clone(), d.known)
         };
         let empty = PodView::default();
-        let running = pods.iter().filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none()).map(|(uid, pod)| {
-            let view = views.get(uid).unwrap_or(&empty);
-            async move { (pod, self.worker.sync_pod(pod, view).await) }
-        });
+        let running =
+            pods.iter().filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none()).map(|(uid, pod)| {
+                let view = views.get(uid).unwrap_or(&empty);
+                async move { (pod, self.worker.sync_pod(pod, view).await) }
+            });
         for (pod, status) in futures::future::join_all(running).await {
             self.queue_status(pod, status);
         }
         for (uid, pod) in pods.iter().filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_some()) {
-            self.spawn_terminate(uid, views.get(uid).cloned().unwrap_or_default(), grace_period(pod), Some(pod_ref(pod)));
+            self.spawn_terminate(
+                uid,
+                views.get(uid).cloned().unwrap_or_default(),
+                grace_period(pod),
+                Some(pod_ref(pod)),
+            );
         }
         if known {
             for (uid, view) in views.iter().filter(|(uid, _)| !pods.contains_key(*uid)) {
@@ -310,7 +317,10 @@ impl<R: Runtime> Agent<R> {
                 heartbeat: lease_due,
                 pods: statuses
                     .iter()
-                    .map(|(_, r, s)| proto::PodStatus { pod: Some(r.clone()), status: serde_json::to_vec(s).expect("JSON") })
+                    .map(|(_, r, s)| proto::PodStatus {
+                        pod: Some(r.clone()),
+                        status: serde_json::to_vec(s).expect("JSON"),
+                    })
                     .collect(),
                 terminated: terminated.values().cloned().collect(),
             };

@@ -102,7 +102,8 @@ pub async fn join(servers: &[String], token: &str, node_name: &str) -> Result<Cr
     let token = JoinToken::parse(token).map_err(|e| LinkError::Setup(e.to_string()))?;
     let user = format!("system:node:{node_name}");
     let (key_pem, csr_pem) = signing_request(&user).map_err(|e| LinkError::Setup(e.to_string()))?;
-    let endpoint = quic::client(&Trust::Pinned(token.ca_hash.clone()), None).map_err(|e| LinkError::Setup(e.to_string()))?;
+    let endpoint =
+        quic::client(&Trust::Pinned(token.ca_hash.clone()), None).map_err(|e| LinkError::Setup(e.to_string()))?;
     let request = AgentRequest {
         kind: Some(agent_request::Kind::Join(Join {
             token: token.to_string(),

@@ -65,7 +65,9 @@ impl Facts {
             .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
             .unwrap_or_else(|| "Linux".into());
         let pids_used = std::fs::read_dir("/proc")
-            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count())
+            .map(|d| {
+                d.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count()
+            })
             .unwrap_or(0) as u64;
         Facts {
             node_name: node_name.to_string(),
@@ -200,7 +202,9 @@ mod tests {
         assert_eq!(status["allocatable"], status["capacity"]);
         assert_eq!(status["addresses"][0]["address"], "10.0.0.5");
         assert_eq!(status["nodeInfo"]["containerRuntimeVersion"], "containerd://1.6.20");
-        let by_type = |t: &str| status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()["status"].clone();
+        let by_type = |t: &str| {
+            status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()["status"].clone()
+        };
         assert_eq!(by_type("Ready"), "True");
         assert_eq!(by_type("MemoryPressure"), "False");
         assert_eq!(node["metadata"]["labels"]["kubernetes.io/hostname"], "w1");

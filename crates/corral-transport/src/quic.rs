@@ -20,9 +20,9 @@ use sha2::{Digest, Sha256};
 pub const ALPN: &[u8] = b"corral-agent/1";
 
 /// How quickly a dead peer is noticed: keep-alives every second, the connection given up
-/// after five silent seconds.
+/// after three silent seconds (a killed server sends nothing, so this bounds failover).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

@@ -20,7 +20,9 @@ pub struct JoinToken {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-#[error("invalid join token: {0}; it looks like K10<64 hex digits>::<6 chars>.<16 chars> (`corral token create` makes one)")]
+#[error(
+    "invalid join token: {0}; it looks like K10<64 hex digits>::<6 chars>.<16 chars> (`corral token create` makes one)"
+)]
 pub struct TokenError(String);
 
 impl JoinToken {

@@ -59,7 +59,9 @@ pub struct AgentArgs {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "node".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_else(|_| "node".into())
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
@@ -119,7 +121,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;
         facts.labels.push((k.to_string(), v.to_string()));
     }
-    let kubelet_version = format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
+    let kubelet_version =
+        format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
     let agent = Agent::new(worker, link, facts, &kubelet_version);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(agent.run(stop_rx));

@@ -70,7 +70,13 @@ impl Client {
             .body(Full::new(body))?)
     }
 
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<(StatusCode, Bytes)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        ct: &str,
+    ) -> Result<(StatusCode, Bytes)> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let mut send = self.conns[i].clone();
         let resp = send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?;
@@ -94,4 +100,3 @@ impl Client {
         Ok(body)
     }
 }
-

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use corral_agent::containerd::Layout;
 use corral_proto::etcdserverpb::cluster_client::ClusterClient;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{MemberListRequest, StatusRequest};
-use corral_agent::containerd::Layout;
 use corral_transport::{CertificateAuthority, Usage};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
@@ -51,6 +51,9 @@ pub struct UpArgs {
     /// Servers serve only the etcd API: Corral as a drop-in etcd, no Kubernetes objects.
     #[arg(long)]
     pub etcd_only: bool,
+    /// Pods' addresses: each agent gets a /24 of it.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -241,7 +244,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     write_client_files(dir, &record)?;
     progress.done("done");
     if args.agents > 0 {
-        start_agents(dir, &mut record, args.agents, &mut progress, Duration::from_secs(args.timeout_s)).await?;
+        start_agents(dir, &mut record, &args, &mut progress).await?;
     }
     println!();
     println!("Cluster is up. Try:");
@@ -299,13 +302,16 @@ fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
 
 /// Builds the images and a join token (once), starts every agent that is not running, and
 /// waits until every node is Ready.
-async fn start_agents(
-    dir: &Path,
-    record: &mut ClusterRecord,
-    count: usize,
-    progress: &mut Progress,
-    timeout: Duration,
-) -> Result<()> {
+async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, progress: &mut Progress) -> Result<()> {
+    let count = args.agents;
+    let timeout = Duration::from_secs(args.timeout_s);
+    let (net, prefix) = args.cluster_cidr.split_once('/').unwrap_or((&args.cluster_cidr, ""));
+    let octets: Vec<u8> = net.split('.').filter_map(|o| o.parse().ok()).collect();
+    if octets.len() != 4 || prefix != "16" {
+        bail!("--cluster-cidr {}: want an IPv4 /16 (each agent gets one /24 of it)", args.cluster_cidr);
+    }
+    // Bridges are named after the state directory, so two local clusters never share one.
+    let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
     progress.start("images");
     let images = dir.join("images");
     if images.join("nginx.tar").exists() {
@@ -330,8 +336,8 @@ async fn start_agents(
         record.agents = (0..count)
             .map(|i| AgentRecord {
                 name: format!("a{}", i + 1),
-                pod_cidr: format!("10.244.{}.0/24", i + 1),
-                bridge: format!("corral-a{}", i + 1),
+                pod_cidr: format!("{}.{}.{}.0/24", octets[0], octets[1], i + 1),
+                bridge: format!("cr{tag:04x}-a{}", i + 1),
                 pid: None,
             })
             .collect();
@@ -396,9 +402,9 @@ async fn wait_nodes_ready(dir: &Path, api_url: &str, names: &[String], timeout: 
                 .into_iter()
                 .flatten()
                 .filter(|n| {
-                    n.pointer("/status/conditions").and_then(|c| c.as_array()).is_some_and(|c| {
-                        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
+                    n.pointer("/status/conditions")
+                        .and_then(|c| c.as_array())
+                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
                 })
                 .filter_map(|n| n.pointer("/metadata/name").and_then(|v| v.as_str()))
                 .collect();

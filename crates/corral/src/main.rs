@@ -6,8 +6,8 @@ mod image;
 mod kube;
 mod local;
 mod server;
-mod token;
 mod tls;
+mod token;
 mod urls;
 
 use anyhow::Result;

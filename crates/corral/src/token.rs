@@ -63,7 +63,8 @@ fn now() -> i64 {
 
 /// Stores a new token through the API at `url` and returns it.
 pub async fn create(pki: &Path, url: &str, expires: Option<i64>, description: &str) -> Result<JoinToken> {
-    let ca = std::fs::read_to_string(pki.join("ca.crt")).with_context(|| format!("reading {}/ca.crt", pki.display()))?;
+    let ca =
+        std::fs::read_to_string(pki.join("ca.crt")).with_context(|| format!("reading {}/ca.crt", pki.display()))?;
     let token = JoinToken::generate(&corral_transport::quic::ca_hash(&ca)?);
     let secret = corral_apiserver::agents::rules::token_secret(&token, expires, description);
     let client = Client::connect(pki, url, 1).await?;

@@ -99,7 +99,10 @@ impl AgentEndpoint {
             let done = match self.api.store.get(&key, false).await {
                 Ok(Some(s)) if s.value == record => true,
                 Ok(found) => {
-                    matches!(self.api.store.put_if(&key, &record, found.map_or(0, |f| f.rev)).await, Ok(WriteOutcome::Written(_)))
+                    matches!(
+                        self.api.store.put_if(&key, &record, found.map_or(0, |f| f.rev)).await,
+                        Ok(WriteOutcome::Written(_))
+                    )
                 }
                 Err(_) => false,
             };
@@ -199,7 +202,10 @@ impl AgentEndpoint {
             Err(e) => return refused(e.to_string()),
         };
         if !meta::is_dns1123_subdomain(&join.node_name) {
-            return refused(format!("node name {:?} is not a lowercase RFC 1123 subdomain: fix --node-name", join.node_name));
+            return refused(format!(
+                "node name {:?} is not a lowercase RFC 1123 subdomain: fix --node-name",
+                join.node_name
+            ));
         }
         let key = route("secrets", Some("kube-system"), None).resource.key(Some("kube-system"), &token.secret_name());
         let secret = match self.api.store.get(&key, false).await {
@@ -234,7 +240,11 @@ impl AgentEndpoint {
         let store = &self.api.store;
         let resumed = if from > 0 { store.watch(&prefix, from).ok() } else { None };
         let mut stream = match resumed {
-            Some(s) => s,
+            Some(s) => {
+                // At once, so the agent knows its watch is live again.
+                self.send_event(send, Type::Progress, from, Vec::new()).await?;
+                s
+            }
             None => {
                 let page = store.list(&prefix, None, 0, 0, false).await.map_err(|e| e.to_string())?;
                 let pods: Vec<Value> = page
@@ -326,7 +336,8 @@ impl AgentEndpoint {
         let key = main.resource.key(None, node);
         let q = Query::default();
         let Some(stored) = self.api.store.get(&key, false).await? else {
-            let created = object(self.api.create(&main, rules::merge_node(None, reported), &q, Output::default()).await?);
+            let created =
+                object(self.api.create(&main, rules::merge_node(None, reported), &q, Output::default()).await?);
             // A create keeps no status: write it as the status subresource does.
             let mut with_status = created;
             with_status["status"] = reported["status"].clone();
@@ -374,7 +385,8 @@ impl AgentEndpoint {
         let route = route("pods", Some(&pod.namespace), Some("status"));
         let key = route.resource.key(Some(&pod.namespace), &pod.name);
         for _ in 0..3 {
-            let stored = self.api.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(route.resource, &pod.name))?;
+            let stored =
+                self.api.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(route.resource, &pod.name))?;
             if meta::uid(&stored.value) != pod.uid {
                 return Err(ApiError::not_found(route.resource, &pod.name));
             }

@@ -43,7 +43,10 @@ pub fn check_join(token: &JoinToken, ca_hash: &str, secret: Option<&Value>, now:
     if let Some(expiry) = field("expiration")
         && meta::parse_rfc3339(&expiry).is_some_and(|t| t <= now)
     {
-        return Err(format!("the join token {} expired at {expiry}: make a new one with `corral token create`", token.id));
+        return Err(format!(
+            "the join token {} expired at {expiry}: make a new one with `corral token create`",
+            token.id
+        ));
     }
     Ok(())
 }
@@ -124,8 +127,7 @@ pub fn lease(node: &str, uid: Option<&str>, now_micros: &str, duration_s: i64) -
         "spec": {"holderIdentity": node, "leaseDurationSeconds": duration_s, "renewTime": now_micros},
     });
     if let Some(uid) = uid {
-        lease["metadata"]["ownerReferences"] =
-            json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}]);
+        lease["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}]);
     }
     lease
 }

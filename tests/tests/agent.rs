@@ -1,0 +1,151 @@
+//! Agents through the servers, with the real kubectl and containerd: `corral up --agents 1`
+//! brings a node Ready; pods bound to it run; deletion honours the grace period; a killed
+//! agent comes back and adopts its pods without restarting them; an agent whose server is
+//! killed fails over to another and keeps reporting.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use corral_e2e::{Cluster, init_tracing};
+use tracing::info;
+
+const BASE_PORT: u16 = 25200;
+
+fn pod(name: &str, grace: u32, command: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  nodeName: a1
+  terminationGracePeriodSeconds: {grace}
+  containers:
+  - name: main
+    image: busybox
+    command: [\"sh\", \"-c\", {command:?}]
+"
+    )
+}
+
+/// Polls kubectl (against `server`) until `done` holds for its output.
+fn wait_for(
+    c: &Cluster,
+    server: &str,
+    args: &[&str],
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < timeout {
+        match c.kube_at(server, args) {
+            Ok(out) if done(&out) => return Ok(out),
+            Ok(out) => last = out,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("kubectl {args:?} did not get there in {timeout:?}; last: {last}\n{}", c.logs())
+}
+
+/// The agent address the agent last connected to, from its log.
+fn connected_server(c: &Cluster) -> Option<String> {
+    let log = c.agent_log("a1");
+    let line = log.lines().rev().find(|l| l.contains("connected server="))?;
+    Some(line.split("server=").nth(1)?.split_whitespace().next()?.to_string())
+}
+
+#[test]
+fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.251.0.0/16"])?;
+    let s1 = c.api_url(0);
+
+    info!("the node registered itself Ready, with its runtime, capacity and a Lease");
+    let nodes = c.kube(&["get", "nodes"])?;
+    assert!(nodes.lines().any(|l| l.starts_with("a1 ") && l.contains(" Ready ")), "{nodes}");
+    let info = c.kube(&[
+        "get",
+        "node",
+        "a1",
+        "-o",
+        "jsonpath={.status.nodeInfo.containerRuntimeVersion} {.status.capacity.pods} {.status.addresses[0].type}",
+    ])?;
+    assert!(info.starts_with("containerd://") && info.ends_with(" 110 InternalIP"), "{info}");
+    assert_eq!(
+        c.kube(&["get", "lease", "-n", "kube-node-lease", "a1", "-o", "jsonpath={.spec.holderIdentity}"])?,
+        "a1"
+    );
+
+    info!("a busybox pod bound to the node runs, with an IP from the node's pod CIDR");
+    c.kube_stdin(&["apply", "-f", "-"], &pod("ticker", 30, "trap 'exit 0' TERM; while true; do sleep 1; done"))?;
+    let running = wait_for(
+        &c,
+        &s1,
+        &["get", "pod", "ticker", "-o", "jsonpath={.status.phase} {.status.podIP}"],
+        Duration::from_secs(60),
+        |o| o.starts_with("Running 10.251.1."),
+    )?;
+    info!(%running, "running");
+    let first_id = c.kube(&["get", "pod", "ticker", "-o", "jsonpath={.status.containerStatuses[0].containerID}"])?;
+    assert!(first_id.starts_with("containerd://"), "{first_id}");
+
+    info!("deletion honours the grace period: a container ignoring SIGTERM is killed after it");
+    c.kube_stdin(&["apply", "-f", "-"], &pod("stubborn", 3, "trap '' TERM; while true; do sleep 1; done"))?;
+    wait_for(&c, &s1, &["get", "pod", "stubborn", "-o", "jsonpath={.status.phase}"], Duration::from_secs(60), |o| {
+        o == "Running"
+    })?;
+    let started = Instant::now();
+    c.kube(&["delete", "pod", "stubborn", "--wait=false"])?;
+    let terminating = c.kube(&["get", "pod", "stubborn", "-o", "jsonpath={.metadata.deletionGracePeriodSeconds}"])?;
+    assert_eq!(terminating, "3", "marked for deletion, not gone");
+    wait_for(&c, &s1, &["get", "pods", "-o", "name"], Duration::from_secs(30), |o| !o.contains("stubborn"))?;
+    let took = started.elapsed();
+    info!(?took, "the stubborn pod is gone");
+    assert!(took >= Duration::from_secs(3), "removed before its grace period ended: {took:?}");
+
+    info!("kill -9 the agent: the pod keeps running; the restarted agent adopts it, restarting nothing");
+    let agent = c.agent_pid("a1")?;
+    // SAFETY: the pid is the agent `corral up` started for this test's cluster.
+    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(2));
+    c.up_again(3, &["--agents", "1", "--cluster-cidr", "10.251.0.0/16"])?;
+    assert_ne!(c.agent_pid("a1")?, agent, "a new agent");
+    std::thread::sleep(Duration::from_secs(3));
+    let after = c.kube(&[
+        "get",
+        "pod",
+        "ticker",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}",
+    ])?;
+    assert_eq!(after, format!("{first_id} 0"), "the same container, never restarted");
+
+    info!("kill the server the agent is connected to: it resumes on another and keeps reporting");
+    let server = connected_server(&c).expect("the agent logged its server");
+    let port: u16 = server.rsplit(':').next().unwrap_or_default().parse()?;
+    let index = ((port - BASE_PORT - 2) / 10) as usize;
+    let victim = format!("s{}", index + 1);
+    c.kill(&victim)?;
+    let other = c.api_url((index + 1) % 3);
+    let killed_at = Instant::now();
+    c.kube_stdin(&["--server", &other, "apply", "-f", "-"], &pod("after-failover", 1, "sleep 3600")).or_else(|_| {
+        std::thread::sleep(Duration::from_secs(2));
+        c.kube_stdin(&["--server", &other, "apply", "-f", "-"], &pod("after-failover", 1, "sleep 3600"))
+    })?;
+    wait_for(
+        &c,
+        &other,
+        &["get", "pod", "after-failover", "-o", "jsonpath={.status.phase}"],
+        Duration::from_secs(60),
+        |o| o == "Running",
+    )?;
+    info!(took = ?killed_at.elapsed(), "a pod created after the kill runs and is reported");
+    let resumed = c.agent_log("a1");
+    let line = resumed.lines().rev().find(|l| l.contains("pod watch resumed")).unwrap_or_default();
+    assert!(line.contains("after_ms="), "the agent resumed its pod watch:\n{resumed}");
+    assert_ne!(connected_server(&c).as_deref(), Some(server.as_str()), "now on another server");
+    info!(%line, "failover");
+    Ok(())
+}
