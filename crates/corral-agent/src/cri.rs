@@ -73,6 +73,8 @@ pub trait Runtime: Send + Sync + 'static {
         command: Vec<String>,
         timeout: Duration,
     ) -> impl Future<Output = CriResult<ExecOutput>> + Send;
+    /// The URL of the runtime's streaming server for an exec, attach or port-forward.
+    fn stream_url(&self, request: StreamRequest) -> impl Future<Output = CriResult<String>> + Send;
     /// The image's id when it is present on the node.
     fn image_status(&self, image: &str) -> impl Future<Output = CriResult<Option<cri::Image>>> + Send;
     /// Pulls the image; returns its reference (id).
@@ -81,6 +83,14 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove_image(&self, image: &str) -> impl Future<Output = CriResult<()>> + Send;
     /// Whether the runtime and its network are ready.
     fn status(&self) -> impl Future<Output = CriResult<cri::RuntimeStatus>> + Send;
+}
+
+/// What a streaming session is for.
+#[derive(Clone, Debug)]
+pub enum StreamRequest {
+    Exec(cri::ExecRequest),
+    Attach(cri::AttachRequest),
+    PortForward(cri::PortForwardRequest),
 }
 
 /// containerd's CRI plugin over its unix socket.
@@ -206,6 +216,15 @@ impl Runtime for CriClient {
         let req = cri::ExecSyncRequest { container_id: id.into(), cmd: command, timeout: timeout.as_secs() as i64 };
         let resp = self.runtime.clone().exec_sync(req).await?.into_inner();
         Ok(ExecOutput { stdout: resp.stdout, stderr: resp.stderr, exit_code: resp.exit_code })
+    }
+
+    async fn stream_url(&self, request: StreamRequest) -> CriResult<String> {
+        let mut rt = self.runtime.clone();
+        Ok(match request {
+            StreamRequest::Exec(r) => rt.exec(r).await?.into_inner().url,
+            StreamRequest::Attach(r) => rt.attach(r).await?.into_inner().url,
+            StreamRequest::PortForward(r) => rt.port_forward(r).await?.into_inner().url,
+        })
     }
 
     async fn image_status(&self, image: &str) -> CriResult<Option<cri::Image>> {

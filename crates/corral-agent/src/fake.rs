@@ -313,6 +313,10 @@ impl Runtime for FakeRuntime {
         Ok(ExecOutput { stdout: out, stderr: Vec::new(), exit_code })
     }
 
+    async fn stream_url(&self, _request: crate::cri::StreamRequest) -> CriResult<String> {
+        Err(CriError::Failed("the fake runtime has no streaming server".into()))
+    }
+
     async fn image_status(&self, image: &str) -> CriResult<Option<cri::Image>> {
         let s = self.lock();
         let name = normalize(image);

@@ -2,9 +2,10 @@
 //! request, to whichever server answers. When the server it uses dies or is cut off, the
 //! next request goes to the next server in the list.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use corral_proto::agent::{AgentRequest, AgentResponse, Join, agent_request, agent_response};
@@ -136,18 +137,28 @@ pub async fn join(servers: &[String], token: &str, node_name: &str) -> Result<Cr
     Err(last)
 }
 
-/// The agent's connection, re-established on another server when it breaks.
+/// What the agent does with a stream a server opens (logs, exec, port-forward).
+pub type Handler =
+    Arc<dyn Fn(quinn::SendStream, quinn::RecvStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// How often connections to the servers not in use are checked (and made again).
+const KEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// The agent's connections: one to every server that answers, so any server can open a
+/// stream to it; requests go to the current one, and to the next when it breaks.
 pub struct Link {
     endpoint: quinn::Endpoint,
     servers: Vec<String>,
-    state: tokio::sync::Mutex<State>,
-    current_server: Mutex<Option<String>>,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// The index of the server requests go to.
+    current: Mutex<usize>,
+    /// One connection attempt at a time from `connection`.
+    connecting: tokio::sync::Mutex<()>,
+    handler: OnceLock<Handler>,
 }
 
-struct State {
-    /// The server tried next.
-    next: usize,
-    conn: Option<quinn::Connection>,
+fn alive(c: &quinn::Connection) -> bool {
+    c.close_reason().is_none()
 }
 
 impl Link {
@@ -164,52 +175,96 @@ impl Link {
         Ok(Self {
             endpoint,
             servers,
-            state: tokio::sync::Mutex::new(State { next: 0, conn: None }),
-            current_server: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+            current: Mutex::new(0),
+            connecting: tokio::sync::Mutex::new(()),
+            handler: OnceLock::new(),
         })
     }
 
-    /// The server the agent is connected to now, if any.
-    pub fn server(&self) -> Option<String> {
-        self.current_server.lock().expect("not poisoned").clone()
+    /// Serves the streams servers open with `handler`, and keeps a connection to every
+    /// server (checked every two seconds) so each can reach this agent.
+    pub fn serve_streams(self: &Arc<Self>, handler: Handler) -> tokio::task::JoinHandle<()> {
+        let _ = self.handler.set(handler);
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                for server in &this.servers {
+                    let live = this.conns.lock().expect("not poisoned").get(server).is_some_and(alive);
+                    if !live {
+                        let _ = this.connect_to(server).await;
+                    }
+                }
+                tokio::time::sleep(KEEP_EVERY).await;
+            }
+        })
     }
 
-    /// The live connection, or a new one to the first server that answers, starting after
-    /// the one that failed last.
-    pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
-        let mut state = self.state.lock().await;
-        if let Some(c) = &state.conn
-            && c.close_reason().is_none()
-        {
-            return Ok(c.clone());
+    /// The server requests go to now, if connected.
+    pub fn server(&self) -> Option<String> {
+        let i = *self.current.lock().expect("not poisoned");
+        let server = &self.servers[i % self.servers.len()];
+        self.conns.lock().expect("not poisoned").get(server).filter(|c| alive(c)).map(|_| server.clone())
+    }
+
+    async fn connect_to(&self, server: &str) -> Result<quinn::Connection, LinkError> {
+        let conn = connect(&self.endpoint, server).await?;
+        if let Some(handler) = self.handler.get() {
+            let (conn, handler) = (conn.clone(), handler.clone());
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(handler(send, recv));
+                }
+            });
         }
-        state.conn = None;
-        *self.current_server.lock().expect("not poisoned") = None;
+        let old = self.conns.lock().expect("not poisoned").insert(server.to_string(), conn.clone());
+        if let Some(old) = old.filter(|o| o.stable_id() != conn.stable_id()) {
+            old.close(0u32.into(), b"replaced");
+        }
+        Ok(conn)
+    }
+
+    /// The current server's connection, or one to the first server that answers, starting
+    /// after the one that failed last.
+    pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
+        let _one = self.connecting.lock().await;
+        let start = *self.current.lock().expect("not poisoned");
         let mut errors = Vec::new();
-        for _ in 0..self.servers.len() {
-            let i = state.next % self.servers.len();
+        for k in 0..self.servers.len() {
+            let i = (start + k) % self.servers.len();
             let server = &self.servers[i];
-            match connect(&self.endpoint, server).await {
+            let existing = self.conns.lock().expect("not poisoned").get(server).filter(|c| alive(c)).cloned();
+            let fresh = existing.is_none();
+            let conn = match existing {
+                Some(c) => Ok(c),
+                None => self.connect_to(server).await,
+            };
+            match conn {
                 Ok(c) => {
-                    tracing::info!(server = %server, "connected");
-                    state.conn = Some(c.clone());
-                    *self.current_server.lock().expect("not poisoned") = Some(server.clone());
+                    // Logged when requests start going to a server (tests read this line).
+                    if fresh || k > 0 {
+                        tracing::info!(server = %server, "connected");
+                    }
+                    *self.current.lock().expect("not poisoned") = i;
                     return Ok(c);
                 }
                 Err(e) => errors.push(e.to_string()),
             }
-            state.next = i + 1;
         }
         Err(LinkError::Unreachable(errors.join("; ")))
     }
 
-    /// Gives up on `conn` (it broke): the next connection goes to the next server.
+    /// Gives up on `conn` (it broke): requests go to the next server.
     pub async fn abandon(&self, conn: &quinn::Connection) {
-        let mut state = self.state.lock().await;
-        if state.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
-            conn.close(0u32.into(), b"abandoned");
-            state.conn = None;
-            state.next += 1;
+        let mut conns = self.conns.lock().expect("not poisoned");
+        let server = conns.iter().find(|(_, c)| c.stable_id() == conn.stable_id()).map(|(s, _)| s.clone());
+        conn.close(0u32.into(), b"abandoned");
+        if let Some(server) = server {
+            conns.remove(&server);
+            let mut current = self.current.lock().expect("not poisoned");
+            if self.servers.get(*current % self.servers.len()) == Some(&server) {
+                *current += 1;
+            }
         }
     }
 

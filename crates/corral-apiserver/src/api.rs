@@ -41,12 +41,19 @@ pub struct Query(pub HashMap<String, String>);
 
 impl Query {
     pub fn parse(raw: Option<&str>) -> Self {
-        let mut map = HashMap::new();
-        for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            map.insert(decode_component(k), decode_component(v));
-        }
-        Query(map)
+        Query(Self::parse_all(raw).into_iter().collect())
+    }
+
+    /// Every pair in order, repeated keys included (`command=sh&command=-c`).
+    pub fn parse_all(raw: Option<&str>) -> Vec<(String, String)> {
+        raw.unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode_component(k), decode_component(v))
+            })
+            .collect()
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {

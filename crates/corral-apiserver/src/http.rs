@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub tokens: Tokens,
     /// host:port that clients reach this server at (for `/api`).
     pub advertise: String,
+    /// The agent endpoint, for pods' logs, exec, attach and port-forward.
+    pub agents: Option<Arc<crate::agents::AgentEndpoint>>,
 }
 
 /// Builds the TLS settings from a directory of PEM files: our certificate, and client
@@ -281,13 +283,18 @@ async fn dispatch(
             .header("content-type", "application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
             .body(Full::new(Bytes::new()).boxed())
             .expect("valid response")),
-        Route::Object(route) => object(req, route, api).await,
+        Route::Object(route) => object(req, route, api, config).await,
         Route::NotFound => Err(ApiError::NoRoute),
         _ => Err(ApiError::MethodNotAllowed),
     }
 }
 
-async fn object(req: Request<Incoming>, route: route::ObjectRoute, api: &Api) -> Result<Response<Body>, ApiError> {
+async fn object(
+    req: Request<Incoming>,
+    route: route::ObjectRoute,
+    api: &Api,
+    config: &ServerConfig,
+) -> Result<Response<Body>, ApiError> {
     let mut q = Query::parse(req.uri().query());
     if q.get("fieldManager").is_none_or(str::is_empty) {
         // As kube-apiserver: writes without a field manager are recorded under the
@@ -308,6 +315,19 @@ async fn object(req: Request<Incoming>, route: route::ObjectRoute, api: &Api) ->
         return Err(ApiError::NoRoute);
     }
     let name = route.name.clone();
+    if let (Some(sub @ ("log" | "exec" | "attach" | "portforward")), Some(name)) =
+        (route.sub.as_deref(), name.as_deref())
+    {
+        let agents = config
+            .agents
+            .as_deref()
+            .ok_or_else(|| ApiError::Unavailable("this server has no agent endpoint (it runs without TLS)".into()))?;
+        return match (sub, &method) {
+            ("log", &Method::GET) => crate::node_streams::logs(api, agents, &route, name, &q).await,
+            ("log", _) => Err(ApiError::MethodNotAllowed),
+            _ => crate::node_streams::upgrade(api, agents, req, &route, name, &q).await,
+        };
+    }
     let reply = match (method, name.as_deref()) {
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             api.watch(&route, &q, out).await?

@@ -9,6 +9,7 @@ mod defaults;
 pub mod discovery;
 pub mod http;
 pub mod namespaces;
+mod node_streams;
 pub mod route;
 pub mod services;
 pub mod storage;

@@ -11,8 +11,9 @@ use clap::Args;
 use corral_agent::agent::{Agent, LinkLookup};
 use corral_agent::containerd::{self, Layout};
 use corral_agent::cri::{CriClient, Runtime};
-use corral_agent::link::{self, Credentials, Link};
+use corral_agent::link::{self, Credentials, Handler, Link};
 use corral_agent::node::Facts;
+use corral_agent::streams::Streams;
 use corral_agent::worker::{NodeConfig, Worker};
 
 #[derive(Args, Debug, Clone)]
@@ -116,6 +117,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         cluster_dns: args.cluster_dns.clone().map(|ip| (ip, args.cluster_domain.clone())),
     };
     let worker = Arc::new(Worker::new(Arc::new(runtime), Arc::new(LinkLookup(link.clone())), node));
+    let streams = Arc::new(Streams { worker: worker.clone(), log_root: data_dir.join("logs") });
+    let handler: Handler = Arc::new(move |send, recv| Box::pin(streams.clone().serve(send, recv)));
+    link.serve_streams(handler);
     let mut facts = Facts::gather(&node_name, &args.node_ip, &data_dir, &runtime_version);
     for label in &args.node_labels {
         let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;

@@ -233,6 +233,7 @@ async fn start_api(
         services: ranges.clone(),
         cache: Default::default(),
     });
+    let mut agent_endpoint = None;
     if let Some(dir) = &args.tls_dir {
         let agent_addr = match &args.listen_agent_addr {
             Some(a) => a.parse().with_context(|| format!("--listen-agent-addr {a}: want HOST:PORT"))?,
@@ -243,9 +244,10 @@ async fn start_api(
         let endpoint = corral_transport::quic::server(agent_addr, dir, "server")?;
         let advertise = args.advertise_agent_addr.clone().unwrap_or_else(|| agent_addr.to_string());
         let agents = corral_apiserver::agents::AgentEndpoint::new(api.clone(), ca, &args.name, &advertise);
-        tokio::spawn(agents.serve(endpoint, stop.clone()));
+        tokio::spawn(agents.clone().serve(endpoint, stop.clone()));
+        agent_endpoint = Some(agents);
     }
-    let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string() };
+    let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string(), agents: agent_endpoint };
     tokio::spawn(async move {
         for _ in 0..600 {
             match corral_apiserver::namespaces::ensure_system(&store, &corral_api::meta::SystemMinter, &ranges).await {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use corral_api::{ApiError, meta, resources};
 use corral_proto::agent::{
     AgentRequest, AgentResponse, Found, Join, Joined, Lookup, PodEvent, PodRef, Refused, Report, Reported,
-    agent_request, agent_response, pod_event::Type,
+    ServerRequest, StreamReply, agent_request, agent_response, pod_event::Type,
 };
 use corral_transport::{CertificateAuthority, JoinToken, frame, quic};
 use serde_json::{Value, json};
@@ -36,8 +36,8 @@ pub struct AgentEndpoint {
     ca_hash: String,
     server_name: String,
     advertise: String,
-    /// The open connection of each node's agent (for the streams servers open to agents).
-    connections: Mutex<HashMap<String, quinn::Connection>>,
+    /// The open connections of each node's agent (for the streams servers open to agents).
+    connections: Mutex<HashMap<String, Vec<quinn::Connection>>>,
 }
 
 type Send = quinn::SendStream;
@@ -143,7 +143,7 @@ impl AgentEndpoint {
         let span = tracing::info_span!("agent", node = node.as_deref().unwrap_or("-"), remote = %conn.remote_address());
         if let Some(n) = &node {
             span.in_scope(|| tracing::info!("agent connected"));
-            self.connections.lock().expect("not poisoned").insert(n.clone(), conn.clone());
+            self.connections.lock().expect("not poisoned").entry(n.clone()).or_default().push(conn.clone());
         }
         loop {
             let (send, recv) = match conn.accept_bi().await {
@@ -161,8 +161,11 @@ impl AgentEndpoint {
         }
         if let Some(n) = &node {
             let mut conns = self.connections.lock().expect("not poisoned");
-            if conns.get(n).is_some_and(|c| c.stable_id() == conn.stable_id()) {
-                conns.remove(n);
+            if let Some(list) = conns.get_mut(n) {
+                list.retain(|c| c.stable_id() != conn.stable_id());
+                if list.is_empty() {
+                    conns.remove(n);
+                }
             }
         }
     }
@@ -426,9 +429,36 @@ impl AgentEndpoint {
         AgentResponse { kind: Some(agent_response::Kind::Found(Found { object })) }
     }
 
-    /// The connection of a node's agent, when it is connected to this server.
+    /// The newest live connection of a node's agent to this server.
     pub fn agent(&self, node: &str) -> Option<quinn::Connection> {
-        self.connections.lock().expect("not poisoned").get(node).cloned()
+        let conns = self.connections.lock().expect("not poisoned");
+        conns.get(node)?.iter().rev().find(|c| c.close_reason().is_none()).cloned()
+    }
+
+    /// Opens a stream to a node's agent and sends `request`; returns the stream once the
+    /// agent has accepted it, or the error for the client.
+    pub async fn open(
+        &self,
+        node: &str,
+        request: &ServerRequest,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ApiError> {
+        let unreachable = |why: String| ApiError::Unavailable(format!("node {node:?}: {why}"));
+        let conn = self.agent(node).ok_or_else(|| unreachable("its agent is not connected".into()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        frame::write(&mut send, request).await.map_err(|e| unreachable(e.to_string()))?;
+        let reply: StreamReply = tokio::time::timeout(Duration::from_secs(30), frame::read(&mut recv))
+            .await
+            .map_err(|_| unreachable("no answer in 30s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?
+            .ok_or_else(|| unreachable("the agent closed the stream".into()))?;
+        if !reply.ok {
+            return Err(match reply.code {
+                404 => ApiError::NoRoute,
+                400 => ApiError::BadRequest(reply.message),
+                _ => ApiError::Internal(reply.message),
+            });
+        }
+        Ok((send, recv))
     }
 }
 
