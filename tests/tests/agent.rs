@@ -49,10 +49,18 @@ fn wait_for(
     bail!("kubectl {args:?} did not get there in {timeout:?}; last: {last}\n{}", c.logs())
 }
 
-/// The agent address the agent last connected to, from its log.
+/// Runs a command that does not end by itself (`logs -f`) for `d`; returns its output.
+fn run_for(cmd: &mut std::process::Command, d: Duration) -> Result<String> {
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn()?;
+    std::thread::sleep(d);
+    child.kill()?;
+    Ok(String::from_utf8_lossy(&child.wait_with_output()?.stdout).into_owned())
+}
+
+/// The server the agent's pod watch last (re)started on, from its log.
 fn connected_server(c: &Cluster) -> Option<String> {
     let log = c.agent_log("a1");
-    let line = log.lines().rev().find(|l| l.contains("connected server="))?;
+    let line = log.lines().rev().find(|l| l.contains("pod watch") && l.contains("server="))?;
     Some(line.split("server=").nth(1)?.split_whitespace().next()?.to_string())
 }
 
@@ -90,6 +98,26 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
     info!(%running, "running");
     let first_id = c.kube(&["get", "pod", "ticker", "-o", "jsonpath={.status.containerStatuses[0].containerID}"])?;
     assert!(first_id.starts_with("containerd://"), "{first_id}");
+
+    info!("kubectl logs (--tail, --timestamps, -f) and exec (plain, stdin, exit codes) reach the container");
+    c.kube_stdin(
+        &["apply", "-f", "-"],
+        &pod("talker", 1, "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done"),
+    )?;
+    wait_for(&c, &s1, &["logs", "talker", "--tail", "1"], Duration::from_secs(60), |o| o.starts_with("line "))?;
+    let two = c.kube(&["logs", "talker", "--tail", "2"])?;
+    assert_eq!(two.lines().count(), 2, "{two}");
+    let stamped = c.kube(&["logs", "talker", "--tail", "1", "--timestamps"])?;
+    assert!(stamped.starts_with("20") && stamped.contains("Z line "), "{stamped}");
+    let followed = run_for(c.kubectl().args(["logs", "-f", "talker", "--tail", "1"]), Duration::from_secs(2))?;
+    assert!(followed.lines().count() >= 3, "following shows new lines as they come:\n{followed}");
+    // Through another server than the one the agent reports to: every server reaches it.
+    for i in 0..3 {
+        assert_eq!(c.kube_at(&c.api_url(i), &["exec", "talker", "--", "echo", "hi"])?, "hi\n", "through server {i}");
+    }
+    assert_eq!(c.kube_stdin(&["exec", "-i", "talker", "--", "cat"], "piped\n")?, "piped\n");
+    let failed = c.kube_fails(&["exec", "talker", "--", "sh", "-c", "exit 3"])?;
+    assert!(failed.contains("exit code 3"), "{failed}");
 
     info!("deletion honours the grace period: a container ignoring SIGTERM is killed after it");
     c.kube_stdin(&["apply", "-f", "-"], &pod("stubborn", 3, "trap '' TERM; while true; do sleep 1; done"))?;

@@ -241,7 +241,6 @@ impl Link {
             };
             match conn {
                 Ok(c) => {
-                    // Logged when requests start going to a server (tests read this line).
                     if fresh || k > 0 {
                         tracing::info!(server = %server, "connected");
                     }
