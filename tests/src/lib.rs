@@ -194,25 +194,15 @@ impl Cluster {
         format!("https://127.0.0.1:{}", self.base_port as usize + 10 * i + 2)
     }
 
-    /// Every server's log, for failure messages.
+    /// The last lines of every server's and agent's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("servers")) {
+        for (kind, file) in [("servers", "server.log"), ("agents", "agent.log")] {
+            let Ok(entries) = std::fs::read_dir(self.state_dir().join(kind)) else { continue };
             for e in entries.flatten() {
-                let log = std::fs::read_to_string(e.path().join("server.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(e.path().join(file)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                out.push_str(&format!("--- {} (last lines) ---\n", e.file_name().to_string_lossy()));
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.state_dir().join("agents")) {
-            for e in entries.flatten() {
-                let log = self.agent_log(&e.file_name().to_string_lossy());
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                out.push_str(&format!("--- agent {} (last lines) ---\n", e.file_name().to_string_lossy()));
+                out.push_str(&format!("--- {kind}/{} (last lines) ---\n", e.file_name().to_string_lossy()));
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
                     out.push('\n');

@@ -255,14 +255,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
 }
 
 fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra: &[String]) -> Result<u32> {
-    use std::os::unix::process::CommandExt;
     let server_dir = dir.join("servers").join(&server.name);
-    std::fs::create_dir_all(&server_dir)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(server_dir.join("server.log"))?;
-    let exe = std::env::current_exe().context("locating the corral binary")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("server")
-        .args(["--name", &server.name])
+    let mut cmd = corral_command("server", &server_dir.join("server.log"))?;
+    cmd.args(["--name", &server.name])
         .arg("--data-dir")
         .arg(server_dir.join("data"))
         .args(["--listen-client-urls", &server.client_url])
@@ -271,19 +266,29 @@ fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra:
         .args(["--initial-cluster", initial_cluster])
         .arg("--tls-dir")
         .arg(dir.join("pki"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // A session of its own: the server outlives `corral up` and its terminal.
+        .args(extra);
+    Ok(cmd.spawn().context("starting corral server")?.id())
+}
+
+/// `corral <sub>` appending to `log`, in a session of its own: it outlives `corral up` and
+/// its terminal.
+fn corral_command(sub: &str, log: &Path) -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    if let Some(parent) = log.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let exe = std::env::current_exe().context("locating the corral binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(sub).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it only detaches the child from our session.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
             Ok(())
         });
     }
-    let child = cmd.spawn().context("starting corral server")?;
-    Ok(child.id())
+    Ok(cmd)
 }
 
 /// True if `pid` is a corral server started for this state directory.
@@ -362,14 +367,9 @@ async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, pro
 }
 
 fn spawn_agent(dir: &Path, agent: &AgentRecord, servers: &[String], token: &Path, images: &Path) -> Result<u32> {
-    use std::os::unix::process::CommandExt;
     let data = agent.data_dir(dir);
-    std::fs::create_dir_all(&data)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("agent.log"))?;
-    let exe = std::env::current_exe().context("locating the corral binary")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("agent")
-        .args(["--node-name", &agent.name])
+    let mut cmd = corral_command("agent", &data.join("agent.log"))?;
+    cmd.args(["--node-name", &agent.name])
         .arg("--data-dir")
         .arg(&data)
         .args(["--server", &servers.join(",")])
@@ -377,16 +377,7 @@ fn spawn_agent(dir: &Path, agent: &AgentRecord, servers: &[String], token: &Path
         .arg(token)
         .arg("--images-dir")
         .arg(images)
-        .args(["--pod-cidr", &agent.pod_cidr, "--bridge", &agent.bridge])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+        .args(["--pod-cidr", &agent.pod_cidr, "--bridge", &agent.bridge]);
     Ok(cmd.spawn().context("starting corral agent")?.id())
 }
 
