@@ -150,7 +150,7 @@ impl<R: Runtime> Agent<R> {
                         break;
                     }
                     Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                        self.link.abandon(&conn).await;
+                        self.link.abandon(&conn);
                         break;
                     }
                 };
@@ -365,10 +365,7 @@ impl<R: Runtime> Agent<R> {
     fn node_report(&self, last: Option<&(Instant, Value)>) -> Option<Value> {
         let facts = {
             let mut f = self.facts.lock().expect("not poisoned");
-            let fresh = Facts::gather(&f.node_name, &f.host_ip, std::path::Path::new("/"), &f.runtime_version);
-            f.memory_available_bytes = fresh.memory_available_bytes;
-            f.disk_available_bytes = fresh.disk_available_bytes;
-            f.pids_used = fresh.pids_used;
+            f.refresh();
             f.clone()
         };
         let now = corral_api::meta::rfc3339(crate::sync::now_ns() / 1_000_000_000);

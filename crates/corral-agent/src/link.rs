@@ -254,7 +254,7 @@ impl Link {
     }
 
     /// Gives up on `conn` (it broke): requests go to the next server.
-    pub async fn abandon(&self, conn: &quinn::Connection) {
+    pub fn abandon(&self, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().expect("not poisoned");
         let server = conns.iter().find(|(_, c)| c.stable_id() == conn.stable_id()).map(|(s, _)| s.clone());
         conn.close(0u32.into(), b"abandoned");
@@ -272,7 +272,7 @@ impl Link {
         let conn = self.connection().await?;
         let reply = call(&conn, &request).await;
         if let Err(LinkError::Broken(_)) = &reply {
-            self.abandon(&conn).await;
+            self.abandon(&conn);
         }
         reply
     }
@@ -289,11 +289,11 @@ impl Link {
         match tokio::time::timeout(REQUEST_TIMEOUT, opened).await {
             Ok(Ok(recv)) => Ok((conn, recv)),
             Ok(Err(e)) => {
-                self.abandon(&conn).await;
+                self.abandon(&conn);
                 Err(e)
             }
             Err(_) => {
-                self.abandon(&conn).await;
+                self.abandon(&conn);
                 Err(LinkError::Broken("opening a stream timed out".into()))
             }
         }

@@ -33,13 +33,8 @@ pub fn parse(line: &[u8]) -> Option<Entry<'_>> {
     Some(Entry { time, partial: tag.first() == Some(&b'P'), text })
 }
 
-/// The whole second of a CRI time (UTC, `...:04.123456789Z`).
 fn unix_of(time: &str) -> i64 {
-    let whole = match time.split_once('.') {
-        Some((seconds, _)) => format!("{seconds}Z"),
-        None => time.to_string(),
-    };
-    corral_api::meta::parse_rfc3339(&whole).unwrap_or(0)
+    corral_api::meta::parse_rfc3339(time).unwrap_or(0)
 }
 
 /// Writes one entry as kubectl shows it; false once the byte limit is reached.

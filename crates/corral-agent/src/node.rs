@@ -32,6 +32,8 @@ pub struct Facts {
     /// `containerd://1.6.20`, from the runtime's CRI version.
     pub runtime_version: String,
     pub labels: Vec<(String, String)>,
+    /// The filesystem pods' data lives on (ephemeral storage).
+    pub data_dir: std::path::PathBuf,
 }
 
 fn read(path: &str) -> String {
@@ -59,33 +61,41 @@ fn statvfs(path: &Path) -> (u64, u64) {
 impl Facts {
     /// Reads the machine's facts now; `data_dir` is the filesystem pods' data lives on.
     pub fn gather(node_name: &str, host_ip: &str, data_dir: &Path, runtime_version: &str) -> Self {
-        let (disk_bytes, disk_available_bytes) = statvfs(data_dir);
         let os_image = read("/etc/os-release")
             .lines()
             .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
             .unwrap_or_else(|| "Linux".into());
-        let pids_used = std::fs::read_dir("/proc")
-            .map(|d| {
-                d.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count()
-            })
-            .unwrap_or(0) as u64;
-        Facts {
+        let mut facts = Facts {
             node_name: node_name.to_string(),
             host_ip: host_ip.to_string(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             memory_bytes: meminfo("MemTotal"),
-            memory_available_bytes: meminfo("MemAvailable"),
-            disk_bytes,
-            disk_available_bytes,
+            memory_available_bytes: 0,
+            disk_bytes: 0,
+            disk_available_bytes: 0,
             pids_max: read("/proc/sys/kernel/pid_max").parse().unwrap_or(32768),
-            pids_used,
+            pids_used: 0,
             kernel: read("/proc/sys/kernel/osrelease"),
             os_image,
             machine_id: read("/etc/machine-id"),
             boot_id: read("/proc/sys/kernel/random/boot_id"),
             runtime_version: runtime_version.to_string(),
             labels: Vec::new(),
-        }
+            data_dir: data_dir.to_path_buf(),
+        };
+        facts.refresh();
+        facts
+    }
+
+    /// Reads again what changes while the node runs: free memory, disk and pids.
+    pub fn refresh(&mut self) {
+        self.memory_available_bytes = meminfo("MemAvailable");
+        (self.disk_bytes, self.disk_available_bytes) = statvfs(&self.data_dir);
+        self.pids_used = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count()
+            })
+            .unwrap_or(0) as u64;
     }
 }
 

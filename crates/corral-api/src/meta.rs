@@ -59,6 +59,12 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// Kubernetes' MicroTime (RFC 3339 in UTC with microseconds), as Leases and Events carry.
+pub fn micro_time(since_epoch: std::time::Duration) -> String {
+    let secs = rfc3339(since_epoch.as_secs() as i64);
+    format!("{}.{:06}Z", secs.trim_end_matches('Z'), since_epoch.subsec_micros())
+}
+
 /// Seconds since the epoch of an RFC 3339 timestamp.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;

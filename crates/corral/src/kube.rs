@@ -77,9 +77,7 @@ impl Client {
         body: Option<&Value>,
         ct: &str,
     ) -> Result<(StatusCode, Bytes)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut send = self.conns[i].clone();
-        let resp = send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?;
+        let resp = self.send(method, path, body, ct).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, body))
@@ -87,9 +85,20 @@ impl Client {
 
     /// A request whose answer is read as it comes (a watch).
     pub async fn stream(&self, method: Method, path: &str) -> Result<hyper::Response<hyper::body::Incoming>> {
+        self.send(method, path, None, "application/json").await
+    }
+
+    /// Sends on the next connection in turn.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        ct: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let mut send = self.conns[i].clone();
-        Ok(send.send_request(Self::request(method, &self.authority, path, None, "application/json")?).await?)
+        Ok(send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?)
     }
 
     pub async fn ok(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<Bytes> {

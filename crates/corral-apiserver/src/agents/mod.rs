@@ -367,7 +367,12 @@ impl AgentEndpoint {
         let nodes = route("nodes", None, None);
         let owner = self.api.store.get(&nodes.resource.key(None, node), false).await?;
         let uid = owner.as_ref().map(|n| meta::uid(&n.value).to_string());
-        let mut lease = rules::lease(node, uid.as_deref(), &micro_time_now(), LEASE_SECONDS);
+        let mut lease = rules::lease(
+            node,
+            uid.as_deref(),
+            &meta::micro_time(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()),
+            LEASE_SECONDS,
+        );
         let q = Query::default();
         match self.api.store.get(&key, false).await? {
             None => match self.api.create(&leases, lease, &q, Output::default()).await {
@@ -388,8 +393,10 @@ impl AgentEndpoint {
         let route = route("pods", Some(&pod.namespace), Some("status"));
         let key = route.resource.key(Some(&pod.namespace), &pod.name);
         for _ in 0..3 {
+            // A local read: the update below compares its resourceVersion, so a stale read
+            // only costs a retry, and the usual report costs one quorum read instead of two.
             let stored =
-                self.api.store.get(&key, false).await?.ok_or_else(|| ApiError::not_found(route.resource, &pod.name))?;
+                self.api.store.get(&key, true).await?.ok_or_else(|| ApiError::not_found(route.resource, &pod.name))?;
             if meta::uid(&stored.value) != pod.uid {
                 return Err(ApiError::not_found(route.resource, &pod.name));
             }
@@ -460,11 +467,4 @@ impl AgentEndpoint {
         }
         Ok((send, recv))
     }
-}
-
-/// Kubernetes' MicroTime: RFC 3339 with microseconds.
-fn micro_time_now() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = meta::rfc3339(now.as_secs() as i64);
-    format!("{}.{:06}Z", secs.trim_end_matches('Z'), now.subsec_micros())
 }
