@@ -177,3 +177,164 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
     info!(%line, "failover");
     Ok(())
 }
+
+const FAILING_PORT: u16 = 25300;
+
+/// Pods that fail in the ways kubelet reports, and probes that act on containers.
+const FAILING: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  nodeName: a1
+  restartPolicy: Never
+  containers:
+  - {name: hog, image: busybox, command: [sh, -c, 'tail /dev/zero'], resources: {limits: {memory: 32Mi}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher}
+spec:
+  nodeName: a1
+  containers:
+  - {name: main, image: busybox, command: [sh, -c, 'exit 1']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lively}
+spec:
+  nodeName: a1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, 'touch /tmp/healthy; sleep 3; rm /tmp/healthy; sleep 600']
+    livenessProbe: {exec: {command: [cat, /tmp/healthy]}, periodSeconds: 1, failureThreshold: 2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gated}
+spec:
+  nodeName: a1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, 'mkdir /www; httpd -p 8080 -h /www; sleep 600']
+    startupProbe: {tcpSocket: {port: web}, periodSeconds: 1, failureThreshold: 30}
+    readinessProbe: {httpGet: {port: web, path: /ready}, periodSeconds: 1}
+    ports: [{name: web, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-image}
+spec:
+  nodeName: a1
+  containers:
+  - {name: main, image: 'registry.invalid/app:1.0'}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-config}
+spec:
+  nodeName: a1
+  containers:
+  - {name: main, image: busybox, envFrom: [{configMapRef: {name: missing}}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-path}
+spec:
+  nodeName: a1
+  volumes: [{name: data, hostPath: {path: /nonexistent/corral-test, type: Directory}}]
+  containers:
+  - {name: main, image: busybox, volumeMounts: [{name: data, mountPath: /data}]}
+";
+
+fn events_of(c: &Cluster, pod: &str) -> Result<String> {
+    c.kube(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={pod}"),
+        "-o",
+        "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+    ])
+}
+
+#[test]
+fn failing_pods_are_reported_as_kubelet_does_and_probes_act() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(1, FAILING_PORT, &["--agents", "1", "--cluster-cidr", "10.250.0.0/16"])?;
+    let s1 = c.api_url(0);
+    let agent = c.agent_pid("a1")?;
+    c.kube_stdin(&["apply", "-f", "-"], FAILING)?;
+    let field = |pod: &str, path: &str| c.kube(&["get", "pod", pod, "-o", &format!("jsonpath={path}")]);
+    let minute = Duration::from_secs(60);
+
+    info!("a container over its memory limit is OOM-killed and shown OOMKilled");
+    let oom =
+        ["get", "pod", "hog", "-o", "jsonpath={.status.phase} {.status.containerStatuses[0].state.terminated.reason}"];
+    wait_for(&c, &s1, &oom, minute, |o| o == "Failed OOMKilled")?;
+
+    info!("a missing image, a missing ConfigMap and an invalid hostPath wait with kubelet's reasons");
+    let waiting = "jsonpath={.status.containerStatuses[0].state.waiting.reason}: \
+                   {.status.containerStatuses[0].state.waiting.message}";
+    let no_config = ["get", "pod", "no-config", "-o", waiting];
+    wait_for(&c, &s1, &no_config, minute, |o| o == "CreateContainerConfigError: configmap \"missing\" not found")?;
+    let bad_path = ["get", "pod", "bad-path", "-o", waiting];
+    let out =
+        wait_for(&c, &s1, &bad_path, minute, |o| o.starts_with("CreateContainerConfigError: hostPath type check"))?;
+    assert!(out.contains("/nonexistent/corral-test"), "{out}");
+    let no_image = ["get", "pod", "no-image", "-o", waiting];
+    wait_for(&c, &s1, &no_image, minute, |o| o.starts_with("ErrImagePull: "))?;
+    let out = wait_for(&c, &s1, &no_image, minute, |o| o.starts_with("ImagePullBackOff: "))?;
+    assert!(out.contains("registry.invalid/app:1.0"), "{out}");
+    let events = events_of(&c, "no-image")?;
+    assert!(events.contains("Failed: Failed to pull image \"registry.invalid/app:1.0\""), "{events}");
+    assert!(events.contains("BackOff: Back-off pulling image"), "{events}");
+    let events = events_of(&c, "no-config")?;
+    assert!(events.contains("Failed: Error: configmap \"missing\" not found"), "{events}");
+
+    info!("a failing liveness probe restarts its container; the event says why");
+    let lively = ["get", "pod", "lively", "-o", "jsonpath={.status.containerStatuses[0].restartCount}"];
+    wait_for(&c, &s1, &lively, minute, |o| o.parse::<u32>().unwrap_or(0) >= 1)?;
+    let events = events_of(&c, "lively")?;
+    assert!(events.contains("Unhealthy: Liveness probe failed: cat: can't open '/tmp/healthy'"), "{events}");
+    assert!(events.contains("Killing: Container main failed liveness probe, will be restarted"), "{events}");
+
+    info!("readiness gates Ready: the startup probe passes, then Ready follows the readiness probe");
+    let gated = [
+        "get",
+        "pod",
+        "gated",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].started} {.status.conditions[?(@.type==\"Ready\")].status}",
+    ];
+    wait_for(&c, &s1, &gated, minute, |o| o == "true False")?;
+    c.kube(&["exec", "gated", "--", "touch", "/www/ready"])?;
+    wait_for(&c, &s1, &gated, Duration::from_secs(10), |o| o == "true True")?;
+    c.kube(&["exec", "gated", "--", "rm", "/www/ready"])?;
+    wait_for(&c, &s1, &gated, Duration::from_secs(10), |o| o == "true False")?;
+    assert_eq!(field("gated", "{.status.containerStatuses[0].restartCount}")?, "0", "readiness never restarts");
+
+    info!("a crashing container goes to CrashLoopBackOff with growing delays");
+    let crasher = ["get", "pod", "crasher", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.message}"];
+    let back_off = |o: &str| -> Option<u64> {
+        let delay = o.strip_prefix("back-off ")?.split(' ').next()?;
+        let (m, s) = delay.trim_end_matches('s').split_once('m').unwrap_or(("0", delay.trim_end_matches('s')));
+        Some(m.parse::<u64>().ok()? * 60 + s.parse::<u64>().ok()?)
+    };
+    let first = wait_for(&c, &s1, &crasher, minute, |o| back_off(o).is_some())?;
+    assert!(first.contains("restarting failed container=main pod=crasher_default("), "{first}");
+    let before = back_off(&first).unwrap_or_default();
+    let later =
+        wait_for(&c, &s1, &crasher, Duration::from_secs(before + 30), |o| back_off(o).is_some_and(|d| d > before))?;
+    assert_eq!(back_off(&later), Some(before * 2), "the delay doubles: {first} then {later}");
+    let table = c.kube(&["get", "pod", "crasher"])?;
+    assert!(table.contains("CrashLoopBackOff"), "{table}");
+    assert!(events_of(&c, "crasher")?.contains("BackOff: Back-off restarting failed container main"));
+
+    assert_eq!(c.agent_pid("a1")?, agent, "the agent never crashed");
+    Ok(())
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use corral_agent::containerd::{self, Layout};
 use corral_agent::cri::Runtime;
+use corral_agent::gc::GcPolicy;
 use corral_agent::worker::{Lookup, NodeConfig, Worker};
 use corral_e2e::init_tracing;
 use serde_json::{Value, json};
@@ -90,7 +91,10 @@ async fn pods_run_through_containerd_with_offline_images() -> Result<()> {
     corral_image::build_all(&corral_image::Host::default(), &images, |_, _| {}).context("building images")?;
     let cni = containerd::cni_bridge_config(BRIDGE, SUBNET, false, &dir.path().join("cni-ipam"));
     let client = containerd::ensure_running(&layout, &cni, Duration::from_secs(30)).await?;
-    assert_eq!(containerd::import_all(&layout, &images)?, 3);
+    let imported = containerd::import_all(&layout, &images)?;
+    for name in [corral_image::PAUSE_IMAGE, "docker.io/library/busybox:latest", "docker.io/library/nginx:latest"] {
+        assert!(imported.iter().any(|r| r == name), "{name} imported: {imported:?}");
+    }
     let version = client.version().await?;
     assert_eq!(version.runtime_name, "containerd");
     assert!(client.image_status("busybox").await?.is_some(), "short names resolve to docker.io/library");
@@ -117,6 +121,7 @@ async fn pods_run_through_containerd_with_offline_images() -> Result<()> {
         log_root: dir.path().join("logs"),
         pods_root: dir.path().join("pods"),
         cluster_dns: None,
+        pinned_images: imported.clone(),
     };
     let worker = Worker::new(Arc::new(client.clone()), Arc::new(objects), node.clone());
 
@@ -195,10 +200,16 @@ async fn pods_run_through_containerd_with_offline_images() -> Result<()> {
     assert_eq!(waiting["containerStatuses"][1]["state"]["waiting"]["message"], "configmap \"absent\" not found");
     assert_eq!(waiting["phase"], "Pending");
 
+    info!("garbage collection keeps the runs kubectl can ask for and the images the node was given");
+    let everything = GcPolicy { high_percent: 0, low_percent: 0, min_image_age: Duration::ZERO };
+    assert_eq!(worker.collect_images(&everything).await?, 0, "every image is pinned or in use");
+    assert!(client.image_status("nginx").await?.is_some());
+    assert_eq!(worker.collect_containers().await?, 0, "a container's newest two runs stay");
+
     info!("termination stops every container within the grace period and removes the sandboxes");
     let started = Instant::now();
     for (uid, view) in worker.observe().await? {
-        worker.terminate(&uid, &view, Duration::from_secs(5)).await?;
+        worker.terminate(&uid, &view, Duration::from_secs(5), None).await?;
     }
     assert!(started.elapsed() < Duration::from_secs(20), "nginx stops on SIGQUIT well within its grace");
     assert!(worker.observe().await?.is_empty(), "nothing left in the runtime");

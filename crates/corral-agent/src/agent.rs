@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::cri::Runtime;
+use crate::gc::{self, GcPolicy};
 use crate::link::{Link, LinkError};
 use crate::node::{self, Facts};
 use crate::spec::str_at;
@@ -28,6 +29,7 @@ const NODE_EVERY: Duration = Duration::from_secs(60);
 const WATCH_SILENCE: Duration = Duration::from_secs(15);
 /// Statuses per report.
 const BATCH: usize = 200;
+const EVENTS_PER_REPORT: usize = 100;
 /// How long a pod deleted behind the agent's back (force deletion) gets to stop.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
@@ -115,6 +117,7 @@ impl<R: Runtime> Agent<R> {
             tokio::spawn(self.clone().watch_pods()),
             tokio::spawn(self.clone().sync_loop()),
             tokio::spawn(self.clone().report_loop()),
+            tokio::spawn(self.clone().gc_loop()),
         ];
         let _ = stop.wait_for(|s| *s).await;
         for t in tasks {
@@ -200,9 +203,35 @@ impl<R: Runtime> Agent<R> {
         desired.revision = desired.revision.max(event.revision);
     }
 
+    /// Dead containers every minute, images every five (when the disk is filling up).
+    async fn gc_loop(self: Arc<Self>) {
+        let policy = GcPolicy::default();
+        let mut images_at = Instant::now();
+        loop {
+            tokio::time::sleep(gc::CONTAINERS_EVERY).await;
+            match self.worker.collect_containers().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(containers = n, "removed dead containers"),
+                Err(e) => tracing::warn!(error = %e, "container garbage collection"),
+            }
+            if images_at.elapsed() >= gc::IMAGES_EVERY {
+                images_at = Instant::now();
+                match self.worker.collect_images(&policy).await {
+                    Ok(0) => {}
+                    Ok(bytes) => tracing::info!(bytes, "removed unused images"),
+                    Err(e) => tracing::warn!(error = %e, "image garbage collection"),
+                }
+            }
+        }
+    }
+
     async fn sync_loop(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(SYNC_EVERY, self.changed.notified()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(SYNC_EVERY) => {}
+                _ = self.changed.notified() => {}
+                _ = self.worker.wake().notified() => {}
+            }
             self.sync_round().await;
         }
     }
@@ -235,7 +264,7 @@ impl<R: Runtime> Agent<R> {
                 uid,
                 views.get(uid).cloned().unwrap_or_default(),
                 grace_period(pod),
-                Some(pod_ref(pod)),
+                Some(pod.clone()),
             );
         }
         if known {
@@ -268,15 +297,16 @@ impl<R: Runtime> Agent<R> {
 
     /// Stops a pod's containers within `grace` in the background (once per pod); a pod
     /// being deleted is reported terminated afterwards so the servers remove it.
-    fn spawn_terminate(self: &Arc<Self>, uid: &str, view: PodView, grace: Duration, pod: Option<proto::PodRef>) {
+    fn spawn_terminate(self: &Arc<Self>, uid: &str, view: PodView, grace: Duration, pod: Option<Value>) {
         if !self.terminating.lock().expect("not poisoned").insert(uid.to_string()) {
             return;
         }
         let this = self.clone();
         let uid = uid.to_string();
         tokio::spawn(async move {
-            tracing::info!(uid = %uid, pod = pod.as_ref().map_or("(deleted)", |p| p.name.as_str()), ?grace, "terminating");
-            if let Err(e) = this.worker.terminate(&uid, &view, grace).await {
+            let name = pod.as_ref().map_or("(deleted)", |p| str_at(p, "/metadata/name"));
+            tracing::info!(uid = %uid, pod = name, ?grace, "terminating");
+            if let Err(e) = this.worker.terminate(&uid, &view, grace, pod.as_ref()).await {
                 tracing::warn!(uid = %uid, error = %e, "terminating failed; retrying");
                 this.terminating.lock().expect("not poisoned").remove(&uid);
                 return;
@@ -284,7 +314,7 @@ impl<R: Runtime> Agent<R> {
             if let Some(pod) = pod {
                 let mut outbox = this.outbox.lock().expect("not poisoned");
                 outbox.statuses.remove(&uid);
-                outbox.terminated.insert(uid, pod);
+                outbox.terminated.insert(uid, pod_ref(&pod));
                 drop(outbox);
                 this.outgoing.notify_one();
             }
@@ -309,7 +339,8 @@ impl<R: Runtime> Agent<R> {
                     .collect();
                 (statuses, outbox.terminated.clone())
             };
-            if !lease_due && statuses.is_empty() && terminated.is_empty() {
+            let events = self.worker.events().lock().expect("not poisoned").peek(EVENTS_PER_REPORT);
+            if !lease_due && statuses.is_empty() && terminated.is_empty() && events.is_empty() {
                 continue;
             }
             let report = proto::Report {
@@ -323,6 +354,7 @@ impl<R: Runtime> Agent<R> {
                     })
                     .collect(),
                 terminated: terminated.values().cloned().collect(),
+                events: events.iter().map(|e| serde_json::to_vec(e).expect("JSON")).collect(),
             };
             let request = AgentRequest { kind: Some(agent_request::Kind::Report(report)) };
             match self.link.request(request).await {
@@ -336,6 +368,7 @@ impl<R: Runtime> Agent<R> {
                     if let Some(n) = node {
                         last_node = Some((Instant::now(), n));
                     }
+                    self.worker.events().lock().expect("not poisoned").written(&events);
                     let mut outbox = self.outbox.lock().expect("not poisoned");
                     for (uid, _, sent) in statuses {
                         if outbox.statuses.get(&uid).is_some_and(|(_, s)| *s == sent) {

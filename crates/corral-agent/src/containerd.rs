@@ -237,7 +237,8 @@ pub fn teardown(layout: &Layout) {
 }
 
 /// Imports an OCI archive into the CRI's image namespace (with containerd's own `ctr`).
-pub fn import(layout: &Layout, archive: &Path) -> Result<(), ContainerdError> {
+/// Imports one archive; returns the references it named (`docker.io/library/busybox:latest`).
+pub fn import(layout: &Layout, archive: &Path) -> Result<Vec<String>, ContainerdError> {
     let out = Command::new("ctr")
         .arg("--address")
         .arg(layout.socket())
@@ -251,22 +252,28 @@ pub fn import(layout: &Layout, archive: &Path) -> Result<(), ContainerdError> {
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(imported_refs(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Imports every `*.tar` in `dir`; returns how many.
-pub fn import_all(layout: &Layout, dir: &Path) -> Result<usize, ContainerdError> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
+/// The references in ctr's import output: `unpacking <ref> (sha256:...)...done`.
+fn imported_refs(output: &str) -> Vec<String> {
+    output.lines().filter_map(|l| l.strip_prefix("unpacking ")?.split(" (").next()).map(str::to_string).collect()
+}
+
+/// Imports every `*.tar` in `dir`; returns the references imported.
+pub fn import_all(layout: &Layout, dir: &Path) -> Result<Vec<String>, ContainerdError> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(Vec::new()) };
     let mut archives: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "tar"))
         .collect();
     archives.sort();
+    let mut refs = Vec::new();
     for a in &archives {
-        import(layout, a)?;
+        refs.extend(import(layout, a)?);
     }
-    Ok(archives.len())
+    Ok(refs)
 }
 
 #[cfg(test)]
@@ -290,5 +297,11 @@ mod tests {
             serde_json::from_str(&cni_bridge_config("corral0", "10.244.1.0/24", true, Path::new("/d"))).unwrap();
         assert_eq!(cni["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
         assert_eq!(cni["plugins"][1]["type"], "portmap");
+    }
+
+    #[test]
+    fn imported_references_are_read_from_ctr() {
+        let out = "unpacking docker.io/library/busybox:latest (sha256:ec)...done\nunpacking docker.io/library/busybox:1.35 (sha256:ec)...done\n";
+        assert_eq!(imported_refs(out), ["docker.io/library/busybox:latest", "docker.io/library/busybox:1.35"]);
     }
 }

@@ -81,6 +81,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn pull_image(&self, image: &str) -> impl Future<Output = CriResult<String>> + Send;
     fn list_images(&self) -> impl Future<Output = CriResult<Vec<cri::Image>>> + Send;
     fn remove_image(&self, image: &str) -> impl Future<Output = CriResult<()>> + Send;
+    /// Where the runtime keeps its images (the filesystem image GC watches).
+    fn image_fs_mountpoint(&self) -> impl Future<Output = CriResult<PathBuf>> + Send;
     /// Whether the runtime and its network are ready.
     fn status(&self) -> impl Future<Output = CriResult<cri::RuntimeStatus>> + Send;
 }
@@ -246,6 +248,14 @@ impl Runtime for CriClient {
         let req = cri::RemoveImageRequest { image: Some(image_spec(image)) };
         self.images.clone().remove_image(req).await?;
         Ok(())
+    }
+
+    async fn image_fs_mountpoint(&self) -> CriResult<PathBuf> {
+        let resp = self.images.clone().image_fs_info(cri::ImageFsInfoRequest {}).await?.into_inner();
+        let fs = resp.image_filesystems.into_iter().find_map(|f| f.fs_id).map(|id| id.mountpoint);
+        fs.filter(|m| !m.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| CriError::Failed("the runtime names no image filesystem".into()))
     }
 
     async fn status(&self) -> CriResult<cri::RuntimeStatus> {

@@ -349,8 +349,14 @@ impl Runtime for FakeRuntime {
     }
 
     async fn remove_image(&self, image: &str) -> CriResult<()> {
-        self.lock().images.remove(&normalize(image));
+        // By name, or by id with every name it has, as containerd does.
+        let name = normalize(image);
+        self.lock().images.retain(|n, id| *n != name && id != image);
         Ok(())
+    }
+
+    async fn image_fs_mountpoint(&self) -> CriResult<std::path::PathBuf> {
+        Ok(std::env::temp_dir())
     }
 
     async fn status(&self) -> CriResult<cri::RuntimeStatus> {

@@ -108,8 +108,12 @@ pub struct Backoff {
 pub struct PodMemory {
     pub waiting: HashMap<String, Waiting>,
     pub backoff: HashMap<String, Backoff>,
-    /// Readiness by container (absent: no readiness probe result yet).
+    /// Readiness by container, from its readiness probe (absent: it has none).
     pub ready: HashMap<String, bool>,
+    /// Whether a container's startup probe has passed (absent: it has none).
+    pub started: HashMap<String, bool>,
+    /// Running containers that failed their liveness or startup probe: id and why.
+    pub unhealthy: HashMap<String, (String, String)>,
     /// When the agent first took the pod (status.startTime).
     pub start_time: Option<String>,
 }
@@ -203,7 +207,9 @@ pub fn plan(pod: &Value, view: &PodView, memory: &mut PodMemory, now: i64) -> Ve
             None if waiting(memory, name) => {}
             None => actions.push(Action::StartContainer { name: name.into(), init: false, attempt: 0 }),
             Some(run) if matches!(run.state, State::Running | State::Created) => {
-                if !run.hash.is_empty() && run.hash != spec::spec_hash(c) {
+                if let Some((id, why)) = memory.unhealthy.get(name).filter(|(id, _)| *id == run.id) {
+                    actions.push(Action::KillContainer { id: id.clone(), name: name.into(), why: why.clone() });
+                } else if !run.hash.is_empty() && run.hash != spec::spec_hash(c) {
                     actions.push(Action::KillContainer {
                         id: run.id.clone(),
                         name: name.into(),
@@ -333,8 +339,9 @@ fn container_status(pod: &Value, c: &Value, init: bool, view: &PodView, memory: 
     let waiting = memory.waiting.get(name);
     let state = match latest {
         Some(run) if run.state == State::Running => {
-            status["started"] = json!(true);
-            status["ready"] = json!(memory.ready.get(name).copied().unwrap_or(true));
+            let started = memory.started.get(name).copied().unwrap_or(true);
+            status["started"] = json!(started);
+            status["ready"] = json!(started && memory.ready.get(name).copied().unwrap_or(true));
             json!({"running": {"startedAt": rfc3339_ns(run.started_at)}})
         }
         Some(run) if run.state == State::Exited => {
@@ -582,6 +589,35 @@ mod tests {
             plan(&p, &dead, &mut memory, 0),
             [Action::StopSandbox { id: "sb".into() }, Action::StartSandbox { attempt: 1 }]
         );
+    }
+
+    #[test]
+    fn probes_gate_started_and_ready_and_a_failed_liveness_kills() {
+        let p = pod("Always");
+        let mut memory = PodMemory::default();
+        let view = PodView { sandboxes: vec![sandbox(true)], containers: vec![run(&p, 0, State::Running, 0, S, 0)] };
+        memory.started.insert("app".into(), false);
+        let status = pod_status(&p, &view, &memory, "10.0.0.1", 2 * S);
+        assert_eq!(
+            (&status["containerStatuses"][0]["started"], &status["containerStatuses"][0]["ready"]),
+            (&json!(false), &json!(false))
+        );
+        memory.started.insert("app".into(), true);
+        memory.ready.insert("app".into(), false);
+        let status = pod_status(&p, &view, &memory, "10.0.0.1", 2 * S);
+        assert_eq!(status["containerStatuses"][0]["started"], true);
+        assert_eq!(status["conditions"][2]["status"], "False", "not Ready while its readiness probe fails");
+        memory.ready.insert("app".into(), true);
+        let status = pod_status(&p, &view, &memory, "10.0.0.1", 2 * S);
+        assert_eq!(status["conditions"][2]["status"], "True");
+
+        memory.unhealthy.insert("app".into(), ("c0".into(), "failed liveness probe".into()));
+        assert_eq!(
+            plan(&p, &view, &mut memory, 2 * S),
+            [Action::KillContainer { id: "c0".into(), name: "app".into(), why: "failed liveness probe".into() }]
+        );
+        memory.unhealthy.insert("app".into(), ("an-older-run".into(), "failed liveness probe".into()));
+        assert!(plan(&p, &view, &mut memory, 2 * S).is_empty(), "only the run that failed is killed");
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! out `sync::plan`'s actions for a pod (images, volumes, sandboxes, containers), terminates
 //! pods with their grace period, and computes the status to report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use corral_api::events::{Involved, Recorder};
 use corral_proto::cri;
 use serde_json::Value;
+use tokio::sync::Notify;
 
 use crate::cri::{CriError, CriResult, Runtime};
+use crate::gc::{self, GcPolicy};
+use crate::probe::{self, Kind, Probe, ProbeState};
 use crate::spec::{self, ConfigError, Placement, References, str_at};
 use crate::sync::{self, Action, ContainerView, PodMemory, PodView, SandboxView, State, Waiting, now_ns};
 use crate::volumes::{self, VolumeSources};
@@ -25,6 +29,8 @@ pub struct NodeConfig {
     pub log_root: PathBuf,
     pub pods_root: PathBuf,
     pub cluster_dns: Option<(String, String)>,
+    /// Images never garbage-collected (the sandbox image, the images the node was given).
+    pub pinned_images: Vec<String>,
 }
 
 /// The API objects pods refer to, fetched by the agent from the servers.
@@ -47,18 +53,47 @@ pub struct Worker<R: Runtime, L: Lookup> {
     /// start times, by id and state: not asked for again.
     seen: Mutex<HashMap<(String, i32), ContainerView>>,
     sandbox_ips: Mutex<HashMap<String, String>>,
+    /// Probe states by pod uid, container name and kind.
+    probes: ProbeTable,
+    /// Containers being stopped in the background (liveness failures, changed specs).
+    killing: Arc<Mutex<HashSet<String>>>,
+    events: Arc<Mutex<Recorder>>,
+    /// Notified when a probe's result changes, so the next sync comes at once.
+    wake: Arc<Notify>,
+    images: Mutex<gc::ImageHistory>,
 }
+
+type ProbeTable = Arc<Mutex<HashMap<(String, String, Kind), ProbeState>>>;
 
 impl<R: Runtime, L: Lookup> Worker<R, L> {
     pub fn new(runtime: Arc<R>, lookup: Arc<L>, node: NodeConfig) -> Self {
         Self {
             runtime,
             lookup,
-            node,
             memory: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             sandbox_ips: Mutex::new(HashMap::new()),
+            probes: Arc::new(Mutex::new(HashMap::new())),
+            killing: Arc::new(Mutex::new(HashSet::new())),
+            events: Arc::new(Mutex::new(Recorder::new("kubelet", &node.node_name))),
+            wake: Arc::new(Notify::new()),
+            images: Mutex::new(gc::ImageHistory::default()),
+            node,
         }
+    }
+
+    /// Events about the pods, waiting to be written.
+    pub fn events(&self) -> &Mutex<Recorder> {
+        &self.events
+    }
+
+    /// Notified when something (a probe) needs a sync before the next tick.
+    pub fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    fn event(&self, pod: &Value, container: &str, warning: bool, reason: &str, message: &str) {
+        record(&self.events, &Involved::pod(pod, container), warning, reason, message);
     }
 
     pub fn runtime(&self) -> &Arc<R> {
@@ -130,13 +165,15 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
         // What the actions change is added to the view, so one round starts a sandbox and
         // its containers, and the status reported already shows them.
         let mut view = view.clone();
+        self.probe_pod(pod, &view, &mut memory, now);
+        let backoffs_before = memory.backoff.clone();
         for _round in 0..2 {
             let actions = sync::plan(pod, &view, &mut memory, now);
             let started_sandbox = actions.iter().any(|a| matches!(a, Action::StartSandbox { .. }));
             for action in actions {
                 let span = tracing::info_span!("pod", pod = %str_at(pod, "/metadata/name"), uid = %uid, ?action);
-                let _enter = span.enter();
-                if !self.act(pod, action, &mut view, &mut memory, now).await {
+                let acted = self.act(pod, action, &mut view, &mut memory, now);
+                if !tracing::Instrument::instrument(acted, span).await {
                     break;
                 }
             }
@@ -144,9 +181,82 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
                 break;
             }
         }
+        for (name, b) in &memory.backoff {
+            if b.delay > 0 && backoffs_before.get(name) != Some(b) {
+                let message = format!(
+                    "Back-off restarting failed container {name} in pod {}_{}({uid})",
+                    str_at(pod, "/metadata/name"),
+                    str_at(pod, "/metadata/namespace")
+                );
+                self.event(pod, name, true, "BackOff", &message);
+            }
+        }
         let status = sync::pod_status(pod, &view, &memory, &self.node.host_ip, now);
         self.memory.lock().expect("not poisoned").insert(uid, memory);
         status
+    }
+
+    /// Brings the probes' results into `memory` (started, ready, unhealthy) for the running
+    /// containers, and starts the runs that are due in the background.
+    fn probe_pod(&self, pod: &Value, view: &PodView, memory: &mut PodMemory, now: i64) {
+        let uid = str_at(pod, "/metadata/uid").to_string();
+        memory.started.clear();
+        memory.ready.clear();
+        memory.unhealthy.clear();
+        let ip = view.sandbox().map(|s| s.ip.clone()).filter(|ip| !ip.is_empty()).unwrap_or(self.node.host_ip.clone());
+        let mut table = self.probes.lock().expect("not poisoned");
+        table.retain(|(u, name, _), state| {
+            *u != uid || view.latest(name).is_some_and(|r| r.id == state.container_id && r.state == State::Running)
+        });
+        let containers = pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten();
+        for c in containers {
+            let name = str_at(c, "/name");
+            let Some(run) = view.latest(name).filter(|r| r.state == State::Running) else { continue };
+            let mut started = true;
+            for kind in Kind::ALL {
+                let Some(probe) = Probe::of(c, kind) else { continue };
+                if kind != Kind::Startup && !started {
+                    // The startup probe gates the others.
+                    continue;
+                }
+                let key = (uid.clone(), name.to_string(), kind);
+                let state = table.entry(key.clone()).or_insert_with(|| ProbeState::new(&run.id));
+                match (kind, state.result) {
+                    (Kind::Startup, result) => {
+                        started = result == Some(true);
+                        memory.started.insert(name.into(), started);
+                    }
+                    (Kind::Readiness, result) => {
+                        memory.ready.insert(name.into(), result == Some(true));
+                    }
+                    (Kind::Liveness, _) => {}
+                }
+                if state.result == Some(false) && kind != Kind::Readiness {
+                    let why =
+                        format!("Container {name} failed {} probe, will be restarted", kind.title().to_lowercase());
+                    memory.unhealthy.insert(name.into(), (run.id.clone(), why));
+                    continue;
+                }
+                if !state.due(&probe, run.started_at, now) {
+                    continue;
+                }
+                state.running = true;
+                state.last_run = now;
+                let job = ProbeJob {
+                    table: self.probes.clone(),
+                    events: self.events.clone(),
+                    wake: self.wake.clone(),
+                    key,
+                    container_id: run.id.clone(),
+                    involved: Involved::pod(pod, name),
+                };
+                let (runtime, ip) = (self.runtime.clone(), ip.clone());
+                tokio::spawn(async move {
+                    let outcome = probe::run(runtime.as_ref(), &job.container_id, &ip, &probe).await;
+                    job.finish(&probe, outcome);
+                });
+            }
+        }
     }
 
     /// Carries out one action, recording its effect in `view` (and failures in `memory`);
@@ -165,6 +275,7 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
                 Ok(s) => view.sandboxes.push(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "starting the sandbox");
+                    self.event(pod, "", true, "FailedCreatePodSandBox", &format!("Failed to create pod sandbox: {e}"));
                     return false;
                 }
             },
@@ -178,28 +289,47 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
                         }
                     }
                     Err(waiting) => {
-                        tracing::info!(container = %name, reason = %waiting.reason, message = %waiting.message, "not started");
+                        let before = memory.waiting.get(&name).map(|w| w.message.as_str());
+                        if before.is_none_or(|m| !m.ends_with(waiting.message.as_str())) {
+                            tracing::info!(container = %name, reason = %waiting.reason, message = %waiting.message, "not started");
+                        }
                         let pulling = |r: &str| r == "ErrImagePull" || r == "ImagePullBackOff";
                         let retry = if pulling(&waiting.reason) { PULL_BACKOFF_NS } else { CONFIG_RETRY_NS };
                         let again = memory.waiting.get(&name).is_some_and(|w| pulling(&w.reason));
+                        let image = image_of(pod, &name);
                         let (reason, message) = if again && waiting.reason == "ErrImagePull" {
-                            let image = image_of(pod, &name);
+                            self.event(pod, &name, false, "BackOff", &format!("Back-off pulling image {image:?}"));
                             (
                                 "ImagePullBackOff".to_string(),
                                 format!("Back-off pulling image {image:?}: {}", waiting.message),
                             )
                         } else {
+                            if waiting.reason == "ErrImagePull" {
+                                let failed = format!("Failed to pull image {image:?}: {}", waiting.message);
+                                self.event(pod, &name, true, "Failed", &failed);
+                            }
                             (waiting.reason, waiting.message)
                         };
+                        let error = if pulling(&reason) || reason == "ErrImageNeverPull" { &reason } else { &message };
+                        self.event(pod, &name, true, "Failed", &format!("Error: {error}"));
                         memory.waiting.insert(name.clone(), Waiting { reason, message, until: now + retry });
                     }
                 }
             }
             Action::KillContainer { id, name, why } => {
-                tracing::info!(container = %name, why, "killing");
-                if let Err(e) = self.runtime.stop_container(&id, grace_period(pod)).await {
-                    tracing::warn!(error = %e, "stopping a container");
+                // In the background: a grace period must not hold up the other pods' sync.
+                if !self.killing.lock().expect("not poisoned").insert(id.clone()) {
+                    return true;
                 }
+                tracing::info!(container = %name, why, "killing");
+                self.event(pod, &name, false, "Killing", &why);
+                let (runtime, killing, grace) = (self.runtime.clone(), self.killing.clone(), grace_period(pod));
+                tokio::spawn(async move {
+                    if let Err(e) = runtime.stop_container(&id, grace).await {
+                        tracing::warn!(container = %name, error = %e, "stopping a container");
+                    }
+                    killing.lock().expect("not poisoned").remove(&id);
+                });
             }
         }
         true
@@ -207,12 +337,15 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
 
     /// Stops every container of the pod within `grace` (SIGTERM, then SIGKILL), then its
     /// sandboxes, and removes them and the pod's volume directories.
-    pub async fn terminate(&self, uid: &str, view: &PodView, grace: Duration) -> CriResult<()> {
-        let stops = view
-            .containers
-            .iter()
-            .filter(|c| matches!(c.state, State::Running | State::Created))
-            .map(|c| self.runtime.stop_container(&c.id, grace));
+    pub async fn terminate(&self, uid: &str, view: &PodView, grace: Duration, pod: Option<&Value>) -> CriResult<()> {
+        let live: Vec<&ContainerView> =
+            view.containers.iter().filter(|c| matches!(c.state, State::Running | State::Created)).collect();
+        if let Some(pod) = pod {
+            for c in &live {
+                self.event(pod, &c.name, false, "Killing", &format!("Stopping container {}", c.name));
+            }
+        }
+        let stops = live.iter().map(|c| self.runtime.stop_container(&c.id, grace));
         for result in futures::future::join_all(stops).await {
             match result {
                 Ok(()) | Err(CriError::NotFound(_)) => {}
@@ -223,10 +356,54 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
             self.remove_sandbox(&s.id).await?;
         }
         self.memory.lock().expect("not poisoned").remove(uid);
+        self.probes.lock().expect("not poisoned").retain(|(u, _, _), _| u != uid);
         if let Err(e) = volumes::cleanup(&self.node.pods_root, uid) {
             tracing::warn!(uid, error = %e, "removing the pod's volumes");
         }
         Ok(())
+    }
+
+    /// Removes the exited runs no one will ask for any more, with their logs; returns how
+    /// many.
+    pub async fn collect_containers(&self) -> CriResult<usize> {
+        let dead = gc::dead_containers(&self.observe().await?);
+        for id in &dead {
+            let log = self.runtime.container_status(id).await.map(|s| s.log_path).unwrap_or_default();
+            match self.runtime.remove_container(id).await {
+                Ok(()) | Err(CriError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            if !log.is_empty() {
+                let _ = std::fs::remove_file(&log);
+            }
+            self.seen.lock().expect("not poisoned").retain(|(c, _), _| c != id);
+        }
+        Ok(dead.len())
+    }
+
+    /// Removes unused images when the image filesystem is past the policy's high threshold;
+    /// returns the bytes freed.
+    pub async fn collect_images(&self, policy: &GcPolicy) -> CriResult<u64> {
+        let mountpoint = self.runtime.image_fs_mountpoint().await?;
+        let (used, capacity) = gc::filesystem_usage(&mountpoint)
+            .map_err(|e| CriError::Failed(format!("{}: {e}", mountpoint.display())))?;
+        let images = self.runtime.list_images().await?;
+        let in_use: HashSet<String> = self.runtime.list_containers().await?.into_iter().map(|c| c.image_ref).collect();
+        let pinned = |i: &cri::Image| i.pinned || i.repo_tags.iter().any(|t| self.node.pinned_images.contains(t));
+        let present: Vec<(String, u64, bool)> = images.iter().map(|i| (i.id.clone(), i.size, pinned(i))).collect();
+        let now = now_ns();
+        let weighed = self.images.lock().expect("not poisoned").update(&present, &in_use, now);
+        let mut freed = 0;
+        for id in gc::images_to_free(&weighed, used, capacity, policy, now) {
+            match self.runtime.remove_image(&id).await {
+                Ok(()) => {
+                    freed += images.iter().find(|i| i.id == id).map_or(0, |i| i.size);
+                    tracing::info!(image = %id, "removed an unused image");
+                }
+                Err(e) => tracing::warn!(image = %id, error = %e, "removing an unused image"),
+            }
+        }
+        Ok(freed)
     }
 
     async fn remove_sandbox(&self, id: &str) -> CriResult<()> {
@@ -283,7 +460,17 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
             .and_then(|cs| cs.iter().find(|c| str_at(c, "/name") == name))
             .ok_or_else(|| waiting("CreateContainerConfigError", format!("no container {name} in the pod")))?;
         let image = str_at(container, "/image");
-        self.ensure_image(image, str_at(container, "/imagePullPolicy")).await?;
+        match self.ensure_image(image, str_at(container, "/imagePullPolicy")).await? {
+            Some(took) => {
+                self.event(pod, name, false, "Pulling", &format!("Pulling image {image:?}"));
+                let message = format!("Successfully pulled image {image:?} in {:.3}s", took.as_secs_f64());
+                self.event(pod, name, false, "Pulled", &message);
+            }
+            None => {
+                let message = format!("Container image {image:?} already present on machine");
+                self.event(pod, name, false, "Pulled", &message);
+            }
+        }
         let namespace = str_at(pod, "/metadata/namespace");
         let sources = self.volume_sources(pod).await;
         let dirs = volumes::prepare(pod, &self.node.pods_root, &sources)
@@ -300,14 +487,18 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
             .create_container(&sandbox.id, config, sandbox_config)
             .await
             .map_err(|e| waiting("CreateContainerError", e.to_string()))?;
+        self.event(pod, name, false, "Created", &format!("Created container {name}"));
         self.runtime.start_container(&id).await.map_err(|e| waiting("RunContainerError", e.to_string()))?;
+        self.event(pod, name, false, "Started", &format!("Started container {name}"));
         Ok(id)
     }
 
     /// Makes the image present: `Never` only checks, `IfNotPresent` pulls when missing,
     /// `Always` pulls but, on a node with no registry, runs the image it has when the pull fails.
-    async fn ensure_image(&self, image: &str, policy: &str) -> Result<(), Waiting> {
+    /// Returns how long a pull took, None when the node's image was used.
+    async fn ensure_image(&self, image: &str, policy: &str) -> Result<Option<Duration>, Waiting> {
         let waiting = |reason: &str, message: String| Waiting { reason: reason.into(), message, until: 0 };
+        let started = std::time::Instant::now();
         let present = self.runtime.image_status(image).await.map_err(|e| waiting("ErrImagePull", e.to_string()))?;
         let policy = if policy.is_empty() {
             if image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or(image).contains(':') {
@@ -323,12 +514,12 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
                 "ErrImageNeverPull",
                 format!("Container image {image:?} is not present with pull policy of Never"),
             )),
-            ("Never", true) | ("IfNotPresent", true) => Ok(()),
+            ("Never", true) | ("IfNotPresent", true) => Ok(None),
             (_, present) => match self.runtime.pull_image(image).await {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(Some(started.elapsed())),
                 Err(e) if present => {
                     tracing::debug!(image, error = %e, "pull failed; using the image the node has");
-                    Ok(())
+                    Ok(None)
                 }
                 Err(e) => Err(waiting("ErrImagePull", e.to_string())),
             },
@@ -388,6 +579,42 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
             }
         }
         sources
+    }
+}
+
+fn record(events: &Mutex<Recorder>, involved: &Involved, warning: bool, reason: &str, message: &str) {
+    let now = now_ns() / 1_000_000_000;
+    events.lock().expect("not poisoned").record(involved, warning, reason, message, now);
+}
+
+/// A probe run in flight, and where its result goes.
+struct ProbeJob {
+    table: ProbeTable,
+    events: Arc<Mutex<Recorder>>,
+    wake: Arc<Notify>,
+    key: (String, String, Kind),
+    container_id: String,
+    involved: Involved,
+}
+
+impl ProbeJob {
+    fn finish(self, probe: &Probe, outcome: probe::Outcome) {
+        let changed = {
+            let mut table = self.table.lock().expect("not poisoned");
+            // The container may have been replaced (or the pod removed) meanwhile.
+            let Some(state) = table.get_mut(&self.key).filter(|s| s.container_id == self.container_id) else {
+                return;
+            };
+            state.record(probe, outcome.is_ok(), outcome.clone().err().unwrap_or_default())
+        };
+        if let Err(message) = &outcome {
+            tracing::debug!(container = %self.key.1, kind = ?self.key.2, message, "probe failed");
+            let text = format!("{} probe failed: {message}", probe.kind.title());
+            record(&self.events, &self.involved, true, "Unhealthy", &text);
+        }
+        if changed {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -464,6 +691,7 @@ mod tests {
             log_root: root.join("logs"),
             pods_root: root.join("pods"),
             cluster_dns: None,
+            pinned_images: Vec::new(),
         };
         Worker::new(Arc::new(FakeRuntime::with_images(&["busybox"])), Arc::new(Nothing), node)
     }
@@ -488,8 +716,26 @@ mod tests {
         assert_eq!(status["containerStatuses"][0]["imageID"], format!("sha256:{:064x}", 1));
 
         let views = worker.observe().await.unwrap();
-        worker.terminate("u1", &views["u1"], Duration::from_secs(1)).await.unwrap();
+        worker.terminate("u1", &views["u1"], Duration::from_secs(1), None).await.unwrap();
         assert!(worker.observe().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn image_collection_spares_pinned_and_used_images() {
+        let root = tempfile::tempdir().unwrap();
+        let mut worker = fake_worker(root.path());
+        worker.runtime = Arc::new(FakeRuntime::with_images(&["busybox", "nginx", "pause"]));
+        worker.node.pinned_images = vec!["docker.io/library/pause:latest".into()];
+        let pod = json!({"metadata": {"name": "p", "namespace": "default", "uid": "u3"},
+                         "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}});
+        sync(&worker, &pod).await;
+        // Every byte over the threshold, and no minimum age: all that may go, goes.
+        let policy = GcPolicy { high_percent: 0, low_percent: 0, min_image_age: Duration::ZERO };
+        worker.collect_images(&policy).await.unwrap();
+        let left: Vec<String> =
+            worker.runtime.list_images().await.unwrap().into_iter().flat_map(|i| i.repo_tags).collect();
+        assert_eq!(left, ["docker.io/library/busybox:latest", "docker.io/library/pause:latest"], "nginx was unused");
+        assert_eq!(worker.collect_containers().await.unwrap(), 0, "nothing dead yet");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod deletion;
+pub mod events;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

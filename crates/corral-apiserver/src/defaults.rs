@@ -136,6 +136,17 @@ fn pod_spec(spec: &mut Value) {
                     default(p, "protocol", json!("TCP"));
                 }
             }
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                let Some(p) = c.get_mut(probe).and_then(Value::as_object_mut) else { continue };
+                default(p, "timeoutSeconds", json!(1));
+                default(p, "periodSeconds", json!(10));
+                default(p, "successThreshold", json!(1));
+                default(p, "failureThreshold", json!(3));
+                if let Some(http) = p.get_mut("httpGet").and_then(Value::as_object_mut) {
+                    default(http, "path", json!("/"));
+                    default(http, "scheme", json!("HTTP"));
+                }
+            }
         }
     }
 }

@@ -193,10 +193,16 @@ fn output(accept: &str, q: &Query) -> Output {
 }
 
 async fn handle(req: Request<Incoming>, config: &ServerConfig, api: &Api, cert: Option<User>) -> Response<Body> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let span = tracing::debug_span!("api", %method, path);
-    let _enter = span.enter();
+    let span = tracing::debug_span!("api", method = %req.method(), path = req.uri().path());
+    tracing::Instrument::instrument(handle_in_span(req, config, api, cert), span).await
+}
+
+async fn handle_in_span(
+    req: Request<Incoming>,
+    config: &ServerConfig,
+    api: &Api,
+    cert: Option<User>,
+) -> Response<Body> {
     let user = match cert {
         Some(u) => Some(u),
         None => req
@@ -206,6 +212,7 @@ async fn handle(req: Request<Incoming>, config: &ServerConfig, api: &Api, cert: 
             .and_then(|h| h.strip_prefix("Bearer "))
             .and_then(|t| config.tokens.0.get(t.trim()).cloned()),
     };
+    let path = req.uri().path().to_string();
     let route = route::parse(&path);
     if user.is_none() && config.tls.is_some() && !matches!(route, Route::Health(_) | Route::Version) {
         return error_response(&ApiError::Unauthorized);

@@ -91,6 +91,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     };
 
+    // Images the node was given are never garbage-collected: no registry could restore them.
+    let mut pinned_images = vec![corral_image::PAUSE_IMAGE.to_string()];
     let runtime = match &args.containerd_socket {
         Some(socket) => CriClient::new(socket).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => {
@@ -99,8 +101,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             let client = containerd::ensure_running(&layout, &cni, Duration::from_secs(30)).await?;
             let images = args.images_dir.clone().unwrap_or_else(|| data_dir.join("images"));
             let started = Instant::now();
-            let n = containerd::import_all(&layout, &images)?;
-            tracing::info!(images = n, dir = %images.display(), ms = started.elapsed().as_millis() as u64, "images imported");
+            let refs = containerd::import_all(&layout, &images)?;
+            tracing::info!(images = refs.len(), dir = %images.display(), ms = started.elapsed().as_millis() as u64, "images imported");
+            pinned_images.extend(refs);
             client
         }
     };
@@ -115,6 +118,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         log_root: data_dir.join("logs"),
         pods_root: data_dir.join("pods"),
         cluster_dns: args.cluster_dns.clone().map(|ip| (ip, args.cluster_domain.clone())),
+        pinned_images,
     };
     let worker = Arc::new(Worker::new(Arc::new(runtime), Arc::new(LinkLookup(link.clone())), node));
     let streams = Arc::new(Streams { worker: worker.clone(), log_root: data_dir.join("logs") });

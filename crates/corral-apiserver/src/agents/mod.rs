@@ -331,7 +331,36 @@ impl AgentEndpoint {
                 Err(e) => return refused(format!("removing pod {}/{}: {e}", pod.namespace, pod.name)),
             }
         }
+        for event in report.events {
+            let Ok(event) = serde_json::from_slice::<Value>(&event) else { continue };
+            if let Err(e) = self.write_event(node, event).await {
+                tracing::debug!(node, error = %e, "an event from the agent was not written");
+            }
+        }
         AgentResponse { kind: Some(agent_response::Kind::Reported(Reported { rejected })) }
+    }
+
+    /// Creates an Event about one of the node's pods, or replaces the one of the same name
+    /// with its new count. Events are best effort: a failure is logged, not retried.
+    async fn write_event(&self, node: &str, event: Value) -> Result<(), ApiError> {
+        let event = rules::agent_event(node, event).map_err(ApiError::Forbidden)?;
+        let namespace = meta::namespace(&event).unwrap_or("default").to_string();
+        let name = meta::name(&event).to_string();
+        let events = route("events", Some(&namespace), None);
+        let key = events.resource.key(Some(&namespace), &name);
+        let q = Query::default();
+        match self.api.store.get(&key, true).await? {
+            None => match self.api.create(&events, event, &q, Output::default()).await {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Some(stored) => {
+                let mut updated = event;
+                updated["metadata"] = stored.value["metadata"].clone();
+                meta::set_resource_version(&mut updated, stored.rev);
+                self.api.update(&events, &name, updated, &q, Output::default()).await.map(|_| ())
+            }
+        }
     }
 
     async fn write_node(&self, node: &str, reported: &Value) -> Result<(), ApiError> {

@@ -132,6 +132,27 @@ pub fn lease(node: &str, uid: Option<&str>, now_micros: &str, duration_s: i64) -
     lease
 }
 
+/// An Event an agent may write: about a pod or its own Node, with itself as the source
+/// whatever it claimed.
+pub fn agent_event(node: &str, mut event: Value) -> Result<Value, String> {
+    let kind = event.pointer("/involvedObject/kind").and_then(Value::as_str).unwrap_or_default();
+    let about = event.pointer("/involvedObject/name").and_then(Value::as_str).unwrap_or_default();
+    match kind {
+        "Pod" => {}
+        "Node" if about == node => {}
+        _ => return Err(format!("node {node} may record events about pods and itself, not {kind} {about}")),
+    }
+    if event.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
+        return Err("the event has no name".into());
+    }
+    event["apiVersion"] = json!("v1");
+    event["kind"] = json!("Event");
+    event["source"] = json!({"component": "kubelet", "host": node});
+    event["reportingComponent"] = json!("kubelet");
+    event["reportingInstance"] = json!(node);
+    Ok(event)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +211,18 @@ mod tests {
         assert_eq!(merged["metadata"]["labels"]["kubernetes.io/hostname"], "w1");
         assert_eq!(merged["status"], reported["status"]);
         assert!(merge_node(None, &reported).get("spec").is_none(), "a new node's spec is the cluster's");
+    }
+
+    #[test]
+    fn agents_record_events_about_pods_and_their_own_node_only() {
+        let event = |kind: &str, name: &str| {
+            json!({"metadata": {"name": "x.1", "namespace": "default"},
+                   "involvedObject": {"kind": kind, "name": name}, "source": {"host": "elsewhere"}})
+        };
+        let written = agent_event("n1", event("Pod", "web")).unwrap();
+        assert_eq!(written["source"], json!({"component": "kubelet", "host": "n1"}));
+        assert!(agent_event("n1", event("Node", "n1")).is_ok());
+        assert!(agent_event("n1", event("Node", "n2")).is_err());
+        assert!(agent_event("n1", event("Secret", "s")).is_err());
     }
 }
