@@ -1,5 +1,6 @@
 //! Agents through the servers, with the real kubectl and containerd: `corral up --agents 1`
-//! brings a node Ready; pods bound to it run; deletion honours the grace period; a killed
+//! brings a node Ready; pods bound to it run; logs, exec (WebSocket v5 and SPDY), attach and
+//! port-forward reach them; deletion honours the grace period; a killed
 //! agent comes back and adopts its pods without restarting them; an agent whose server is
 //! killed fails over to another and keeps reporting.
 
@@ -55,6 +56,17 @@ fn run_for(cmd: &mut std::process::Command, d: Duration) -> Result<String> {
     std::thread::sleep(d);
     child.kill()?;
     Ok(String::from_utf8_lossy(&child.wait_with_output()?.stdout).into_owned())
+}
+
+/// GET / on a local port, the whole answer.
+fn http_get(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    tcp.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// The server the agent's pod watch last (re)started on, from its log.
@@ -118,6 +130,41 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
     assert_eq!(c.kube_stdin(&["exec", "-i", "talker", "--", "cat"], "piped\n")?, "piped\n");
     let failed = c.kube_fails(&["exec", "talker", "--", "sh", "-c", "exit 3"])?;
     assert!(failed.contains("exit code 3"), "{failed}");
+    let verbose = c.kubectl().args(["exec", "talker", "-v=7", "--", "true"]).output()?;
+    let verbose = String::from_utf8_lossy(&verbose.stderr);
+    assert!(
+        verbose.contains("The subprotocol is v5.channel.k8s.io"),
+        "kubectl 1.33 execs over WebSocket v5:\n{verbose}"
+    );
+    let old = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
+    let spdy = c.kubectl_version(old).args(["exec", "talker", "--", "echo", "over SPDY"]).output()?;
+    assert_eq!(String::from_utf8_lossy(&spdy.stdout), "over SPDY\n", "kubectl 1.27 execs over SPDY");
+    let attached = run_for(c.kubectl().args(["attach", "talker"]), Duration::from_secs(2))?;
+    assert!(attached.contains("line "), "attach shows the container's output as it comes:\n{attached}");
+
+    info!("kubectl port-forward reaches a port of the pod");
+    c.kube_stdin(
+        &["apply", "-f", "-"],
+        &pod("web", 1, "mkdir /www; echo served > /www/index.html; httpd -f -p 8080 -h /www"),
+    )?;
+    wait_for(&c, &s1, &["get", "pod", "web", "-o", "jsonpath={.status.phase}"], Duration::from_secs(60), |o| {
+        o == "Running"
+    })?;
+    let local = BASE_PORT + 90;
+    let mut forward = c
+        .kubectl()
+        .args(["port-forward", "pod/web", &format!("{local}:8080")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let answer = (0..50).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        http_get(local).ok().filter(|a| a.contains("served"))
+    });
+    forward.kill()?;
+    let _ = forward.wait();
+    let answer = answer.unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.") && answer.ends_with("served\n"), "{answer}");
 
     info!("deletion honours the grace period: a container ignoring SIGTERM is killed after it");
     c.kube_stdin(&["apply", "-f", "-"], &pod("stubborn", 3, "trap '' TERM; while true; do sleep 1; done"))?;

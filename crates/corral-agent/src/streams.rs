@@ -16,6 +16,7 @@ use crate::cri::{Runtime, StreamRequest};
 use crate::logs::{self, LogOptions};
 use crate::sync::State;
 use crate::worker::{Lookup, Worker};
+use crate::{spdy, websocket};
 
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
@@ -156,6 +157,11 @@ impl<R: Runtime, L: Lookup> Streams<R, L> {
         };
         let (authority, path) =
             split_url(&url).ok_or_else(|| format!("the runtime's streaming URL {url} is not http"))?;
+        if kind != Kind::PortForward
+            && let Some(ws) = websocket::handshake(&s.http_head)
+        {
+            return translate(&s, ws, &authority, &path, send, recv).await;
+        }
         let mut tcp = match tokio::net::TcpStream::connect(&authority).await {
             Ok(t) => t,
             Err(e) => {
@@ -196,6 +202,172 @@ impl<R: Runtime, L: Lookup> Streams<R, L> {
             .map(|s| s.id.clone())
             .ok_or_else(|| reply(false, 400, "the pod has no running sandbox"))
     }
+}
+
+/// The channel protocols kubectl speaks over a WebSocket that are served, preferred first.
+/// v5 adds the client's close of stdin (channel 255) to v4.
+const CHANNEL_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+const CLOSE_CHANNEL: u8 = 255;
+
+/// SPDY stream ids of a remote command, as Kubernetes' clients open them.
+const ERROR: u32 = 1;
+const STDIN: u32 = 3;
+const STDOUT: u32 = 5;
+const STDERR: u32 = 7;
+const RESIZE: u32 = 9;
+
+/// Exec or attach for a WebSocket client (kubectl 1.30 and later): the agent ends the
+/// WebSocket itself and speaks SPDY to the runtime's streaming server, which knows only
+/// SPDY and older WebSocket versions, as kube-apiserver's stream translator does. Channel
+/// n of the WebSocket is the SPDY stream of the same role.
+async fn translate(
+    s: &Stream,
+    ws: websocket::Handshake,
+    authority: &str,
+    path: &str,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), String> {
+    let Some(protocol) = ws.protocols.iter().find(|p| CHANNEL_PROTOCOLS.contains(&p.as_str())).cloned() else {
+        let offered = ws.protocols.join(", ");
+        let r = reply(false, 400, format!("none of the WebSocket subprotocols [{offered}] is served; use SPDY"));
+        return frame::write(&mut send, &r).await.map_err(|e| e.to_string());
+    };
+    let mut tcp = match spdy_upgrade(authority, path).await {
+        Ok(tcp) => tcp,
+        Err(r) => return frame::write(&mut send, &r).await.map_err(|e| e.to_string()),
+    };
+    frame::write(&mut send, &reply(true, 101, "")).await.map_err(|e| e.to_string())?;
+    send.write_all(&websocket::switching(&ws.key, &protocol)).await.map_err(|e| e.to_string())?;
+
+    let mut streams = vec![(ERROR, "error")];
+    if s.stdin {
+        streams.push((STDIN, "stdin"));
+    }
+    if s.stdout {
+        streams.push((STDOUT, "stdout"));
+    }
+    if s.stderr && !s.tty {
+        streams.push((STDERR, "stderr"));
+    }
+    if s.tty {
+        streams.push((RESIZE, "resize"));
+    }
+    let mut headers = spdy::HeaderWriter::default();
+    for (id, kind) in &streams {
+        tcp.write_all(&spdy::syn_stream(&mut headers, *id, &[("streamtype", kind)]))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    // Output streams still open; the command is over when none is.
+    let mut open: Vec<u32> =
+        streams.iter().map(|(id, _)| *id).filter(|id| matches!(*id, ERROR | STDOUT | STDERR)).collect();
+
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (client_tx, mut from_client) = tokio::sync::mpsc::channel(16);
+    let (runtime_tx, mut from_runtime) = tokio::sync::mpsc::channel(16);
+    let client_reader = tokio::spawn(async move {
+        let mut reader = websocket::Reader::new(recv);
+        while let Ok(Some(m)) = reader.next().await {
+            if client_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let runtime_reader = tokio::spawn(async move {
+        while let Ok(Some(f)) = spdy::read_frame(&mut tcp_read).await {
+            if runtime_tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let io = |e: std::io::Error| e.to_string();
+    let result: Result<(), String> = async {
+        loop {
+            tokio::select! {
+                m = from_client.recv() => {
+                    let Some(m) = m else { break };
+                    match m.opcode {
+                        websocket::PING => send.write_all(&websocket::frame(websocket::PONG, &m.payload)).await.map_err(|e| e.to_string())?,
+                        websocket::CLOSE => break,
+                        websocket::BINARY | websocket::TEXT => {
+                            let Some((&channel, data)) = m.payload.split_first() else { continue };
+                            match channel {
+                                0 if s.stdin => tcp_write.write_all(&spdy::data(STDIN, false, data)).await.map_err(io)?,
+                                4 if s.tty => tcp_write.write_all(&spdy::data(RESIZE, false, data)).await.map_err(io)?,
+                                CLOSE_CHANNEL if data.first() == Some(&0) && s.stdin => {
+                                    tcp_write.write_all(&spdy::data(STDIN, true, &[])).await.map_err(io)?
+                                }
+                                _ => {}
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                f = from_runtime.recv() => {
+                    match f {
+                        None | Some(spdy::Frame::GoAway) => break,
+                        Some(spdy::Frame::Ping { id }) => tcp_write.write_all(&spdy::ping(id)).await.map_err(io)?,
+                        Some(spdy::Frame::Data { stream, fin, data }) => {
+                            let channel = match stream { ERROR => 3u8, STDOUT => 1, STDERR => 2, _ => continue };
+                            if !data.is_empty() {
+                                let mut message = Vec::with_capacity(data.len() + 1);
+                                message.push(channel);
+                                message.extend_from_slice(&data);
+                                send.write_all(&websocket::frame(websocket::BINARY, &message)).await.map_err(|e| e.to_string())?;
+                            }
+                            if fin {
+                                open.retain(|id| *id != stream);
+                            }
+                        }
+                        Some(spdy::Frame::SynReply { stream, fin: true }) | Some(spdy::Frame::RstStream { stream, .. }) => {
+                            open.retain(|id| *id != stream);
+                        }
+                        Some(_) => {}
+                    }
+                    if open.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    client_reader.abort();
+    runtime_reader.abort();
+    let _ = send.write_all(&websocket::close(1000)).await;
+    let _ = send.finish();
+    result
+}
+
+/// Connects to the runtime's streaming server and upgrades to SPDY/3.1 for a remote command.
+async fn spdy_upgrade(authority: &str, path: &str) -> Result<tokio::net::TcpStream, StreamReply> {
+    let failed = |e: std::io::Error| reply(false, 502, format!("the runtime's streaming server at {authority}: {e}"));
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.map_err(failed)?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.map_err(failed)?;
+    // The answer's head, read byte by byte so that no SPDY frame after it is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(reply(false, 502, "the runtime's streaming server sent an oversized answer"));
+        }
+        head.push(tcp.read_u8().await.map_err(failed)?);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let code: i32 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(502);
+    if code != 101 {
+        return Err(reply(
+            false,
+            code,
+            format!("the runtime refused the stream: {}", text.lines().next().unwrap_or("")),
+        ));
+    }
+    Ok(tcp)
 }
 
 /// `http://host:port/path` as (`host:port`, `/path`).

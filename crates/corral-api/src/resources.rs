@@ -70,6 +70,7 @@ pub static RESOURCES: &[Resource] = &[
         status("Namespace"),
     ]),
     resource!("", "v1", "pods", "pod", "Pod", true, short: &["po"], categories: ALL, status: true, sub: &[
+        Subresource { name: "attach", kind: "PodAttachOptions", group: None, version: None, verbs: &["create", "get"] },
         Subresource { name: "binding", kind: "Binding", group: None, version: None, verbs: &["create"] },
         Subresource { name: "eviction", kind: "Eviction", group: Some("policy"), version: Some("v1"), verbs: &["create"] },
         Subresource { name: "exec", kind: "PodExecOptions", group: None, version: None, verbs: &["create", "get"] },
