@@ -95,6 +95,11 @@ pub enum Reply {
     Watch(mpsc::Receiver<Value>),
 }
 
+/// Events are written with a lease, so they expire (`storage::EVENT_TTL`).
+fn is_event(r: &Resource) -> bool {
+    (r.group.is_empty() || r.group == "events.k8s.io") && r.plural == "events"
+}
+
 pub struct Api {
     pub store: ObjectStore,
     pub mint: Box<dyn Minter + Send + Sync>,
@@ -247,9 +252,12 @@ impl Api {
         let key = r.key(meta::namespace(&obj), &name);
         for _ in 0..WRITE_RETRIES {
             let mut obj = obj.clone();
-            let side = services::side_of_write(&self.store, &self.services, r, None, &mut obj).await?;
+            let mut side = services::side_of_write(&self.store, &self.services, r, None, &mut obj).await?;
             if dry_run(q) {
                 return Ok(Reply::Object(201, self.present(r, obj, 0, out)));
+            }
+            if is_event(r) {
+                side.lease = self.store.event_lease().await?;
             }
             match self.store.put_if_with(&key, &obj, 0, &side).await? {
                 WriteOutcome::Written(rev) => return Ok(Reply::Object(201, self.present(r, obj, rev, out))),
@@ -415,7 +423,10 @@ impl Api {
             }
             let mut new = change(r, &old)?;
             crate::validate::object(r, &new)?;
-            let side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
+            let mut side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
+            if is_event(r) {
+                side.lease = self.store.event_lease().await?;
+            }
             if dry_run(q) || new == old.value {
                 return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
             }

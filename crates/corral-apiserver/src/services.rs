@@ -128,7 +128,7 @@ pub async fn side_of_write(
     };
     let releases = old.map(|o| released(o, Some(new))).unwrap_or_default();
     let owner = json!(format!("{}/{}", meta::namespace(new).unwrap_or_default(), meta::name(new)));
-    Ok(Side { claims, owner, releases })
+    Ok(Side { claims, owner, releases, lease: 0 })
 }
 
 /// The side writes of deleting `old`: its claims go with it.
@@ -157,7 +157,7 @@ pub async fn ensure_kubernetes(store: &ObjectStore, mint: &dyn Minter, ranges: &
     });
     meta::prepare_create(r, &mut svc, Some("default"), mint)?;
     crate::defaults::apply(r, &mut svc);
-    let side = Side { claims: claims_of(&svc), owner: json!("default/kubernetes"), releases: Vec::new() };
+    let side = Side { claims: claims_of(&svc), owner: json!("default/kubernetes"), ..Side::default() };
     store.put_if_with(&key, &svc, 0, &side).await?;
     Ok(())
 }

@@ -37,7 +37,15 @@ pub struct Page {
 #[derive(Clone)]
 pub struct ObjectStore {
     node: Arc<StoreNode>,
+    /// The lease Events are written with, and when it was granted.
+    event_lease: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
 }
+
+/// Events expire this long after their last write, as kube-apiserver's `--event-ttl` default.
+pub const EVENT_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// One lease serves the Events written within this long (kube-apiserver reuses its leases
+/// for a minute too), so an Event lives between one TTL and one TTL plus this.
+const EVENT_LEASE_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
@@ -117,11 +125,34 @@ pub struct Side {
     pub claims: Vec<String>,
     pub owner: Value,
     pub releases: Vec<String>,
+    /// The lease the object is written with (0: none); Events expire with theirs.
+    pub lease: i64,
 }
 
 impl ObjectStore {
     pub fn new(node: Arc<StoreNode>) -> Self {
-        Self { node }
+        Self { node, event_lease: Arc::new(std::sync::Mutex::new(None)) }
+    }
+
+    /// The lease to attach an Event to: granted with the TTL plus the reuse time, and
+    /// replaced once it has served its minute (so it cannot expire while in use).
+    pub async fn event_lease(&self) -> Result<i64, ApiError> {
+        {
+            let current = self.event_lease.lock().expect("not poisoned");
+            if let Some((id, at)) = *current
+                && at.elapsed() < EVENT_LEASE_REUSE
+            {
+                return Ok(id);
+            }
+        }
+        let ttl = (EVENT_TTL + EVENT_LEASE_REUSE).as_secs() as i64;
+        let granted = self
+            .node
+            .lease_grant(corral_proto::etcdserverpb::LeaseGrantRequest { ttl, id: 0 })
+            .await
+            .map_err(store_error)?;
+        *self.event_lease.lock().expect("not poisoned") = Some((granted.id, std::time::Instant::now()));
+        Ok(granted.id)
     }
 
     /// Reads one object; linearizable unless `any` (resourceVersion=0).
@@ -186,6 +217,7 @@ impl ObjectStore {
         let put = request_op::Request::RequestPut(PutRequest {
             key: key.as_bytes().to_vec(),
             value: raw,
+            lease: side.lease,
             ..Default::default()
         });
         self.txn(key, expect, cmp, put, side).await

@@ -101,6 +101,21 @@ impl Client {
         Ok(send.send_request(Self::request(method, &self.authority, path, body, ct)?).await?)
     }
 
+    /// Reads a watch's answer to its end, handing each event to `each`.
+    pub async fn each_event(resp: hyper::Response<hyper::body::Incoming>, mut each: impl FnMut(Value)) -> Result<()> {
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            buf.extend_from_slice(&data);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                each(serde_json::from_slice(&line).unwrap_or(Value::Null));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn ok(&self, method: Method, path: &str, body: Option<&Value>, ct: &str) -> Result<Bytes> {
         let (status, body) = self.call(method.clone(), path, body, ct).await?;
         if !status.is_success() {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
-use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -248,22 +247,14 @@ async fn fan_out(args: &ApiArgs, url: &str, client: &Client, created: usize, tag
         watchers.spawn(async move {
             let resp = c.stream(Method::GET, &path).await;
             ready.wait().await;
-            let mut body = resp?.into_body();
-            let mut buf = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame?.into_data() else { continue };
-                buf.extend_from_slice(&data);
-                while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=end).collect();
-                    let event: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
-                    let sent = event.pointer("/object/metadata/annotations/sent").and_then(Value::as_str);
-                    if let Some(sent) = sent.and_then(|s| s.parse::<u64>().ok()) {
-                        let _ = delivery.lock().expect("histogram").record(micros_now().saturating_sub(sent).max(1));
-                        seen.fetch_add(1, Ordering::Relaxed);
-                    }
+            Client::each_event(resp?, |event| {
+                let sent = event.pointer("/object/metadata/annotations/sent").and_then(Value::as_str);
+                if let Some(sent) = sent.and_then(|s| s.parse::<u64>().ok()) {
+                    let _ = delivery.lock().expect("histogram").record(micros_now().saturating_sub(sent).max(1));
+                    seen.fetch_add(1, Ordering::Relaxed);
                 }
-            }
-            Ok::<_, anyhow::Error>(())
+            })
+            .await
         });
     }
     ready.wait().await;

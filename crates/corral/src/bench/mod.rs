@@ -5,6 +5,7 @@ mod api;
 mod etcd;
 mod failover;
 mod kv;
+mod pods;
 mod target;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ pub enum BenchCommand {
     Failover(failover::FailoverArgs),
     /// Start or stop a 3-member Debian etcd 3.4 cluster for side-by-side runs.
     Etcd(etcd::EtcdArgs),
+    /// Pod start latency on one node, beside the runtime's own floor; the agent's RSS.
+    Pods(pods::PodsArgs),
 }
 
 /// Where a benchmark connects: a local cluster's state directory (Corral's from `corral up`,
@@ -50,5 +53,6 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kv(args) => kv::run(args).await,
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Etcd(args) => etcd::run(args).await,
+        BenchCommand::Pods(args) => pods::run(args).await,
     }
 }
