@@ -1,0 +1,180 @@
+//! The scheduling framework: named filter plugins decide where a pod may go, named score
+//! plugins rank those nodes, weighted. Every node is filtered (the reasons of all nodes make
+//! the message of a pod that fits nowhere); scores are normalized per plugin to 0..=100.
+
+use std::collections::BTreeMap;
+
+use crate::plugins;
+use crate::snapshot::{NodeInfo, PodInfo, Snapshot};
+
+pub const MAX_SCORE: i64 = 100;
+
+/// Why a node cannot take a pod: reasons as Kubernetes words them (`Insufficient cpu`).
+pub type Reasons = Vec<String>;
+
+pub trait FilterPlugin: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Whether `node` may take `pod`; `snapshot` is the whole cluster, for plugins that
+    /// look at other nodes' pods (affinity, spreading).
+    fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons>;
+}
+
+/// How a plugin's raw scores become 0..=100 across the feasible nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalize {
+    /// Already 0..=100.
+    None,
+    /// Scaled so the highest is 100.
+    Max,
+    /// Scaled so the highest is 0 and zero is 100 (fewer is better).
+    ReverseMax,
+    /// Scaled so the lowest is 0 and the highest 100 (scores may be negative).
+    MinMax,
+}
+
+pub trait ScorePlugin: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn weight(&self) -> i64;
+    fn normalize(&self) -> Normalize;
+    fn score(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> i64;
+}
+
+/// Where a pod goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub node: String,
+    pub score: i64,
+}
+
+/// Why a pod fits nowhere: how many nodes gave each reason, and Kubernetes' message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unschedulable {
+    pub reasons: BTreeMap<String, usize>,
+    pub message: String,
+}
+
+impl Unschedulable {
+    fn new(nodes: usize, reasons: BTreeMap<String, usize>) -> Self {
+        if nodes == 0 {
+            return Unschedulable { reasons, message: "no nodes available to schedule pods".into() };
+        }
+        let mut parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        parts.sort();
+        let message = format!("0/{nodes} nodes are available: {}.", parts.join(", "));
+        Unschedulable { reasons, message }
+    }
+}
+
+pub struct Framework {
+    filters: Vec<Box<dyn FilterPlugin>>,
+    scores: Vec<Box<dyn ScorePlugin>>,
+}
+
+impl Default for Framework {
+    /// Every plugin, with Kubernetes' default weights.
+    fn default() -> Self {
+        Framework { filters: plugins::filters(), scores: plugins::scores() }
+    }
+}
+
+impl Framework {
+    pub fn new(filters: Vec<Box<dyn FilterPlugin>>, scores: Vec<Box<dyn ScorePlugin>>) -> Self {
+        Framework { filters, scores }
+    }
+
+    pub fn filter_names(&self) -> Vec<&'static str> {
+        self.filters.iter().map(|f| f.name()).collect()
+    }
+
+    pub fn score_names(&self) -> Vec<&'static str> {
+        self.scores.iter().map(|s| s.name()).collect()
+    }
+
+    /// The nodes that may take the pod, or why none may.
+    pub fn feasible<'a>(&self, pod: &PodInfo, snapshot: &'a Snapshot) -> Result<Vec<&'a NodeInfo>, Unschedulable> {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut feasible = Vec::new();
+        'nodes: for node in &snapshot.nodes {
+            for f in &self.filters {
+                if let Err(why) = f.filter(pod, node, snapshot) {
+                    for r in why {
+                        *reasons.entry(r).or_default() += 1;
+                    }
+                    continue 'nodes;
+                }
+            }
+            feasible.push(node);
+        }
+        if feasible.is_empty() {
+            return Err(Unschedulable::new(snapshot.nodes.len(), reasons));
+        }
+        Ok(feasible)
+    }
+
+    /// The best node for the pod. Ties go to the node with fewer pods, then to one chosen by
+    /// the pod's uid, so equal nodes share a burst of pods.
+    pub fn schedule(&self, pod: &PodInfo, snapshot: &Snapshot) -> Result<Decision, Unschedulable> {
+        let feasible = self.feasible(pod, snapshot)?;
+        let mut totals = vec![0i64; feasible.len()];
+        if feasible.len() > 1 {
+            for plugin in &self.scores {
+                let raw: Vec<i64> = feasible.iter().map(|n| plugin.score(pod, n, snapshot)).collect();
+                for (total, s) in totals.iter_mut().zip(normalize(plugin.normalize(), &raw)) {
+                    *total += s * plugin.weight();
+                }
+            }
+        }
+        let tie = |name: &str| fnv(pod.uid.as_bytes()) ^ fnv(name.as_bytes());
+        let best = (0..feasible.len())
+            .max_by(|&a, &b| {
+                totals[a]
+                    .cmp(&totals[b])
+                    .then(feasible[b].pods.len().cmp(&feasible[a].pods.len()))
+                    .then(tie(&feasible[a].name).cmp(&tie(&feasible[b].name)))
+            })
+            .expect("at least one feasible node");
+        Ok(Decision { node: feasible[best].name.clone(), score: totals[best] })
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn normalize(how: Normalize, raw: &[i64]) -> Vec<i64> {
+    let max = raw.iter().copied().max().unwrap_or(0);
+    let min = raw.iter().copied().min().unwrap_or(0);
+    match how {
+        Normalize::None => raw.iter().map(|s| (*s).clamp(0, MAX_SCORE)).collect(),
+        Normalize::Max if max <= 0 => vec![0; raw.len()],
+        Normalize::Max => raw.iter().map(|s| s * MAX_SCORE / max).collect(),
+        Normalize::ReverseMax if max <= 0 => vec![MAX_SCORE; raw.len()],
+        Normalize::ReverseMax => raw.iter().map(|s| MAX_SCORE - s * MAX_SCORE / max).collect(),
+        Normalize::MinMax if max == min => vec![0; raw.len()],
+        Normalize::MinMax => raw.iter().map(|s| (s - min) * MAX_SCORE / (max - min)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_counts_nodes_per_reason_in_kubernetes_words() {
+        let u = Unschedulable::new(3, BTreeMap::from([("Insufficient cpu".to_string(), 3)]));
+        assert_eq!(u.message, "0/3 nodes are available: 3 Insufficient cpu.");
+        let u = Unschedulable::new(
+            3,
+            BTreeMap::from([("Insufficient memory".to_string(), 1), ("node(s) were unschedulable".to_string(), 2)]),
+        );
+        assert_eq!(u.message, "0/3 nodes are available: 1 Insufficient memory, 2 node(s) were unschedulable.");
+        assert_eq!(Unschedulable::new(0, BTreeMap::new()).message, "no nodes available to schedule pods");
+    }
+
+    #[test]
+    fn scores_normalize_per_plugin() {
+        assert_eq!(normalize(Normalize::Max, &[1, 2, 4]), [25, 50, 100]);
+        assert_eq!(normalize(Normalize::ReverseMax, &[0, 2, 4]), [100, 50, 0]);
+        assert_eq!(normalize(Normalize::MinMax, &[-2, 0, 2]), [0, 50, 100]);
+    }
+}

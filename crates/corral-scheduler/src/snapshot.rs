@@ -1,0 +1,216 @@
+//! The cluster as the scheduler sees it: nodes with what is allocatable and what the pods
+//! bound to them request. Built from API objects; updated in place as bindings are decided,
+//! so one snapshot schedules a batch of pods without double-booking a node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use corral_api::quantity::Quantity;
+use serde_json::Value;
+
+/// Pods per node when the node does not say.
+pub const DEFAULT_MAX_PODS: i64 = 110;
+
+/// Requested or allocatable amounts, in kubelet's units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub milli_cpu: i64,
+    pub memory: i64,
+    pub ephemeral_storage: i64,
+    pub pods: i64,
+}
+
+impl Resources {
+    fn of(map: Option<&Value>) -> Self {
+        let q = |name: &str| map.and_then(|m| m.get(name)).and_then(Quantity::from_json);
+        Resources {
+            milli_cpu: q("cpu").map_or(0, |v| v.millis()),
+            memory: q("memory").map_or(0, |v| v.value()),
+            ephemeral_storage: q("ephemeral-storage").map_or(0, |v| v.value()),
+            pods: q("pods").map_or(0, |v| v.value()),
+        }
+    }
+
+    fn add(&mut self, other: &Resources) {
+        self.milli_cpu += other.milli_cpu;
+        self.memory += other.memory;
+        self.ephemeral_storage += other.ephemeral_storage;
+        self.pods += other.pods;
+    }
+
+    fn max(self, other: Resources) -> Resources {
+        Resources {
+            milli_cpu: self.milli_cpu.max(other.milli_cpu),
+            memory: self.memory.max(other.memory),
+            ephemeral_storage: self.ephemeral_storage.max(other.ephemeral_storage),
+            pods: self.pods.max(other.pods),
+        }
+    }
+}
+
+fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
+}
+
+/// A pod as the plugins look at it.
+#[derive(Clone, Debug)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// What the scheduler reserves for it: the sum of its containers' requests, or the
+    /// largest init container's when that is more (as Kubernetes computes it), plus overhead.
+    pub requests: Resources,
+    /// The uid of its controller (ReplicaSet, StatefulSet, ...), for spreading.
+    pub owner: Option<String>,
+    pub node_name: String,
+    pub object: Arc<Value>,
+}
+
+impl PodInfo {
+    pub fn new(pod: Arc<Value>) -> Self {
+        let mut sum = Resources::default();
+        for c in pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten() {
+            sum.add(&Resources::of(c.pointer("/resources/requests")));
+        }
+        let mut init = Resources::default();
+        for c in pod.pointer("/spec/initContainers").and_then(Value::as_array).into_iter().flatten() {
+            init = init.max(Resources::of(c.pointer("/resources/requests")));
+        }
+        let mut requests = sum.max(init);
+        requests.add(&Resources::of(pod.pointer("/spec/overhead")));
+        requests.pods = 1;
+        let owner = pod
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+            .map(|r| text(r, "/uid").to_string());
+        PodInfo {
+            namespace: text(&pod, "/metadata/namespace").to_string(),
+            name: text(&pod, "/metadata/name").to_string(),
+            uid: text(&pod, "/metadata/uid").to_string(),
+            labels: string_map(pod.pointer("/metadata/labels")),
+            requests,
+            owner,
+            node_name: text(&pod, "/spec/nodeName").to_string(),
+            object: pod,
+        }
+    }
+
+    pub fn spec(&self) -> &Value {
+        self.object.get("spec").unwrap_or(&Value::Null)
+    }
+}
+
+/// A node with the pods bound to it.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub allocatable: Resources,
+    pub requested: Resources,
+    pub pods: Vec<Arc<PodInfo>>,
+    pub object: Arc<Value>,
+}
+
+impl NodeInfo {
+    pub fn new(node: Arc<Value>) -> Self {
+        let mut allocatable = Resources::of(node.pointer("/status/allocatable"));
+        if node.pointer("/status/allocatable/pods").is_none() {
+            allocatable.pods = DEFAULT_MAX_PODS;
+        }
+        NodeInfo {
+            name: text(&node, "/metadata/name").to_string(),
+            labels: string_map(node.pointer("/metadata/labels")),
+            allocatable,
+            requested: Resources::default(),
+            pods: Vec::new(),
+            object: node,
+        }
+    }
+
+    pub fn add_pod(&mut self, pod: Arc<PodInfo>) {
+        self.requested.add(&pod.requests);
+        self.pods.push(pod);
+    }
+
+    pub fn spec(&self) -> &Value {
+        self.object.get("spec").unwrap_or(&Value::Null)
+    }
+}
+
+/// Every node, with the pods that occupy it.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Whether a pod still occupies its node: bound and not finished.
+fn occupies(pod: &Value) -> bool {
+    !text(pod, "/spec/nodeName").is_empty() && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
+}
+
+impl Snapshot {
+    /// The nodes with the bound, unfinished pods on them (pods of unknown nodes are left out).
+    pub fn new(nodes: impl IntoIterator<Item = Arc<Value>>, pods: impl IntoIterator<Item = Arc<Value>>) -> Self {
+        let mut nodes: Vec<NodeInfo> = nodes.into_iter().map(NodeInfo::new).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut snapshot = Snapshot { nodes };
+        for pod in pods.into_iter().filter(|p| occupies(p)) {
+            let info = Arc::new(PodInfo::new(pod));
+            snapshot.assume(info);
+        }
+        snapshot
+    }
+
+    /// Records a pod as bound to its node (a decision not yet seen back from the store).
+    pub fn assume(&mut self, pod: Arc<PodInfo>) {
+        if let Ok(i) = self.nodes.binary_search_by(|n| n.name.as_str().cmp(&pod.node_name)) {
+            self.nodes[i].add_pod(pod);
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.binary_search_by(|n| n.name.as_str().cmp(name)).ok().map(|i| &self.nodes[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn requests_sum_containers_and_take_the_largest_init_container() {
+        let pod = json!({"metadata": {"name": "p", "namespace": "d", "uid": "u",
+                          "ownerReferences": [{"uid": "rs1", "controller": true}]},
+                         "spec": {"containers": [{"resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
+                                                  {"resources": {"requests": {"cpu": "200m"}}}],
+                                  "initContainers": [{"resources": {"requests": {"cpu": "1", "memory": "1Mi"}}}]}});
+        let info = PodInfo::new(Arc::new(pod));
+        assert_eq!(info.requests, Resources { milli_cpu: 1000, memory: 64 << 20, ephemeral_storage: 0, pods: 1 });
+        assert_eq!(info.owner.as_deref(), Some("rs1"));
+    }
+
+    #[test]
+    fn bound_unfinished_pods_occupy_their_nodes() {
+        let node = json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "2", "memory": "1Gi"}}});
+        let pods = [
+            json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1", "containers": []}}),
+            json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n1", "containers": []}, "status": {"phase": "Succeeded"}}),
+            json!({"metadata": {"name": "c"}, "spec": {"containers": []}}),
+        ];
+        let s = Snapshot::new([Arc::new(node)], pods.into_iter().map(Arc::new));
+        let n1 = s.node("n1").unwrap();
+        assert_eq!((n1.pods.len(), n1.allocatable.pods, n1.allocatable.milli_cpu), (1, DEFAULT_MAX_PODS, 2000));
+    }
+}
