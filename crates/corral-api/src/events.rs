@@ -83,6 +83,8 @@ pub struct Recorder {
     entries: HashMap<Key, Entry>,
     pending: BTreeSet<Key>,
     minted: u64,
+    /// From the component and host: part of every Event name this recorder mints.
+    tag: u16,
 }
 
 /// Events kept for folding by default.
@@ -98,6 +100,9 @@ impl Recorder {
             entries: HashMap::new(),
             pending: BTreeSet::new(),
             minted: 0,
+            tag: format!("{component}/{host}")
+                .bytes()
+                .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193)) as u16,
         }
     }
 
@@ -123,8 +128,10 @@ impl Recorder {
                 self.forget_quietest();
             }
             self.minted += 1;
-            // Unique per recorder and time, as client-go names Events `<object>.<nanos hex>`.
-            let name = format!("{}.{:x}{:04x}", involved.name, now, self.minted & 0xffff);
+            // Unique per recorder and time (client-go names Events `<object>.<nanos hex>`):
+            // the recorder's own tag keeps the scheduler's and a kubelet's Events of the same
+            // second apart.
+            let name = format!("{}.{:x}{:04x}{:04x}", involved.name, now, self.tag, self.minted & 0xffff);
             let entry = Entry { involved: involved.clone(), name, count: 1, first: now, last: now };
             self.entries.insert(key.clone(), entry);
         }
@@ -230,6 +237,15 @@ mod tests {
         assert_eq!(started["involvedObject"]["fieldPath"], "spec.initContainers{setup}");
         assert!(backoff["metadata"]["name"].as_str().unwrap().starts_with("web."));
         assert_ne!(backoff["metadata"]["name"], started["metadata"]["name"]);
+        let mut scheduler = Recorder::new("default-scheduler", "s1");
+        scheduler.record(&Involved::pod(&pod(), ""), false, "Scheduled", "assigned", 90);
+        let mut kubelet = Recorder::new("kubelet", "n1");
+        kubelet.record(&Involved::pod(&pod(), "app"), false, "Pulled", "present", 90);
+        assert_ne!(
+            scheduler.peek(1)[0]["metadata"]["name"],
+            kubelet.peek(1)[0]["metadata"]["name"],
+            "recorders never collide"
+        );
     }
 
     #[test]

@@ -456,6 +456,27 @@ impl Api {
         self.present(r, obj, rev, out)
     }
 
+    /// Creates an Event, or replaces the one of the same name (a repeat, its count grown).
+    pub async fn put_event(&self, event: Value) -> Result<(), ApiError> {
+        let namespace = meta::namespace(&event).unwrap_or("default").to_string();
+        let name = meta::name(&event).to_string();
+        let events = crate::route::object_route("events", Some(&namespace), None);
+        let key = events.resource.key(Some(&namespace), &name);
+        let q = Query::default();
+        match self.store.get(&key, true).await? {
+            None => match self.create(&events, event, &q, Output::default()).await {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Some(stored) => {
+                let mut updated = event;
+                updated["metadata"] = stored.value["metadata"].clone();
+                meta::set_resource_version(&mut updated, stored.rev);
+                self.update(&events, &name, updated, &q, Output::default()).await.map(|_| ())
+            }
+        }
+    }
+
     /// POST pods/binding: assigns an unassigned pod to a node (the scheduler's write).
     pub async fn bind(&self, route: &ObjectRoute, name: &str, body: &Value, q: &Query) -> Result<Reply, ApiError> {
         let node = body.pointer("/target/name").and_then(Value::as_str).unwrap_or_default().to_string();

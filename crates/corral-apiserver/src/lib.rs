@@ -8,6 +8,7 @@ mod cache;
 mod defaults;
 pub mod discovery;
 pub mod http;
+pub mod local;
 pub mod namespaces;
 mod node_streams;
 pub mod route;

@@ -35,6 +35,18 @@ pub struct ObjectRoute {
     pub sub: Option<String>,
 }
 
+/// The route of a served resource (`pods`, `apps/deployments`), for in-process callers.
+/// Panics on a resource that is not served: callers name them in code.
+pub fn object_route(plural: &str, namespace: Option<&str>, sub: Option<&str>) -> ObjectRoute {
+    let (group, plural) = plural.split_once('/').unwrap_or(("", plural));
+    ObjectRoute {
+        resource: corral_api::resources::find(group, plural).expect("a served resource"),
+        namespace: namespace.map(str::to_string),
+        name: None,
+        sub: sub.map(str::to_string),
+    }
+}
+
 pub fn parse(path: &str) -> Route {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {

@@ -220,6 +220,23 @@ impl StoreNode {
         self.raft.metrics().borrow().clone()
     }
 
+    /// Whether this server is the Raft leader, as it changes (for what runs on the leader only).
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        let mut metrics = self.raft.metrics();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let leading = metrics.borrow_and_update().state == ServerState::Leader;
+                tx.send_if_modified(|l| std::mem::replace(l, leading) != leading);
+                tokio::select! {
+                    changed = metrics.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+        rx
+    }
+
     /// Forms a new cluster from the initial members. Safe to call on every initial member
     /// and on every restart: an initialized server ignores it.
     pub async fn bootstrap(&self, members: BTreeMap<NodeId, Member>) -> StoreResult<()> {

@@ -226,6 +226,7 @@ async fn start_api(
     let ranges =
         corral_apiserver::services::Ranges::parse(&args.service_cluster_ip_range, &args.service_node_port_range)
             .map_err(|e| anyhow::anyhow!("{e}: fix --service-cluster-ip-range or --service-node-port-range"))?;
+    let leadership = node.leadership();
     let store = corral_apiserver::ObjectStore::new(node);
     let api = Arc::new(corral_apiserver::Api {
         store: store.clone(),
@@ -248,6 +249,12 @@ async fn start_api(
         agent_endpoint = Some(agents);
     }
     let config = corral_apiserver::ServerConfig { tls, tokens, advertise: addr.to_string(), agents: agent_endpoint };
+    // The scheduler (and, as they come, the controllers) run while this server leads.
+    let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
+    let name = args.name.clone();
+    tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
+        vec![tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), name.clone()))]
+    }));
     tokio::spawn(async move {
         for _ in 0..600 {
             match corral_apiserver::namespaces::ensure_system(&store, &corral_api::meta::SystemMinter, &ranges).await {

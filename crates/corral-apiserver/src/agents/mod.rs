@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_api::{ApiError, meta, resources};
+use corral_api::{ApiError, meta};
 use corral_proto::agent::{
     AgentRequest, AgentResponse, Found, Join, Joined, Lookup, PodEvent, PodRef, Refused, Report, Reported,
     ServerRequest, StreamReply, agent_request, agent_response, pod_event::Type,
@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 
 use crate::api::{Api, Output, Query, Reply};
 use crate::cache::Change;
-use crate::route::ObjectRoute;
 use crate::storage::WriteOutcome;
 
 /// How often an idle pod watch tells the agent how far it has got.
@@ -42,15 +41,7 @@ pub struct AgentEndpoint {
 
 type Send = quinn::SendStream;
 
-fn route(plural: &str, namespace: Option<&str>, sub: Option<&str>) -> ObjectRoute {
-    let (group, plural) = plural.split_once('/').unwrap_or(("", plural));
-    ObjectRoute {
-        resource: resources::find(group, plural).expect("a served resource"),
-        namespace: namespace.map(str::to_string),
-        name: None,
-        sub: sub.map(str::to_string),
-    }
-}
+use crate::route::object_route as route;
 
 fn refused(message: impl Into<String>) -> AgentResponse {
     AgentResponse { kind: Some(agent_response::Kind::Refused(Refused { message: message.into() })) }
@@ -344,23 +335,7 @@ impl AgentEndpoint {
     /// with its new count. Events are best effort: a failure is logged, not retried.
     async fn write_event(&self, node: &str, event: Value) -> Result<(), ApiError> {
         let event = rules::agent_event(node, event).map_err(ApiError::Forbidden)?;
-        let namespace = meta::namespace(&event).unwrap_or("default").to_string();
-        let name = meta::name(&event).to_string();
-        let events = route("events", Some(&namespace), None);
-        let key = events.resource.key(Some(&namespace), &name);
-        let q = Query::default();
-        match self.api.store.get(&key, true).await? {
-            None => match self.api.create(&events, event, &q, Output::default()).await {
-                Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Some(stored) => {
-                let mut updated = event;
-                updated["metadata"] = stored.value["metadata"].clone();
-                meta::set_resource_version(&mut updated, stored.rev);
-                self.api.update(&events, &name, updated, &q, Output::default()).await.map(|_| ())
-            }
-        }
+        self.api.put_event(event).await
     }
 
     async fn write_node(&self, node: &str, reported: &Value) -> Result<(), ApiError> {

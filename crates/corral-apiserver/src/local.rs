@@ -1,0 +1,103 @@
+//! The server's own API as the control loops' `Cluster`: calls go straight to `Api` (no
+//! HTTP), so every write is proposed through this server's Raft, compare-and-swap on the
+//! resourceVersion the caller read.
+
+use std::sync::Arc;
+
+use corral_api::{ApiError, meta};
+use corral_controllers::cluster::{ClusterError, ClusterResult, EventKind, WatchEvent};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{Api, Output, Query, Reply};
+use crate::route::object_route;
+
+pub struct LocalCluster {
+    pub api: Arc<Api>,
+}
+
+fn error(e: ApiError) -> ClusterError {
+    match e {
+        ApiError::Conflict { .. } => ClusterError::Conflict(e.to_string()),
+        ApiError::NotFound { .. } => ClusterError::NotFound(e.to_string()),
+        ApiError::AlreadyExists { .. } => ClusterError::AlreadyExists(e.to_string()),
+        other => ClusterError::Other(other.to_string()),
+    }
+}
+
+fn object(reply: Reply) -> Value {
+    match reply {
+        Reply::Object(_, v) => v,
+        Reply::Watch(_) => Value::Null,
+    }
+}
+
+fn namespace_of(obj: &Value) -> Option<&str> {
+    meta::namespace(obj).filter(|n| !n.is_empty())
+}
+
+impl corral_controllers::Cluster for LocalCluster {
+    async fn list_watch(&self, plural: &str) -> ClusterResult<(Vec<Value>, mpsc::Receiver<WatchEvent>)> {
+        let route = object_route(plural, None, None);
+        let list = object(self.api.list(&route, &Query::default(), Output::default()).await.map_err(error)?);
+        let rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("0").to_string();
+        let items = list.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+        let q = Query([("resourceVersion".to_string(), rv)].into_iter().collect());
+        let Reply::Watch(mut rx) = self.api.watch(&route, &q, Output::default()).await.map_err(error)? else {
+            return Err(ClusterError::Other("the watch answered with an object".into()));
+        };
+        let (tx, events) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let kind = match event.get("type").and_then(Value::as_str) {
+                    Some("ADDED") => EventKind::Added,
+                    Some("MODIFIED") => EventKind::Modified,
+                    Some("DELETED") => EventKind::Deleted,
+                    // BOOKMARK carries nothing; ERROR (a compacted revision) ends the watch.
+                    Some("BOOKMARK") => continue,
+                    _ => break,
+                };
+                let object = event.get("object").cloned().unwrap_or(Value::Null);
+                if tx.send(WatchEvent { kind, object }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((items, events))
+    }
+
+    async fn create(&self, plural: &str, namespace: &str, obj: Value) -> ClusterResult<Value> {
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        let route = object_route(plural, ns, None);
+        Ok(object(self.api.create(&route, obj, &Query::default(), Output::default()).await.map_err(error)?))
+    }
+
+    async fn update(&self, plural: &str, obj: Value) -> ClusterResult<Value> {
+        let route = object_route(plural, namespace_of(&obj), None);
+        let name = meta::name(&obj).to_string();
+        Ok(object(self.api.update(&route, &name, obj, &Query::default(), Output::default()).await.map_err(error)?))
+    }
+
+    async fn update_status(&self, plural: &str, obj: Value) -> ClusterResult<Value> {
+        let route = object_route(plural, namespace_of(&obj), Some("status"));
+        let name = meta::name(&obj).to_string();
+        Ok(object(self.api.update(&route, &name, obj, &Query::default(), Output::default()).await.map_err(error)?))
+    }
+
+    async fn delete(&self, plural: &str, namespace: &str, name: &str, options: Value) -> ClusterResult<()> {
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        let route = object_route(plural, ns, None);
+        self.api.delete(&route, name, &options, &Query::default()).await.map(|_| ()).map_err(error)
+    }
+
+    async fn put_event(&self, event: Value) -> ClusterResult<()> {
+        self.api.put_event(event).await.map_err(error)
+    }
+
+    async fn bind(&self, namespace: &str, name: &str, uid: &str, node: &str) -> ClusterResult<()> {
+        let route = object_route("pods", Some(namespace), Some("binding"));
+        let body = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "uid": uid},
+                          "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+        self.api.bind(&route, name, &body, &Query::default()).await.map(|_| ()).map_err(error)
+    }
+}

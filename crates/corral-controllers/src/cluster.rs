@@ -1,0 +1,80 @@
+//! The cluster as control loops see it: typed enough to be mocked, plain JSON objects.
+
+use std::future::Future;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One change of a watched resource; the object carries its resourceVersion.
+#[derive(Clone, Debug)]
+pub struct WatchEvent {
+    pub kind: EventKind,
+    pub object: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The object changed since it was read (or the server is no longer leader and its
+    /// write could not be made): read again.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type ClusterResult<T> = Result<T, ClusterError>;
+
+/// The API calls the control loops make. `plural` is `pods`, `apps/replicasets`, ...
+pub trait Cluster: Send + Sync + 'static {
+    /// Every object of the resource, then its changes from the list's revision on, until the
+    /// receiver is dropped or the watch ends (then list and watch again).
+    fn list_watch(
+        &self,
+        plural: &str,
+    ) -> impl Future<Output = ClusterResult<(Vec<Value>, mpsc::Receiver<WatchEvent>)>> + Send;
+    fn create(&self, plural: &str, namespace: &str, object: Value)
+    -> impl Future<Output = ClusterResult<Value>> + Send;
+    /// Replaces the object if its resourceVersion is still the one given in it.
+    fn update(&self, plural: &str, object: Value) -> impl Future<Output = ClusterResult<Value>> + Send;
+    /// The status subresource, compare-and-swap like `update`.
+    fn update_status(&self, plural: &str, object: Value) -> impl Future<Output = ClusterResult<Value>> + Send;
+    /// Deletes with the options of a DeleteOptions body (preconditions, propagation).
+    fn delete(
+        &self,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        options: Value,
+    ) -> impl Future<Output = ClusterResult<()>> + Send;
+    /// Creates an Event, or replaces the one of the same name (a repeat with its new count).
+    fn put_event(&self, event: Value) -> impl Future<Output = ClusterResult<()>> + Send;
+    /// pods/binding: sets the pod's node if it has none.
+    fn bind(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+    ) -> impl Future<Output = ClusterResult<()>> + Send;
+}
+
+pub fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// `namespace/name`, or `name` for cluster-scoped objects.
+pub fn key_of(obj: &Value) -> String {
+    let (ns, name) = (text(obj, "/metadata/namespace"), text(obj, "/metadata/name"));
+    if ns.is_empty() { name.to_string() } else { format!("{ns}/{name}") }
+}

@@ -1,0 +1,86 @@
+//! An informer: the objects of one resource kept from a list and a watch, listed again when
+//! the watch ends; waiters are woken on every change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+
+use crate::cluster::{Cluster, EventKind, key_of};
+
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The objects of one resource, by `namespace/name`.
+pub struct Informer {
+    plural: String,
+    objects: Mutex<HashMap<String, Arc<Value>>>,
+    changed: Notify,
+    /// Turns true once the first list has been read.
+    synced: watch::Sender<bool>,
+}
+
+impl Informer {
+    /// Starts keeping `plural` from `cluster`; runs until the task is aborted.
+    pub fn start<C: Cluster>(cluster: Arc<C>, plural: &str) -> (Arc<Informer>, tokio::task::JoinHandle<()>) {
+        let informer = Arc::new(Informer {
+            plural: plural.to_string(),
+            objects: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            synced: watch::channel(false).0,
+        });
+        let task = tokio::spawn(informer.clone().run(cluster));
+        (informer, task)
+    }
+
+    async fn run<C: Cluster>(self: Arc<Self>, cluster: Arc<C>) {
+        loop {
+            let (items, mut rx) = match cluster.list_watch(&self.plural).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    tracing::debug!(resource = %self.plural, error = %e, "informer list failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            // What was deleted while the watch was down disappears with the new list.
+            *self.objects.lock().expect("not poisoned") =
+                items.into_iter().map(|o| (key_of(&o), Arc::new(o))).collect();
+            self.synced.send_replace(true);
+            self.changed.notify_waiters();
+            while let Some(event) = rx.recv().await {
+                let key = key_of(&event.object);
+                let mut objects = self.objects.lock().expect("not poisoned");
+                if event.kind == EventKind::Deleted {
+                    objects.remove(&key);
+                } else {
+                    objects.insert(key, Arc::new(event.object));
+                }
+                drop(objects);
+                self.changed.notify_waiters();
+            }
+            tracing::debug!(resource = %self.plural, "informer watch ended; listing again");
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Waits until the first list has been read.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Resolves at the next change (create it before reading, so nothing is missed).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Value>> {
+        self.objects.lock().expect("not poisoned").get(key).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Value>> {
+        self.objects.lock().expect("not poisoned").values().cloned().collect()
+    }
+}

@@ -1,0 +1,73 @@
+//! Starts the control loops when this server becomes the Raft leader and aborts them at once
+//! when it stops being leader. Nothing else fences them: every write they make goes through
+//! this server's Raft, which a deposed leader cannot commit to.
+
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Runs until `leader` closes. `start` is called on every gain of leadership; the tasks it
+/// returns are aborted on every loss.
+pub async fn run_while_leader(mut leader: watch::Receiver<bool>, mut start: impl FnMut() -> Vec<JoinHandle<()>>) {
+    loop {
+        if leader.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        let since = Instant::now();
+        tracing::info!("leader: starting the scheduler and controllers");
+        let tasks = start();
+        let closed = leader.wait_for(|l| !*l).await.is_err();
+        for t in &tasks {
+            t.abort();
+        }
+        tracing::info!(
+            led_ms = since.elapsed().as_millis() as u64,
+            "no longer leader: scheduler and controllers stopped"
+        );
+        if closed {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn loops_run_only_while_leader() {
+        let (tx, rx) = watch::channel(false);
+        let running = Arc::new(AtomicUsize::new(0));
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (r, s) = (running.clone(), starts.clone());
+        let runner = tokio::spawn(run_while_leader(rx, move || {
+            s.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            vec![tokio::spawn(async move {
+                loop {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })]
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 0, "a follower runs nothing");
+        tx.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(running.load(Ordering::SeqCst) > 0);
+        tx.send_replace(false);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let stopped_at = running.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(running.load(Ordering::SeqCst), stopped_at, "stopped when leadership was lost");
+        tx.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 2, "started again on the next term");
+        drop(tx);
+        runner.await.unwrap();
+    }
+}

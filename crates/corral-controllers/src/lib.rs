@@ -1,0 +1,13 @@
+//! What runs on the Raft leader only: the scheduling loop and the controllers. They see the
+//! cluster through `Cluster` (the server's own API in production, an in-memory one in
+//! tests), keep informers (a list, then a watch) of what they read, and write with
+//! compare-and-swap on the resourceVersion they read, through their own server's Raft: a
+//! deposed leader's writes never commit. `leader::run_while_leader` starts them when the
+//! server becomes leader and stops them at once when it is not.
+
+pub mod cluster;
+pub mod informer;
+pub mod leader;
+pub mod scheduling;
+
+pub use cluster::{Cluster, ClusterError, EventKind, WatchEvent};

@@ -1,0 +1,268 @@
+//! The scheduling loop: pods with no node and the default scheduler's name are placed by
+//! `corral_scheduler::Framework` on a snapshot of the nodes and the pods bound to them, then
+//! bound through pods/binding (many at once). A pod that fits nowhere gets PodScheduled=False
+//! with Kubernetes' message and a FailedScheduling event, and is tried again whenever a node
+//! or a pod changes. Bindings made but not yet seen by the informer are assumed, so a pass
+//! never counts a node's room twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corral_api::events::{Involved, Recorder};
+use corral_scheduler::{Framework, PodInfo, Snapshot};
+use serde_json::{Value, json};
+
+use crate::cluster::{Cluster, ClusterError, text};
+use crate::informer::Informer;
+
+pub const SCHEDULER_NAME: &str = "default-scheduler";
+/// Changes that come this close together are scheduled in one pass.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Unschedulable pods are tried again at least this often.
+const RETRY_EVERY: Duration = Duration::from_secs(10);
+/// An assumed binding the informer has not confirmed by then is forgotten.
+const ASSUME_FOR: Duration = Duration::from_secs(30);
+/// Bindings in flight at once.
+const BIND_CONCURRENCY: usize = 64;
+
+/// Pods the scheduler must place: unbound, its own, alive.
+pub fn pending(pod: &Value) -> bool {
+    let scheduler = text(pod, "/spec/schedulerName");
+    text(pod, "/spec/nodeName").is_empty()
+        && (scheduler.is_empty() || scheduler == SCHEDULER_NAME)
+        && pod.pointer("/metadata/deletionTimestamp").is_none()
+        && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
+}
+
+/// What one pass decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// (pod, node) in the order decided.
+    pub bind: Vec<(Arc<Value>, String)>,
+    /// (pod, message).
+    pub unschedulable: Vec<(Arc<Value>, String)>,
+}
+
+/// Decides a pass: the pending pods in creation order, each placed on the snapshot as it
+/// was left by the ones before it. `assumed` are bindings not yet visible in `pods`.
+pub fn plan(
+    framework: &Framework,
+    nodes: &[Arc<Value>],
+    pods: &[Arc<Value>],
+    assumed: &HashMap<String, String>,
+) -> Plan {
+    let uid = |p: &Value| text(p, "/metadata/uid").to_string();
+    let mut snapshot = Snapshot::new(nodes.iter().cloned(), pods.iter().cloned());
+    for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
+        if let Some(node) = assumed.get(&uid(p)) {
+            let mut info = PodInfo::new(p.clone());
+            info.node_name = node.clone();
+            snapshot.assume(Arc::new(info));
+        }
+    }
+    let mut waiting: Vec<&Arc<Value>> = pods.iter().filter(|p| pending(p) && !assumed.contains_key(&uid(p))).collect();
+    waiting.sort_by(|a, b| {
+        (text(a, "/metadata/creationTimestamp"), text(a, "/metadata/namespace"), text(a, "/metadata/name")).cmp(&(
+            text(b, "/metadata/creationTimestamp"),
+            text(b, "/metadata/namespace"),
+            text(b, "/metadata/name"),
+        ))
+    });
+    let mut plan = Plan::default();
+    for pod in waiting {
+        let mut info = PodInfo::new(pod.clone());
+        match framework.schedule(&info, &snapshot) {
+            Ok(decision) => {
+                info.node_name = decision.node.clone();
+                snapshot.assume(Arc::new(info));
+                plan.bind.push((pod.clone(), decision.node));
+            }
+            Err(u) => plan.unschedulable.push((pod.clone(), u.message)),
+        }
+    }
+    plan
+}
+
+/// The pod with PodScheduled=False and the message, or None when it already says so.
+pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Value> {
+    let conditions = pod.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let current = conditions.iter().find(|c| c["type"] == "PodScheduled");
+    if current.is_some_and(|c| c["status"] == "False" && c["message"] == message) {
+        return None;
+    }
+    let mut updated = pod.clone();
+    let mut kept: Vec<Value> = conditions.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
+    kept.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                     "lastProbeTime": null, "lastTransitionTime": now}));
+    updated["status"]["conditions"] = Value::Array(kept);
+    if updated.pointer("/status/phase").is_none() {
+        updated["status"]["phase"] = json!("Pending");
+    }
+    Some(updated)
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs the loop until aborted.
+pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
+    let (nodes, node_task) = Informer::start(cluster.clone(), "nodes");
+    let (pods, pod_task) = Informer::start(cluster.clone(), "pods");
+    let _stop = AbortOnDrop(vec![node_task, pod_task]);
+    nodes.synced().await;
+    pods.synced().await;
+    let framework = Framework::default();
+    let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
+    let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
+    loop {
+        let node_change = nodes.changed();
+        let pod_change = pods.changed();
+        let pod_list = pods.list();
+        // Forget assumptions the informer has caught up with, or that never came true.
+        assumed.retain(|uid, (_, at)| {
+            at.elapsed() < ASSUME_FOR
+                && pod_list.iter().any(|p| text(p, "/metadata/uid") == uid && text(p, "/spec/nodeName").is_empty())
+        });
+        let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
+        let started = Instant::now();
+        let decided = plan(&framework, &nodes.list(), &pod_list, &view);
+        let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
+        for bound in bind_all(cluster.as_ref(), &decided.bind, &events).await {
+            assumed.insert(bound.0, (bound.1, Instant::now()));
+        }
+        let now = corral_api::meta::rfc3339(now_seconds());
+        for (pod, message) in &decided.unschedulable {
+            if let Some(updated) = unschedulable_status(pod, message, &now) {
+                match cluster.update_status("pods", updated).await {
+                    Ok(_) | Err(ClusterError::Conflict(_)) | Err(ClusterError::NotFound(_)) => {}
+                    Err(e) => tracing::warn!(pod = %text(pod, "/metadata/name"), error = %e, "writing PodScheduled"),
+                }
+                record(&events, pod, true, "FailedScheduling", message);
+            }
+        }
+        if to_bind + failed > 0 {
+            tracing::debug!(
+                bound = to_bind,
+                unschedulable = failed,
+                ms = started.elapsed().as_millis() as u64,
+                "scheduling pass"
+            );
+        }
+        flush_events(cluster.as_ref(), &events).await;
+        tokio::select! {
+            _ = node_change => {}
+            _ = pod_change => {}
+            _ = tokio::time::sleep(RETRY_EVERY) => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+fn record(events: &Mutex<Recorder>, pod: &Value, warning: bool, reason: &str, message: &str) {
+    events.lock().expect("not poisoned").record(&Involved::pod(pod, ""), warning, reason, message, now_seconds());
+}
+
+/// Writes the pending Events (best effort: one failure leaves the rest for the next pass).
+pub async fn flush_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) {
+    let batch = events.lock().expect("not poisoned").peek(256);
+    let mut written = Vec::new();
+    for event in batch {
+        if let Err(e) = cluster.put_event(event.clone()).await {
+            tracing::debug!(error = %e, "an event was not written");
+            break;
+        }
+        written.push(event);
+    }
+    events.lock().expect("not poisoned").written(&written);
+}
+
+/// Binds the pods, a bounded number at once; returns (uid, node) of those bound.
+async fn bind_all<C: Cluster>(
+    cluster: &C,
+    binds: &[(Arc<Value>, String)],
+    events: &Mutex<Recorder>,
+) -> Vec<(String, String)> {
+    let mut done = Vec::new();
+    for chunk in binds.chunks(BIND_CONCURRENCY) {
+        let calls = chunk.iter().map(|(pod, node)| async move {
+            let (ns, name, uid) =
+                (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"), text(pod, "/metadata/uid"));
+            (pod, node, cluster.bind(ns, name, uid, node).await)
+        });
+        for (pod, node, result) in futures::future::join_all(calls).await {
+            let (ns, name) = (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"));
+            match result {
+                Ok(()) => {
+                    record(events, pod, false, "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"));
+                    done.push((text(pod, "/metadata/uid").to_string(), node.clone()));
+                }
+                // Bound or deleted meanwhile: the informer will say.
+                Err(ClusterError::Conflict(_)) | Err(ClusterError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(pod = %name, node = %node, error = %e, "binding failed; trying again"),
+            }
+        }
+    }
+    done
+}
+
+/// Aborts the tasks when dropped (the loop's informers stop with it).
+pub struct AbortOnDrop(pub Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Arc<Value> {
+        Arc::new(
+            json!({"metadata": {"name": name}, "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "110"}}}),
+        )
+    }
+
+    fn pod(name: &str, cpu: &str, node: &str) -> Arc<Value> {
+        Arc::new(json!({"metadata": {"name": name, "namespace": "default", "uid": format!("u-{name}"),
+                                      "creationTimestamp": format!("2026-01-01T00:00:0{}Z", name.len() % 10)},
+                        "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}}))
+    }
+
+    #[test]
+    fn a_pass_fills_nodes_and_reports_the_rest() {
+        let f = Framework::default();
+        let nodes = [node("n1"), node("n2")];
+        let pods = [pod("a", "600m", ""), pod("bb", "600m", ""), pod("ccc", "600m", ""), pod("running", "100m", "n1")];
+        let p = plan(&f, &nodes, &pods, &HashMap::new());
+        let mut placed: Vec<&str> = p.bind.iter().map(|(_, n)| n.as_str()).collect();
+        placed.sort();
+        assert_eq!(placed, ["n1", "n2"], "one 600m pod per 1-cpu node");
+        assert_eq!(p.unschedulable.len(), 1);
+        assert_eq!(p.unschedulable[0].1, "0/2 nodes are available: 2 Insufficient cpu.");
+    }
+
+    #[test]
+    fn assumed_bindings_hold_their_room() {
+        let f = Framework::default();
+        let pods = [pod("a", "600m", ""), pod("bb", "600m", "")];
+        let assumed = HashMap::from([("u-a".to_string(), "n1".to_string())]);
+        let p = plan(&f, &[node("n1")], &pods, &assumed);
+        assert!(p.bind.is_empty(), "a is assumed on n1 and not scheduled again; bb no longer fits");
+        assert_eq!(p.unschedulable[0].0["metadata"]["name"], "bb");
+    }
+
+    #[test]
+    fn the_unschedulable_condition_is_written_once_per_message() {
+        let p = pod("a", "2", "");
+        let first = unschedulable_status(&p, "0/1 nodes are available: 1 Insufficient cpu.", "t").unwrap();
+        assert_eq!(first["status"]["conditions"][0]["reason"], "Unschedulable");
+        assert!(unschedulable_status(&first, "0/1 nodes are available: 1 Insufficient cpu.", "t").is_none());
+        assert!(unschedulable_status(&first, "0/2 nodes are available: 2 Insufficient cpu.", "t").is_some());
+    }
+}

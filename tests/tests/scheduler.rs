@@ -1,0 +1,97 @@
+//! The scheduler on the Raft leader, with the real kubectl, containerd and one agent: a pod
+//! with no node is placed and runs; one that fits nowhere stays Pending with Kubernetes'
+//! message; a cordoned node takes nothing until uncordoned; after `kill -9` of the leader, the
+//! new leader's scheduler places the next pod.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use corral_e2e::{Cluster, init_tracing};
+use tracing::info;
+
+const BASE_PORT: u16 = 25400;
+
+fn until(c: &Cluster, args: &[&str], timeout: Duration, done: impl Fn(&str) -> bool) -> Result<String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < timeout {
+        match c.kube(args) {
+            Ok(out) if done(&out) => return Ok(out),
+            Ok(out) => last = out,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("kubectl {args:?} did not get there in {timeout:?}; last: {last}\n{}", c.logs())
+}
+
+const SCHEDULED: &str = "jsonpath={.spec.nodeName} {.status.conditions[?(@.type==\"PodScheduled\")].status} \
+                         {.status.conditions[?(@.type==\"PodScheduled\")].message}";
+
+#[test]
+fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.249.0.0/16"])?;
+    let minute = Duration::from_secs(60);
+
+    info!("a pod with no node is scheduled to the agent's node and runs");
+    c.kube(&["run", "free", "--image=busybox", "--", "sleep", "3600"])?;
+    until(&c, &["get", "pod", "free", "-o", "jsonpath={.spec.nodeName} {.status.phase}"], minute, |o| {
+        o == "a1 Running"
+    })?;
+    let events = c.kube(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=free,reason=Scheduled",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])?;
+    assert_eq!(events, "Successfully assigned default/free to a1");
+
+    info!("a pod that fits nowhere stays Pending with Kubernetes' message");
+    let huge = r#"{"spec":{"containers":[{"name":"huge","image":"busybox","command":["sleep","3600"],"resources":{"requests":{"cpu":"64"}}}]}}"#;
+    c.kube(&["run", "huge", "--image=busybox", &format!("--overrides={huge}")])?;
+    until(&c, &["get", "pod", "huge", "-o", SCHEDULED], minute, |o| {
+        o == " False 0/1 nodes are available: 1 Insufficient cpu."
+    })?;
+    let described = c.kube(&["describe", "pod", "huge"])?;
+    assert!(described.contains("FailedScheduling") && described.contains("default-scheduler"), "{described}");
+
+    info!("a cordoned node takes no pod; uncordoned, it takes the waiting one");
+    c.kube(&["cordon", "a1"])?;
+    c.kube(&["run", "patient", "--image=busybox", "--", "sleep", "3600"])?;
+    until(&c, &["get", "pod", "patient", "-o", SCHEDULED], minute, |o| {
+        o == " False 0/1 nodes are available: 1 node(s) were unschedulable."
+    })?;
+    c.kube(&["uncordon", "a1"])?;
+    until(&c, &["get", "pod", "patient", "-o", "jsonpath={.spec.nodeName}"], minute, |o| o == "a1")?;
+
+    info!("kill -9 the leader: the new leader's scheduler places the next pod");
+    let leader = c.leader()?;
+    c.kill(&leader.name)?;
+    let killed = Instant::now();
+    let index: usize = leader.name.trim_start_matches('s').parse::<usize>()? - 1;
+    let other = c.api_url((index + 1) % 3);
+    let create = || c.kube(&["--server", &other, "run", "after-kill", "--image=busybox", "--", "sleep", "3600"]);
+    if create().is_err() {
+        std::thread::sleep(Duration::from_secs(2));
+        create()?;
+    }
+    let args = ["--server", other.as_str(), "get", "pod", "after-kill", "-o", "jsonpath={.spec.nodeName}"];
+    until(&c, &args, minute, |o| o == "a1")?;
+    info!(took = ?killed.elapsed(), "placed by the new leader");
+    let bindings = c.kube(&[
+        "--server",
+        &other,
+        "get",
+        "pods",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.spec.nodeName} {end}",
+    ])?;
+    assert!(
+        bindings.contains("free=a1") && bindings.contains("patient=a1") && bindings.contains("huge= "),
+        "{bindings}"
+    );
+    Ok(())
+}
