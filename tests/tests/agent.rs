@@ -116,7 +116,10 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
         &["apply", "-f", "-"],
         &pod("talker", 1, "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done"),
     )?;
-    wait_for(&c, &s1, &["logs", "talker", "--tail", "1"], Duration::from_secs(60), |o| o.starts_with("line "))?;
+    // Until a second line exists, `--tail 2` could only show one.
+    wait_for(&c, &s1, &["logs", "talker", "--tail", "1"], Duration::from_secs(60), |o| {
+        o.starts_with("line ") && !o.starts_with("line 0")
+    })?;
     let two = c.kube(&["logs", "talker", "--tail", "2"])?;
     assert_eq!(two.lines().count(), 2, "{two}");
     let stamped = c.kube(&["logs", "talker", "--tail", "1", "--timestamps"])?;

@@ -1,4 +1,4 @@
-//! What runs on the Raft leader only: the scheduling loop and the controllers. They see the
+//! What runs on the Raft leader only: the scheduling loop and the controllers (ReplicaSet so far). They see the
 //! cluster through `Cluster` (the server's own API in production, an in-memory one in
 //! tests), keep informers (a list, then a watch) of what they read, and write with
 //! compare-and-swap on the resourceVersion they read, through their own server's Raft: a
@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod informer;
 pub mod leader;
+pub mod replicaset;
 pub mod scheduling;
 
 pub use cluster::{Cluster, ClusterError, EventKind, WatchEvent};

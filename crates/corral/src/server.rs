@@ -253,7 +253,10 @@ async fn start_api(
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
-        vec![tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), name.clone()))]
+        vec![
+            tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), name.clone())),
+            tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), name.clone())),
+        ]
     }));
     tokio::spawn(async move {
         for _ in 0..600 {
