@@ -1,8 +1,9 @@
 //! The scheduler on the Raft leader, with the real kubectl, containerd and one agent: a pod
 //! with no node is placed and runs; one that fits nowhere stays Pending with Kubernetes'
 //! message; a cordoned node takes nothing until uncordoned; a ReplicaSet keeps its count
-//! (replacing a deleted pod, scaled up and down); after `kill -9` of the leader, the new
-//! leader's scheduler places the next pod.
+//! (replacing a deleted pod, scaled up and down); the garbage collector orphans or deletes
+//! its pods with it; after `kill -9` of the leader, the new leader's scheduler places the
+//! next pod.
 
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,19 @@ fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result
     until(&c, &["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.split_whitespace().count() == 1)?;
     let described = c.kube(&["describe", "rs", "web"])?;
     assert!(described.contains("SuccessfulCreate") && described.contains("SuccessfulDelete"), "{described}");
+
+    info!("garbage collection: orphaned pods stay and are adopted again; a deleted owner's pods go");
+    let kept =
+        until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 1)?;
+    c.kube(&["delete", "rs", "web", "--cascade=orphan"])?;
+    let owners = ["get", "pod", kept.trim(), "-o", "jsonpath={.metadata.ownerReferences}"];
+    until(&c, &owners, minute, |o| o.is_empty() || o == "[]")?;
+    c.kube_stdin(&["apply", "-f", "-"], REPLICASET)?;
+    let names =
+        until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 3)?;
+    assert!(names.split_whitespace().any(|n| n == kept.trim()), "the orphan was adopted: {names}");
+    c.kube(&["delete", "rs", "web", "--wait=false"])?;
+    until(&c, &["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.trim().is_empty())?;
 
     info!("kill -9 the leader: the new leader's scheduler places the next pod");
     let leader = c.leader()?;

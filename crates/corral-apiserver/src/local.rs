@@ -66,6 +66,12 @@ impl corral_controllers::Cluster for LocalCluster {
         Ok((items, events))
     }
 
+    async fn get(&self, plural: &str, namespace: &str, name: &str) -> ClusterResult<Value> {
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        let route = object_route(plural, ns, None);
+        Ok(object(self.api.get(&route, name, &Query::default(), Output::default()).await.map_err(error)?))
+    }
+
     async fn create(&self, plural: &str, namespace: &str, obj: Value) -> ClusterResult<Value> {
         let ns = (!namespace.is_empty()).then_some(namespace);
         let route = object_route(plural, ns, None);

@@ -43,6 +43,8 @@ pub trait Cluster: Send + Sync + 'static {
         &self,
         plural: &str,
     ) -> impl Future<Output = ClusterResult<(Vec<Value>, mpsc::Receiver<WatchEvent>)>> + Send;
+    /// One object, read through a quorum (to confirm what an informer may not show yet).
+    fn get(&self, plural: &str, namespace: &str, name: &str) -> impl Future<Output = ClusterResult<Value>> + Send;
     fn create(&self, plural: &str, namespace: &str, object: Value)
     -> impl Future<Output = ClusterResult<Value>> + Send;
     /// Replaces the object if its resourceVersion is still the one given in it.

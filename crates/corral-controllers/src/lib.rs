@@ -6,6 +6,7 @@
 //! server becomes leader and stops them at once when it is not.
 
 pub mod cluster;
+pub mod gc;
 pub mod informer;
 pub mod leader;
 pub mod replicaset;

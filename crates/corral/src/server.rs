@@ -256,6 +256,7 @@ async fn start_api(
         vec![
             tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), name.clone())),
             tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), name.clone())),
+            tokio::spawn(corral_controllers::gc::run(cluster.clone())),
         ]
     }));
     tokio::spawn(async move {
