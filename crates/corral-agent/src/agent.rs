@@ -168,8 +168,9 @@ impl<R: Runtime> Agent<R> {
                         None => tracing::info!(server = %server, from, "pod watch started"),
                     }
                 }
-                self.apply(event);
-                self.changed.notify_one();
+                if self.apply(event) {
+                    self.changed.notify_one();
+                }
             }
             if broken_at.is_none() {
                 broken_at = Some(Instant::now());
@@ -178,29 +179,34 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
-    fn apply(&self, event: proto::PodEvent) {
+    /// Applies a pod event; true when the agent has something new to do (not for progress,
+    /// nor for the echo of a status it reported itself).
+    fn apply(&self, event: proto::PodEvent) -> bool {
         let mut desired = self.desired.lock().expect("not poisoned");
         let kind = Type::try_from(event.r#type).unwrap_or(Type::Unspecified);
         let object = || serde_json::from_slice::<Value>(&event.object).ok();
+        desired.revision = desired.revision.max(event.revision);
         match kind {
             Type::Snapshot => {
                 let pods: Vec<Value> = serde_json::from_slice(&event.object).unwrap_or_default();
                 desired.pods = pods.into_iter().map(|p| (str_at(&p, "/metadata/uid").to_string(), p)).collect();
                 desired.known = true;
+                true
             }
             Type::Put => {
-                if let Some(p) = object() {
-                    desired.pods.insert(str_at(&p, "/metadata/uid").to_string(), p);
-                }
+                let Some(p) = object() else { return false };
+                let uid = str_at(&p, "/metadata/uid").to_string();
+                let acted_on = |o: &Value| (o.get("spec").cloned(), o.pointer("/metadata/deletionTimestamp").cloned());
+                let news = desired.pods.get(&uid).is_none_or(|old| acted_on(old) != acted_on(&p));
+                desired.pods.insert(uid, p);
+                news
             }
             Type::Delete => {
-                if let Some(p) = object() {
-                    desired.pods.remove(str_at(&p, "/metadata/uid"));
-                }
+                let Some(p) = object() else { return false };
+                desired.pods.remove(str_at(&p, "/metadata/uid")).is_some()
             }
-            Type::Progress | Type::Unspecified => {}
+            Type::Progress | Type::Unspecified => false,
         }
-        desired.revision = desired.revision.max(event.revision);
     }
 
     /// Dead containers every minute, images every five (when the disk is filling up).
@@ -272,8 +278,14 @@ impl<R: Runtime> Agent<R> {
                 self.spawn_terminate(uid, view.clone(), ORPHAN_GRACE, None);
             }
         }
-        // Forget terminations that are over: the pod is gone from both sides.
+        // Forget terminations that are over (the pod is gone from both sides), and what was
+        // queued or reported for pods the servers no longer have.
         self.terminating.lock().expect("not poisoned").retain(|uid| pods.contains_key(uid) || views.contains_key(uid));
+        if known {
+            let mut outbox = self.outbox.lock().expect("not poisoned");
+            outbox.statuses.retain(|uid, _| pods.contains_key(uid));
+            outbox.reported.retain(|uid, _| pods.contains_key(uid));
+        }
     }
 
     fn queue_status(&self, pod: &Value, status: Value) {
@@ -358,7 +370,12 @@ impl<R: Runtime> Agent<R> {
             };
             let request = AgentRequest { kind: Some(agent_request::Kind::Report(report)) };
             match self.link.request(request).await {
-                Ok(_) => {
+                Ok(answer) => {
+                    // Statuses the server could not write stay queued (or go with their pod).
+                    let rejected: HashSet<String> = match answer.kind {
+                        Some(agent_response::Kind::Reported(r)) => r.rejected.into_iter().map(|p| p.uid).collect(),
+                        _ => HashSet::new(),
+                    };
                     if let Some(since) = failing_since.take() {
                         tracing::info!(after_ms = since.elapsed().as_millis() as u64, "reporting again");
                     }
@@ -371,6 +388,9 @@ impl<R: Runtime> Agent<R> {
                     self.worker.events().lock().expect("not poisoned").written(&events);
                     let mut outbox = self.outbox.lock().expect("not poisoned");
                     for (uid, _, sent) in statuses {
+                        if rejected.contains(&uid) {
+                            continue;
+                        }
                         if outbox.statuses.get(&uid).is_some_and(|(_, s)| *s == sent) {
                             outbox.statuses.remove(&uid);
                         }

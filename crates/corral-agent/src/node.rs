@@ -47,15 +47,9 @@ fn meminfo(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// Total and available bytes of the filesystem holding `path` (zeros when unreadable).
 fn statvfs(path: &Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return (0, 0);
-    }
-    let block = s.f_frsize as u64;
-    (s.f_blocks as u64 * block, s.f_bavail as u64 * block)
+    crate::gc::filesystem_usage(path).map_or((0, 0), |(used, total)| (total, total - used))
 }
 
 impl Facts {

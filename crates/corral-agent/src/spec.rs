@@ -54,14 +54,11 @@ pub struct References {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-pub(crate) fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
-}
+pub(crate) use corral_api::meta::str_at;
 
+/// `meta::string_map` as the HashMap CRI's messages carry.
 pub(crate) fn string_map(v: Option<&Value>) -> HashMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default()
+    corral_api::meta::string_map(v).into_iter().collect()
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
@@ -267,11 +264,12 @@ pub fn container_config(
 }
 
 /// A hash of what the container runs: a change means the running container is replaced.
+/// Stored on the container, so it must not change between builds: SHA-1, not std's hasher
+/// (whose output Rust does not promise to keep).
 pub fn spec_hash(container: &Value) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(container).unwrap_or_default().hash(&mut h);
-    format!("{:08x}", h.finish() as u32)
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(serde_json::to_vec(container).unwrap_or_default());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `$(VAR)` references to earlier variables expanded, `$$` escaping a `$`, as kubelet does.

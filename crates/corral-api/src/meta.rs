@@ -71,6 +71,19 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     Some(t.unix_timestamp())
 }
 
+/// The string at a JSON pointer; empty when absent or not a string.
+pub fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+    obj.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// An object of strings (labels, annotations, a nodeSelector) as a sorted map; entries that
+/// are not strings are left out.
+pub fn string_map(v: Option<&Value>) -> std::collections::BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
+}
+
 pub fn name(obj: &Value) -> &str {
     obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
 }

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::meta;
+use crate::meta::{self, str_at};
 use crate::resources::Resource;
 
 /// A column: name, type (`string`, `integer`, `date`) and priority.
@@ -160,10 +160,6 @@ fn columns(r: &Resource) -> Vec<Column> {
         ("coordination.k8s.io", "leases") => vec![("Name", s, 0), ("Holder", s, 0), ("Age", s, 0)],
         _ => vec![("Name", s, 0), ("Age", s, 0)],
     }
-}
-
-fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
-    obj.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn int_at(obj: &Value, pointer: &str) -> i64 {

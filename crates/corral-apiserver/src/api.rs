@@ -95,9 +95,14 @@ pub enum Reply {
     Watch(mpsc::Receiver<Value>),
 }
 
-/// Events are written with a lease, so they expire (`storage::EVENT_TTL`).
-fn is_event(r: &Resource) -> bool {
-    (r.group.is_empty() || r.group == "events.k8s.io") && r.plural == "events"
+impl Reply {
+    /// The object of an answer (Null for a watch).
+    pub fn into_object(self) -> Value {
+        match self {
+            Reply::Object(_, v) => v,
+            Reply::Watch(_) => Value::Null,
+        }
+    }
 }
 
 pub struct Api {
@@ -252,12 +257,9 @@ impl Api {
         let key = r.key(meta::namespace(&obj), &name);
         for _ in 0..WRITE_RETRIES {
             let mut obj = obj.clone();
-            let mut side = services::side_of_write(&self.store, &self.services, r, None, &mut obj).await?;
+            let side = services::side_of_write(&self.store, &self.services, r, None, &mut obj).await?;
             if dry_run(q) {
                 return Ok(Reply::Object(201, self.present(r, obj, 0, out)));
-            }
-            if is_event(r) {
-                side.lease = self.store.event_lease().await?;
             }
             match self.store.put_if_with(&key, &obj, 0, &side).await? {
                 WriteOutcome::Written(rev) => return Ok(Reply::Object(201, self.present(r, obj, rev, out))),
@@ -423,14 +425,12 @@ impl Api {
             }
             let mut new = change(r, &old)?;
             crate::validate::object(r, &new)?;
-            let mut side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
-            if is_event(r) {
-                side.lease = self.store.event_lease().await?;
-            }
+            let side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
             if dry_run(q) || new == old.value {
                 return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
             }
-            let written = if deletion::finished(&new) {
+            // A namespace is removed by its cleaner once empty, never by a write.
+            let written = if r.plural != "namespaces" && deletion::finished(&new) {
                 // The last finalizer is gone from a marked object: the update deletes it.
                 let side = services::side_of_delete(r, &old.value);
                 self.store.delete_if_with(&key, old.rev, &side).await?

@@ -26,10 +26,7 @@ fn error(e: ApiError) -> ClusterError {
 }
 
 fn object(reply: Reply) -> Value {
-    match reply {
-        Reply::Object(_, v) => v,
-        Reply::Watch(_) => Value::Null,
-    }
+    reply.into_object()
 }
 
 fn namespace_of(obj: &Value) -> Option<&str> {

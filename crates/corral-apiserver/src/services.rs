@@ -111,6 +111,10 @@ pub async fn side_of_write(
     old: Option<&Value>,
     new: &mut Value,
 ) -> Result<Side, ApiError> {
+    // Events are written with a lease, so they expire (`storage::EVENT_TTL`).
+    if (r.group.is_empty() || r.group == "events.k8s.io") && r.plural == "events" {
+        return Ok(Side { lease: store.event_lease().await?, ..Side::default() });
+    }
     if !is_service(r) {
         return Ok(Side::default());
     }

@@ -71,8 +71,11 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> impl Future<Output = ClusterResult<()>> + Send;
 }
 
-pub fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+pub use corral_api::meta::str_at as text;
+
+/// Seconds since the epoch, as Kubernetes' timestamps count them.
+pub fn now_seconds() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `namespace/name`, or `name` for cluster-scoped objects.

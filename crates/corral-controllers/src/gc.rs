@@ -143,8 +143,10 @@ pub async fn run<C: Cluster>(cluster: Arc<C>) {
         let changes: Vec<_> = informers.iter().map(|(_, i)| Box::pin(i.changed())).collect();
         let objects: Vec<(&'static str, Arc<Value>)> =
             informers.iter().flat_map(|(p, i)| i.list().into_iter().map(move |o| (*p, o))).collect();
+        // One quorum read per gone owner per pass, however many dependents it had.
+        let mut gone: HashMap<String, bool> = HashMap::new();
         for action in plan(&objects) {
-            carry_out(cluster.as_ref(), action).await;
+            carry_out(cluster.as_ref(), action, &mut gone).await;
         }
         tokio::select! {
             _ = futures::future::select_all(changes) => {}
@@ -154,14 +156,23 @@ pub async fn run<C: Cluster>(cluster: Arc<C>) {
     }
 }
 
-async fn carry_out<C: Cluster>(cluster: &C, action: Action) {
+async fn carry_out<C: Cluster>(cluster: &C, action: Action, gone_owners: &mut HashMap<String, bool>) {
     let (object, gone) = match &action {
         Action::Delete { object, gone, .. } => (object.as_ref(), gone),
         Action::Update { object, gone, .. } => (object, gone),
     };
     let namespace = text(object, "/metadata/namespace");
     for owner in gone {
-        if !confirmed_gone(cluster, namespace, owner).await {
+        let key = format!("{namespace}/{}", text(owner, "/uid"));
+        let confirmed = match gone_owners.get(&key) {
+            Some(c) => *c,
+            None => {
+                let c = confirmed_gone(cluster, namespace, owner).await;
+                gone_owners.insert(key, c);
+                c
+            }
+        };
+        if !confirmed {
             return;
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use corral_api::events::{Involved, Recorder};
 use serde_json::{Map, Value, json};
 
-use crate::cluster::{Cluster, ClusterError, key_of, text};
+use crate::cluster::{Cluster, ClusterError, now_seconds, text};
 use crate::informer::Informer;
 use crate::scheduling::{AbortOnDrop, flush_events};
 
@@ -36,7 +36,8 @@ pub struct Expectations {
 impl Expectations {
     /// Whether the pods seen include every creation and no deletion still to come.
     pub fn met(&self, pods: &[&Arc<Value>]) -> bool {
-        if self.since.is_some_and(|t| t.elapsed() > EXPECTATION_TTL) {
+        let nothing = self.creates.is_empty() && self.deletes.is_empty();
+        if nothing || self.since.is_some_and(|t| t.elapsed() > EXPECTATION_TTL) {
             return true;
         }
         let names: HashSet<&str> = pods.iter().map(|p| text(p, "/metadata/name")).collect();
@@ -72,17 +73,7 @@ pub fn controller_uid(obj: &Value) -> Option<&str> {
 }
 
 fn labels(obj: &Value) -> std::collections::BTreeMap<String, String> {
-    obj.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default()
-}
-
-fn selects(rs: &Value, pod: &Value) -> bool {
-    let selector = rs.pointer("/spec/selector");
-    // An empty selector selects nothing for a ReplicaSet (the API refuses it anyway).
-    selector.is_some_and(|s| s.as_object().is_some_and(|o| !o.is_empty()))
-        && corral_scheduler::plugins::selector_matches(selector, &labels(pod))
+    corral_api::meta::string_map(obj.pointer("/metadata/labels"))
 }
 
 fn owner_ref(rs: &Value) -> Value {
@@ -156,13 +147,16 @@ pub fn new_pod(rs: &Value) -> Value {
 pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: i64) -> Vec<Action> {
     let uid = text(rs, "/metadata/uid");
     let deleting = rs.pointer("/metadata/deletionTimestamp").is_some();
+    // An empty selector selects nothing for a ReplicaSet (the API refuses it anyway).
+    let selector = corral_scheduler::plugins::parse_selector(rs.pointer("/spec/selector")).filter(|s| !s.is_empty());
+    let selects = |pod: &Value| selector.as_ref().is_some_and(|s| s.matches(pod));
     let mut actions = Vec::new();
     let mut owned: Vec<&Value> = Vec::new();
     for pod in pods {
         let pod: &Value = pod;
         match controller_uid(pod) {
             Some(owner) if owner == uid => {
-                if selects(rs, pod) || !active(pod) {
+                if selects(pod) || !active(pod) {
                     owned.push(pod);
                 } else if !deleting {
                     // No longer selected: released, so another controller may take it.
@@ -174,7 +168,7 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
                     actions.push(Action::Own(released));
                 }
             }
-            None if !deleting && active(pod) && selects(rs, pod) => {
+            None if !deleting && active(pod) && selects(pod) => {
                 let mut adopted = pod.clone();
                 let refs = adopted["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
                 let mut refs: Vec<Value> = refs;
@@ -218,10 +212,6 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
     actions
 }
 
-fn now_seconds() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Runs the controller until aborted.
 pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
     let (sets, rs_task) = Informer::start(cluster.clone(), "apps/replicasets");
@@ -236,13 +226,16 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
         let pod_change = pods.changed();
         let all_pods = pods.list();
         let all_sets = sets.list();
-        expectations.retain(|k, _| all_sets.iter().any(|rs| key_of(rs) == *k));
+        let mut by_namespace: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
+        for p in &all_pods {
+            by_namespace.entry(text(p, "/metadata/namespace")).or_default().push(p);
+        }
+        // By uid: a ReplicaSet deleted and made again under its name starts afresh.
+        let live: HashSet<&str> = all_sets.iter().map(|rs| text(rs, "/metadata/uid")).collect();
+        expectations.retain(|uid, _| live.contains(uid.as_str()));
         for rs in &all_sets {
-            let key = key_of(rs);
-            let namespace = text(rs, "/metadata/namespace");
-            let in_ns: Vec<&Arc<Value>> =
-                all_pods.iter().filter(|p| text(p, "/metadata/namespace") == namespace).collect();
-            let exp = expectations.entry(key.clone()).or_default();
+            let in_ns = by_namespace.get(text(rs, "/metadata/namespace")).cloned().unwrap_or_default();
+            let exp = expectations.entry(text(rs, "/metadata/uid").to_string()).or_default();
             let met = exp.met(&in_ns);
             if met {
                 *exp = Expectations::default();

@@ -13,7 +13,7 @@ use corral_api::events::{Involved, Recorder};
 use corral_scheduler::{Framework, PodInfo, Snapshot};
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, ClusterError, text};
+use crate::cluster::{Cluster, ClusterError, now_seconds, text};
 use crate::informer::Informer;
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
@@ -53,6 +53,10 @@ pub fn plan(
     assumed: &HashMap<String, String>,
 ) -> Plan {
     let uid = |p: &Value| text(p, "/metadata/uid").to_string();
+    if !pods.iter().any(|p| pending(p) && !assumed.contains_key(&uid(p))) {
+        // Most changes are status reports of running pods: no snapshot is needed for them.
+        return Plan::default();
+    }
     let mut snapshot = Snapshot::new(nodes.iter().cloned(), pods.iter().cloned());
     for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
         if let Some(node) = assumed.get(&uid(p)) {
@@ -102,10 +106,6 @@ pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Val
     Some(updated)
 }
 
-fn now_seconds() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Runs the loop until aborted.
 pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
     let (nodes, node_task) = Informer::start(cluster.clone(), "nodes");
@@ -121,10 +121,12 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
         let pod_change = pods.changed();
         let pod_list = pods.list();
         // Forget assumptions the informer has caught up with, or that never came true.
-        assumed.retain(|uid, (_, at)| {
-            at.elapsed() < ASSUME_FOR
-                && pod_list.iter().any(|p| text(p, "/metadata/uid") == uid && text(p, "/spec/nodeName").is_empty())
-        });
+        let unbound: std::collections::HashSet<&str> = pod_list
+            .iter()
+            .filter(|p| text(p, "/spec/nodeName").is_empty())
+            .map(|p| text(p, "/metadata/uid"))
+            .collect();
+        assumed.retain(|uid, (_, at)| at.elapsed() < ASSUME_FOR && unbound.contains(uid.as_str()));
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
         let decided = plan(&framework, &nodes.list(), &pod_list, &view);

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use corral_api::meta::str_at as text;
+use corral_api::selector::LabelSelector;
 use serde_json::Value;
 
 use crate::framework::{FilterPlugin, MAX_SCORE, Normalize, Reasons, ScorePlugin};
@@ -46,12 +48,8 @@ fn array<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = &'a Value> {
     v.pointer(pointer).and_then(Value::as_array).into_iter().flatten()
 }
 
-fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
-}
-
-/// A `matchExpressions` entry against a label map (In, NotIn, Exists, DoesNotExist, and
-/// for nodes Gt and Lt).
+/// A node selector requirement against a label map: a label selector's operators, and Gt
+/// and Lt.
 fn expression_matches(e: &Value, labels: &BTreeMap<String, String>) -> bool {
     let key = text(e, "/key");
     let values: Vec<&str> = array(e, "/values").filter_map(Value::as_str).collect();
@@ -72,17 +70,14 @@ fn expression_matches(e: &Value, labels: &BTreeMap<String, String>) -> bool {
     }
 }
 
-/// A metav1.LabelSelector against labels; an absent selector matches nothing, an empty one
-/// everything.
-pub fn selector_matches(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool {
-    let Some(selector) = selector.filter(|s| s.is_object()) else { return false };
-    let exact = selector
-        .get("matchLabels")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
-    exact && array(selector, "/matchExpressions").all(|e| expression_matches(e, labels))
+/// A metav1.LabelSelector, read once before a loop over pods; None (absent or invalid)
+/// selects nothing, an empty one everything.
+pub fn parse_selector(selector: Option<&Value>) -> Option<LabelSelector> {
+    LabelSelector::from_json(selector.filter(|s| s.is_object())?).ok()
+}
+
+fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    selector.is_some_and(|s| s.matches_labels(labels))
 }
 
 /// One nodeSelectorTerm: its expressions on labels and its fields (metadata.name), all of them.
@@ -233,7 +228,7 @@ impl FilterPlugin for NodeResourcesFit {
 
 /// A pod (anti-)affinity term: which pods it selects (selector and namespaces, the term
 /// owner's namespace by default).
-fn term_selects(term: &Value, owner_namespace: &str, other: &PodInfo) -> bool {
+fn term_selects(term: &Value, selector: Option<&LabelSelector>, owner_namespace: &str, other: &PodInfo) -> bool {
     let namespaces: Vec<&str> = array(term, "/namespaces").filter_map(Value::as_str).collect();
     let all_namespaces = term.get("namespaceSelector").is_some_and(|s| s.as_object().is_some_and(|o| o.is_empty()));
     let in_namespace = all_namespaces
@@ -242,7 +237,7 @@ fn term_selects(term: &Value, owner_namespace: &str, other: &PodInfo) -> bool {
         } else {
             namespaces.contains(&other.namespace.as_str())
         };
-    in_namespace && selector_matches(term.get("labelSelector"), &other.labels)
+    in_namespace && selects(selector, &other.labels)
 }
 
 /// The node's value of the term's topology key, None when the node lacks the label.
@@ -253,12 +248,13 @@ fn domain<'a>(term: &Value, node: &'a NodeInfo) -> Option<&'a String> {
 /// Whether some pod the term selects runs in the same topology domain as `node`.
 fn any_in_domain(term: &Value, owner_namespace: &str, node: &NodeInfo, snapshot: &Snapshot) -> bool {
     let Some(value) = domain(term, node) else { return false };
+    let selector = parse_selector(term.get("labelSelector"));
     snapshot
         .nodes
         .iter()
         .filter(|n| domain(term, n) == Some(value))
         .flat_map(|n| n.pods.iter())
-        .any(|p| term_selects(term, owner_namespace, p))
+        .any(|p| term_selects(term, selector.as_ref(), owner_namespace, p))
 }
 
 fn required_terms<'a>(pod: &'a PodInfo, kind: &str) -> impl Iterator<Item = &'a Value> {
@@ -278,7 +274,8 @@ impl FilterPlugin for InterPodAffinity {
         for other in snapshot.nodes.iter().flat_map(|n| n.pods.iter().map(move |p| (n, p))) {
             let (other_node, other) = other;
             for term in required_terms(other, "podAntiAffinity") {
-                if term_selects(term, &other.namespace, pod)
+                let selector = parse_selector(term.get("labelSelector"));
+                if term_selects(term, selector.as_ref(), &other.namespace, pod)
                     && domain(term, node).is_some()
                     && domain(term, node) == domain(term, other_node)
                 {
@@ -291,9 +288,10 @@ impl FilterPlugin for InterPodAffinity {
                 continue;
             }
             // The first pod of a group that selects itself may go where the domain exists.
-            let nobody =
-                !snapshot.nodes.iter().flat_map(|n| n.pods.iter()).any(|p| term_selects(term, &pod.namespace, p));
-            if nobody && term_selects(term, &pod.namespace, pod) && domain(term, node).is_some() {
+            let selector = parse_selector(term.get("labelSelector"));
+            let selects_pod = |p: &PodInfo| term_selects(term, selector.as_ref(), &pod.namespace, p);
+            let nobody = !snapshot.nodes.iter().flat_map(|n| n.pods.iter()).any(|p| selects_pod(p));
+            if nobody && selects_pod(pod) && domain(term, node).is_some() {
                 continue;
             }
             return Err(vec!["node(s) didn't match pod affinity rules".into()]);
@@ -325,6 +323,7 @@ impl FilterPlugin for PodTopologySpread {
                     "node(s) didn't match pod topology spread constraints (missing required label)".into(),
                 ]);
             };
+            let selector = parse_selector(c.get("labelSelector"));
             let max_skew = c.get("maxSkew").and_then(Value::as_i64).unwrap_or(1);
             // Matching pods per domain, over the nodes the pod could go to by its affinity.
             let mut counts: BTreeMap<&String, i64> = BTreeMap::new();
@@ -333,13 +332,13 @@ impl FilterPlugin for PodTopologySpread {
                 let matching = n
                     .pods
                     .iter()
-                    .filter(|p| p.namespace == pod.namespace && selector_matches(c.get("labelSelector"), &p.labels))
+                    .filter(|p| p.namespace == pod.namespace && selects(selector.as_ref(), &p.labels))
                     .count() as i64;
                 *counts.entry(v).or_default() += matching;
             }
             let min = counts.values().copied().min().unwrap_or(0);
             let here = counts.get(value).copied().unwrap_or(0);
-            let own = i64::from(selector_matches(c.get("labelSelector"), &pod.labels));
+            let own = i64::from(selects(selector.as_ref(), &pod.labels));
             if here + own - min > max_skew {
                 return Err(vec!["node(s) didn't match pod topology spread constraints".into()]);
             }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use corral_api::meta::{str_at as text, string_map};
 use corral_api::quantity::Quantity;
 use serde_json::Value;
 
@@ -46,16 +47,6 @@ impl Resources {
             pods: self.pods.max(other.pods),
         }
     }
-}
-
-fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default()
 }
 
 /// A pod as the plugins look at it.

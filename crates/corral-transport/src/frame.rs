@@ -48,11 +48,12 @@ pub async fn read<M: Message + Default, R: AsyncRead + Unpin>(r: &mut R) -> Resu
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })?;
+    // Memory grows as bytes arrive: a length alone does not make the reader allocate it.
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    (&mut *r).take(len as u64).read_to_end(&mut buf).await.map_err(FrameError::Io)?;
+    if buf.len() < len {
+        return Err(FrameError::Truncated);
+    }
     Ok(Some(M::decode(buf.as_slice())?))
 }
 

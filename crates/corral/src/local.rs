@@ -302,7 +302,8 @@ fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
     let text = String::from_utf8_lossy(&cmdline);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
-    !zombie && text.contains(&format!("{command}\0")) && text.contains(&*dir.to_string_lossy())
+    // argv[1] is the subcommand: `server\0` also appears in an agent's `--server` argument.
+    !zombie && text.split('\0').nth(1) == Some(command) && text.contains(&*dir.to_string_lossy())
 }
 
 /// Builds the images and a join token (once), starts every agent that is not running, and

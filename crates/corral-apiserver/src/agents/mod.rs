@@ -48,10 +48,7 @@ fn refused(message: impl Into<String>) -> AgentResponse {
 }
 
 fn object(reply: Reply) -> Value {
-    match reply {
-        Reply::Object(_, v) => v,
-        Reply::Watch(_) => Value::Null,
-    }
+    reply.into_object()
 }
 
 impl AgentEndpoint {
@@ -182,7 +179,7 @@ impl AgentEndpoint {
                 return;
             }
             (Some(Kind::Report(report)), Some(node)) => self.report(&node, report).await,
-            (Some(Kind::Lookup(lookup)), Some(_)) => self.lookup(lookup).await,
+            (Some(Kind::Lookup(lookup)), Some(node)) => self.lookup(&node, lookup).await,
             (None, Some(_)) => refused("an empty request"),
         };
         if frame::write(&mut send, &reply).await.is_ok() {
@@ -255,10 +252,14 @@ impl AgentEndpoint {
                 store.watch(&prefix, page.rev).map_err(|e| e.to_string())?
             }
         };
+        // An interval, not a sleep per loop: in a busy cluster, changes of other nodes' pods
+        // would otherwise keep postponing the progress this agent resumes from.
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.reset();
         loop {
             let events = tokio::select! {
                 e = stream.next() => e.map_err(|e| e.to_string())?,
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                _ = progress.tick() => {
                     self.send_event(send, Type::Progress, stream.next_revision() - 1, Vec::new()).await?;
                     continue;
                 }
@@ -315,6 +316,13 @@ impl AgentEndpoint {
             }
         }
         for pod in report.terminated {
+            // Only pods of this node: uids are no secret.
+            let key = route("pods", Some(&pod.namespace), None).resource.key(Some(&pod.namespace), &pod.name);
+            match self.api.store.get(&key, true).await {
+                Ok(Some(stored)) if rules::node_name(&stored.value) == node => {}
+                Ok(_) => continue,
+                Err(e) => return refused(format!("reading pod {}/{}: {e}", pod.namespace, pod.name)),
+            }
             let options = json!({"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}});
             let route = route("pods", Some(&pod.namespace), None);
             match self.api.delete(&route, &pod.name, &options, &Query::default()).await {
@@ -421,23 +429,55 @@ impl AgentEndpoint {
         Err(ApiError::modified(route.resource, &pod.name))
     }
 
-    async fn lookup(&self, lookup: Lookup) -> AgentResponse {
+    async fn lookup(&self, node: &str, lookup: Lookup) -> AgentResponse {
         const ALLOWED: &[&str] = &["configmaps", "secrets", "persistentvolumeclaims", "persistentvolumes"];
         if !ALLOWED.contains(&lookup.plural.as_str()) {
             return refused(format!("agents may not read {}", lookup.plural));
         }
         let r = route(&lookup.plural, None, None).resource;
         let namespace = r.namespaced.then_some(lookup.namespace.as_str());
-        let object = match self.api.store.get(&r.key(namespace, &lookup.name), false).await {
-            Ok(Some(mut s)) => {
+        let stored = match self.api.store.get(&r.key(namespace, &lookup.name), false).await {
+            Ok(s) => s,
+            Err(e) => return refused(format!("reading {} {}: {e}", lookup.plural, lookup.name)),
+        };
+        // A volume is read through its claim: the claim must be one of the node's pods'.
+        let (plural, ns, name) = match &stored {
+            Some(pv) if r.plural == "persistentvolumes" => (
+                "persistentvolumeclaims",
+                meta::str_at(&pv.value, "/spec/claimRef/namespace").to_string(),
+                meta::str_at(&pv.value, "/spec/claimRef/name").to_string(),
+            ),
+            _ => (r.plural, lookup.namespace.clone(), lookup.name.clone()),
+        };
+        match self.node_refers(node, plural, &ns, &name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return refused(format!(
+                    "node {node} may not read {} {}: no pod bound to it refers to it",
+                    lookup.plural, lookup.name
+                ));
+            }
+            Err(e) => return refused(format!("reading the pods of node {node}: {e}")),
+        }
+        let object = match stored {
+            Some(mut s) => {
                 meta::set_resource_version(&mut s.value, s.rev);
                 meta::set_type(r, &mut s.value);
                 serde_json::to_vec(&s.value).expect("JSON")
             }
-            Ok(None) => Vec::new(),
-            Err(e) => return refused(format!("reading {} {}: {e}", lookup.plural, lookup.name)),
+            None => Vec::new(),
         };
         AgentResponse { kind: Some(agent_response::Kind::Found(Found { object })) }
+    }
+
+    /// Whether a pod bound to `node` in `namespace` refers to the object.
+    async fn node_refers(&self, node: &str, plural: &str, namespace: &str, name: &str) -> Result<bool, ApiError> {
+        if namespace.is_empty() || name.is_empty() {
+            return Ok(false);
+        }
+        let pods = route("pods", Some(namespace), None).resource.prefix(Some(namespace));
+        let page = self.api.store.list(&pods, None, 0, 0, true).await?;
+        Ok(page.items.iter().any(|p| rules::node_name(&p.value) == node && rules::pod_refers(&p.value, plural, name)))
     }
 
     /// The newest live connection of a node's agent to this server.

@@ -132,13 +132,46 @@ pub fn lease(node: &str, uid: Option<&str>, now_micros: &str, duration_s: i64) -
     lease
 }
 
+/// Whether a pod refers to a ConfigMap, Secret or PersistentVolumeClaim of its namespace by
+/// this name: in a volume (also projected), env, envFrom or imagePullSecrets. An agent may
+/// read only what the pods bound to its node refer to, as Kubernetes' node authorizer allows.
+pub fn pod_refers(pod: &Value, plural: &str, name: &str) -> bool {
+    let is = |v: Option<&Value>| v.and_then(Value::as_str) == Some(name);
+    let list = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_array).cloned().unwrap_or_default();
+    let containers: Vec<Value> = [list(pod, "/spec/containers"), list(pod, "/spec/initContainers")].concat();
+    let mut volumes = list(pod, "/spec/volumes");
+    for v in list(pod, "/spec/volumes") {
+        volumes.extend(list(&v, "/projected/sources"));
+    }
+    match plural {
+        "configmaps" => {
+            volumes.iter().any(|v| is(v.pointer("/configMap/name")))
+                || containers.iter().any(|c| {
+                    list(c, "/env").iter().any(|e| is(e.pointer("/valueFrom/configMapKeyRef/name")))
+                        || list(c, "/envFrom").iter().any(|e| is(e.pointer("/configMapRef/name")))
+                })
+        }
+        "secrets" => {
+            volumes.iter().any(|v| is(v.pointer("/secret/secretName")) || is(v.pointer("/secret/name")))
+                || list(pod, "/spec/imagePullSecrets").iter().any(|s| is(s.get("name")))
+                || containers.iter().any(|c| {
+                    list(c, "/env").iter().any(|e| is(e.pointer("/valueFrom/secretKeyRef/name")))
+                        || list(c, "/envFrom").iter().any(|e| is(e.pointer("/secretRef/name")))
+                })
+        }
+        "persistentvolumeclaims" => volumes.iter().any(|v| is(v.pointer("/persistentVolumeClaim/claimName"))),
+        _ => false,
+    }
+}
+
 /// An Event an agent may write: about a pod or its own Node, with itself as the source
 /// whatever it claimed.
 pub fn agent_event(node: &str, mut event: Value) -> Result<Value, String> {
     let kind = event.pointer("/involvedObject/kind").and_then(Value::as_str).unwrap_or_default();
     let about = event.pointer("/involvedObject/name").and_then(Value::as_str).unwrap_or_default();
+    let in_namespace = event.pointer("/metadata/namespace") == event.pointer("/involvedObject/namespace");
     match kind {
-        "Pod" => {}
+        "Pod" if in_namespace => {}
         "Node" if about == node => {}
         _ => return Err(format!("node {node} may record events about pods and itself, not {kind} {about}")),
     }
@@ -214,15 +247,32 @@ mod tests {
     }
 
     #[test]
+    fn agents_read_only_what_their_pods_refer_to() {
+        let pod = json!({"spec": {
+            "volumes": [{"name": "a", "configMap": {"name": "settings"}},
+                        {"name": "b", "projected": {"sources": [{"secret": {"name": "token"}}]}},
+                        {"name": "c", "persistentVolumeClaim": {"claimName": "data"}}],
+            "containers": [{"envFrom": [{"secretRef": {"name": "db"}}]}]}});
+        assert!(pod_refers(&pod, "configmaps", "settings"));
+        assert!(pod_refers(&pod, "secrets", "token") && pod_refers(&pod, "secrets", "db"));
+        assert!(pod_refers(&pod, "persistentvolumeclaims", "data"));
+        assert!(!pod_refers(&pod, "secrets", "bootstrap-token-abcdef"));
+    }
+
+    #[test]
     fn agents_record_events_about_pods_and_their_own_node_only() {
         let event = |kind: &str, name: &str| {
             json!({"metadata": {"name": "x.1", "namespace": "default"},
-                   "involvedObject": {"kind": kind, "name": name}, "source": {"host": "elsewhere"}})
+                   "involvedObject": {"kind": kind, "name": name, "namespace": "default"},
+                   "source": {"host": "elsewhere"}})
         };
         let written = agent_event("n1", event("Pod", "web")).unwrap();
         assert_eq!(written["source"], json!({"component": "kubelet", "host": "n1"}));
         assert!(agent_event("n1", event("Node", "n1")).is_ok());
         assert!(agent_event("n1", event("Node", "n2")).is_err());
         assert!(agent_event("n1", event("Secret", "s")).is_err());
+        let mut elsewhere = event("Pod", "web");
+        elsewhere["metadata"]["namespace"] = json!("kube-system");
+        assert!(agent_event("n1", elsewhere).is_err(), "an Event lives in its object's namespace");
     }
 }
