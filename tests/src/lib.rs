@@ -180,6 +180,22 @@ impl Cluster {
         run(self.kubectl().arg(format!("--server={server}")).args(args), None)
     }
 
+    /// Runs kubectl with `args` every 100 ms until `done` accepts its output (returned), or
+    /// fails after `timeout` with the last output and the cluster's logs.
+    pub fn kube_until(&self, args: &[&str], timeout: Duration, done: impl Fn(&str) -> bool) -> Result<String> {
+        let started = std::time::Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < timeout {
+            match self.kube(args) {
+                Ok(out) if done(&out) => return Ok(out),
+                Ok(out) => last = out,
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("kubectl {args:?} did not get there in {timeout:?}; last: {last}\n{}", self.logs())
+    }
+
     /// Runs kubectl with `args`, expecting it to fail; returns what it printed on stderr.
     pub fn kube_fails(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl().args(args).stdin(Stdio::null()).output()?;

@@ -7,25 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use corral_e2e::{Cluster, init_tracing};
 use tracing::info;
 
 const BASE_PORT: u16 = 25400;
-
-fn until(c: &Cluster, args: &[&str], timeout: Duration, done: impl Fn(&str) -> bool) -> Result<String> {
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < timeout {
-        match c.kube(args) {
-            Ok(out) if done(&out) => return Ok(out),
-            Ok(out) => last = out,
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("kubectl {args:?} did not get there in {timeout:?}; last: {last}\n{}", c.logs())
-}
 
 const SCHEDULED: &str = "jsonpath={.spec.nodeName} {.status.conditions[?(@.type==\"PodScheduled\")].status} \
                          {.status.conditions[?(@.type==\"PodScheduled\")].message}";
@@ -52,7 +38,7 @@ fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result
 
     info!("a pod with no node is scheduled to the agent's node and runs");
     c.kube(&["run", "free", "--image=busybox", "--", "sleep", "3600"])?;
-    until(&c, &["get", "pod", "free", "-o", "jsonpath={.spec.nodeName} {.status.phase}"], minute, |o| {
+    c.kube_until(&["get", "pod", "free", "-o", "jsonpath={.spec.nodeName} {.status.phase}"], minute, |o| {
         o == "a1 Running"
     })?;
     let events = c.kube(&[
@@ -68,7 +54,7 @@ fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result
     info!("a pod that fits nowhere stays Pending with Kubernetes' message");
     let huge = r#"{"spec":{"containers":[{"name":"huge","image":"busybox","command":["sleep","3600"],"resources":{"requests":{"cpu":"64"}}}]}}"#;
     c.kube(&["run", "huge", "--image=busybox", &format!("--overrides={huge}")])?;
-    until(&c, &["get", "pod", "huge", "-o", SCHEDULED], minute, |o| {
+    c.kube_until(&["get", "pod", "huge", "-o", SCHEDULED], minute, |o| {
         o == " False 0/1 nodes are available: 1 Insufficient cpu."
     })?;
     let described = c.kube(&["describe", "pod", "huge"])?;
@@ -77,44 +63,44 @@ fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result
     info!("a cordoned node takes no pod; uncordoned, it takes the waiting one");
     c.kube(&["cordon", "a1"])?;
     c.kube(&["run", "patient", "--image=busybox", "--", "sleep", "3600"])?;
-    until(&c, &["get", "pod", "patient", "-o", SCHEDULED], minute, |o| {
+    c.kube_until(&["get", "pod", "patient", "-o", SCHEDULED], minute, |o| {
         o == " False 0/1 nodes are available: 1 node(s) were unschedulable."
     })?;
     c.kube(&["uncordon", "a1"])?;
-    until(&c, &["get", "pod", "patient", "-o", "jsonpath={.spec.nodeName}"], minute, |o| o == "a1")?;
+    c.kube_until(&["get", "pod", "patient", "-o", "jsonpath={.spec.nodeName}"], minute, |o| o == "a1")?;
 
     info!("a ReplicaSet keeps its count: pods created, a deleted one replaced, scaled up and down");
     c.kube(&["delete", "pod", "huge", "patient", "--wait=false"])?;
     c.kube_stdin(&["apply", "-f", "-"], REPLICASET)?;
     let running = "jsonpath={range .items[?(@.status.phase==\"Running\")]}{.metadata.name} {end}";
     let names =
-        until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 3)?;
+        c.kube_until(&["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 3)?;
     assert!(names.split_whitespace().all(|n| n.starts_with("web-") && n.len() == "web-".len() + 5), "{names}");
     let victim = names.split_whitespace().next().unwrap_or_default().to_string();
     c.kube(&["delete", "pod", &victim, "--wait=false"])?;
-    until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| {
+    c.kube_until(&["get", "pods", "-l", "app=web", "-o", running], minute, |o| {
         o.split_whitespace().count() == 3 && !o.split_whitespace().any(|n| n == victim)
     })?;
     c.kube(&["scale", "rs", "web", "--replicas=5"])?;
-    until(&c, &["get", "rs", "web", "-o", "jsonpath={.status.readyReplicas}"], minute, |o| o == "5")?;
+    c.kube_until(&["get", "rs", "web", "-o", "jsonpath={.status.readyReplicas}"], minute, |o| o == "5")?;
     c.kube(&["scale", "rs", "web", "--replicas=1"])?;
     let all = "jsonpath={range .items[*]}{.metadata.name} {end}";
-    until(&c, &["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.split_whitespace().count() == 1)?;
+    c.kube_until(&["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.split_whitespace().count() == 1)?;
     let described = c.kube(&["describe", "rs", "web"])?;
     assert!(described.contains("SuccessfulCreate") && described.contains("SuccessfulDelete"), "{described}");
 
     info!("garbage collection: orphaned pods stay and are adopted again; a deleted owner's pods go");
     let kept =
-        until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 1)?;
+        c.kube_until(&["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 1)?;
     c.kube(&["delete", "rs", "web", "--cascade=orphan"])?;
     let owners = ["get", "pod", kept.trim(), "-o", "jsonpath={.metadata.ownerReferences}"];
-    until(&c, &owners, minute, |o| o.is_empty() || o == "[]")?;
+    c.kube_until(&owners, minute, |o| o.is_empty() || o == "[]")?;
     c.kube_stdin(&["apply", "-f", "-"], REPLICASET)?;
     let names =
-        until(&c, &["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 3)?;
+        c.kube_until(&["get", "pods", "-l", "app=web", "-o", running], minute, |o| o.split_whitespace().count() == 3)?;
     assert!(names.split_whitespace().any(|n| n == kept.trim()), "the orphan was adopted: {names}");
     c.kube(&["delete", "rs", "web", "--wait=false"])?;
-    until(&c, &["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.trim().is_empty())?;
+    c.kube_until(&["get", "pods", "-l", "app=web", "-o", all], minute, |o| o.trim().is_empty())?;
 
     info!("kill -9 the leader: the new leader's scheduler places the next pod");
     let leader = c.leader()?;
@@ -128,7 +114,7 @@ fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result
         create()?;
     }
     let args = ["--server", other.as_str(), "get", "pod", "after-kill", "-o", "jsonpath={.spec.nodeName}"];
-    until(&c, &args, minute, |o| o == "a1")?;
+    c.kube_until(&args, minute, |o| o == "a1")?;
     info!(took = ?killed.elapsed(), "placed by the new leader");
     let bindings = c.kube(&[
         "--server",

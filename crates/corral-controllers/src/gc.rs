@@ -12,8 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, text};
-use crate::informer::Informer;
-use crate::scheduling::AbortOnDrop;
+use crate::informer::Informers;
 
 /// The resources collected, and the kinds their owners may be.
 pub const RESOURCES: [(&str, &str); 3] =
@@ -127,17 +126,10 @@ async fn confirmed_gone<C: Cluster>(cluster: &C, namespace: &str, owner: &Value)
 }
 
 /// Runs the collector until aborted.
-pub async fn run<C: Cluster>(cluster: Arc<C>) {
-    let mut tasks = Vec::new();
+pub async fn run<C: Cluster>(cluster: Arc<C>, shared: Arc<Informers>) {
     let mut informers = Vec::new();
     for (plural, _) in RESOURCES {
-        let (informer, task) = Informer::start(cluster.clone(), plural);
-        tasks.push(task);
-        informers.push((plural, informer));
-    }
-    let _stop = AbortOnDrop(tasks);
-    for (_, i) in &informers {
-        i.synced().await;
+        informers.push((plural, shared.get(plural).await));
     }
     loop {
         let changes: Vec<_> = informers.iter().map(|(_, i)| Box::pin(i.changed())).collect();

@@ -1,5 +1,6 @@
 //! An informer: the objects of one resource kept from a list and a watch, listed again when
-//! the watch ends; waiters are woken on every change.
+//! the watch ends; waiters are woken on every change. `Informers` shares one informer per
+//! resource among all the control loops of a term.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,43 @@ use tokio::sync::{Notify, watch};
 use crate::cluster::{Cluster, EventKind, key_of};
 
 const RETRY: Duration = Duration::from_millis(500);
+
+type Running = (Arc<Informer>, tokio::task::JoinHandle<()>);
+type Starter = dyn Fn(&str) -> Running + Send + Sync;
+
+/// One informer per resource, started on first use, shared by every loop that asks for it;
+/// dropping the last handle stops them all.
+pub struct Informers {
+    start: Box<Starter>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl Informers {
+    pub fn new<C: Cluster>(cluster: Arc<C>) -> Arc<Informers> {
+        Arc::new(Informers {
+            start: Box::new(move |plural| Informer::start(cluster.clone(), plural)),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The informer of `plural`, synced (its first list read).
+    pub async fn get(&self, plural: &str) -> Arc<Informer> {
+        let informer = {
+            let mut running = self.running.lock().expect("not poisoned");
+            running.entry(plural.to_string()).or_insert_with(|| (self.start)(plural)).0.clone()
+        };
+        informer.synced().await;
+        informer
+    }
+}
+
+impl Drop for Informers {
+    fn drop(&mut self) {
+        for (_, task) in self.running.get_mut().expect("not poisoned").values() {
+            task.abort();
+        }
+    }
+}
 
 /// The objects of one resource, by `namespace/name`.
 pub struct Informer {

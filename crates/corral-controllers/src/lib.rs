@@ -1,4 +1,4 @@
-//! What runs on the Raft leader only: the scheduling loop and the controllers (ReplicaSet so far). They see the
+//! What runs on the Raft leader only: the scheduling loop and the controllers. They see the
 //! cluster through `Cluster` (the server's own API in production, an in-memory one in
 //! tests), keep informers (a list, then a watch) of what they read, and write with
 //! compare-and-swap on the resourceVersion they read, through their own server's Raft: a
@@ -6,6 +6,7 @@
 //! server becomes leader and stops them at once when it is not.
 
 pub mod cluster;
+pub mod deployment;
 pub mod gc;
 pub mod informer;
 pub mod leader;

@@ -13,8 +13,8 @@ use corral_api::events::{Involved, Recorder};
 use serde_json::{Map, Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, text};
-use crate::informer::Informer;
-use crate::scheduling::{AbortOnDrop, flush_events};
+use crate::informer::Informers;
+use crate::scheduling::flush_events;
 
 /// Pods created or deleted per ReplicaSet per pass, as Kubernetes' burst replicas.
 pub const BURST: usize = 500;
@@ -206,6 +206,7 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
     status["readyReplicas"] = json!(count(&ready));
     status["availableReplicas"] = json!(count(&|p| available(p, min_ready, now)));
     status["observedGeneration"] = rs.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
+    crate::deployment::omit_zeros(&mut status, &["fullyLabeledReplicas", "readyReplicas", "availableReplicas"]);
     if rs.get("status") != Some(&status) {
         actions.push(Action::Status(status));
     }
@@ -213,12 +214,9 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
 }
 
 /// Runs the controller until aborted.
-pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
-    let (sets, rs_task) = Informer::start(cluster.clone(), "apps/replicasets");
-    let (pods, pod_task) = Informer::start(cluster.clone(), "pods");
-    let _stop = AbortOnDrop(vec![rs_task, pod_task]);
-    sets.synced().await;
-    pods.synced().await;
+pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: String) {
+    let sets = informers.get("apps/replicasets").await;
+    let pods = informers.get("pods").await;
     let events = Arc::new(Mutex::new(Recorder::new("replicaset-controller", &host)));
     let mut expectations: HashMap<String, Expectations> = HashMap::new();
     loop {

@@ -14,7 +14,7 @@ use corral_scheduler::{Framework, PodInfo, Snapshot};
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, text};
-use crate::informer::Informer;
+use crate::informer::Informers;
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// Changes that come this close together are scheduled in one pass.
@@ -107,12 +107,9 @@ pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Val
 }
 
 /// Runs the loop until aborted.
-pub async fn run<C: Cluster>(cluster: Arc<C>, host: String) {
-    let (nodes, node_task) = Informer::start(cluster.clone(), "nodes");
-    let (pods, pod_task) = Informer::start(cluster.clone(), "pods");
-    let _stop = AbortOnDrop(vec![node_task, pod_task]);
-    nodes.synced().await;
-    pods.synced().await;
+pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: String) {
+    let nodes = informers.get("nodes").await;
+    let pods = informers.get("pods").await;
     let framework = Framework::default();
     let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
     let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
@@ -207,17 +204,6 @@ async fn bind_all<C: Cluster>(
         }
     }
     done
-}
-
-/// Aborts the tasks when dropped (the loop's informers stop with it).
-pub struct AbortOnDrop(pub Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -253,10 +253,12 @@ async fn start_api(
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
+        let informers = corral_controllers::informer::Informers::new(cluster.clone());
         vec![
-            tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), name.clone())),
-            tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), name.clone())),
-            tokio::spawn(corral_controllers::gc::run(cluster.clone())),
+            tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), informers.clone(), name.clone())),
+            tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), informers.clone(), name.clone())),
+            tokio::spawn(corral_controllers::deployment::run(cluster.clone(), informers.clone(), name.clone())),
+            tokio::spawn(corral_controllers::gc::run(cluster.clone(), informers)),
         ]
     }));
     tokio::spawn(async move {

@@ -1,0 +1,200 @@
+//! Deployments on a 3-server cluster with one agent, the real kubectl and containerd: the
+//! seed's auto-healing (three nginx pods, one deleted and replaced, seen by `kubectl get
+//! pods -w`); `kubectl set image` rolling within maxSurge and maxUnavailable at every moment
+//! a watch sees; `rollout history` and `rollout undo`; scaling to 10, 0 and back; and a
+//! rollout that survives `kill -9` of the leader with no extra pods.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use corral_e2e::{Cluster, init_tracing};
+use tracing::info;
+
+const BASE_PORT: u16 = 25500;
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/deployment.yml");
+const RUNNING: &str = "jsonpath={range .items[?(@.status.phase==\"Running\")]}{.metadata.name} {end}";
+const ALL: &str = "jsonpath={range .items[*]}{.metadata.name} {end}";
+
+/// What a `kubectl get pods -w` saw: every line, and the extremes of the pods alive (not
+/// terminating) and of those also Ready, counted after each event.
+#[derive(Default)]
+struct Seen {
+    lines: Vec<String>,
+    pods: BTreeMap<String, bool>,
+    max_alive: usize,
+    /// The fewest Ready pods once `floor_from` Ready pods had been seen.
+    min_ready: Option<usize>,
+}
+
+/// `kubectl get pods -w` on one server, in the background.
+struct PodWatch {
+    child: Child,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl PodWatch {
+    fn start(c: &Cluster, server: &str, selector: &str, floor_from: usize) -> Result<PodWatch> {
+        let template = "jsonpath={.type}|{.object.metadata.name}|{.object.metadata.deletionTimestamp}|\
+                        {.object.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}";
+        let mut child = c
+            .kubectl()
+            .args(["--server", server, "get", "pods", "-w", "-l", selector, "--output-watch-events", "-o", template])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().context("kubectl's stdout")?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut seen = s.lock().unwrap();
+                let fields: Vec<&str> = line.split('|').collect();
+                if let [kind, name, deleting, ready] = fields[..] {
+                    if kind == "DELETED" {
+                        seen.pods.remove(name);
+                    } else if deleting.is_empty() {
+                        seen.pods.insert(name.to_string(), ready == "True");
+                    } else {
+                        seen.pods.remove(name);
+                    }
+                    let alive = seen.pods.len();
+                    let ready = seen.pods.values().filter(|r| **r).count();
+                    seen.max_alive = seen.max_alive.max(alive);
+                    if seen.min_ready.is_some() || ready >= floor_from {
+                        seen.min_ready = Some(seen.min_ready.map_or(ready, |m| m.min(ready)));
+                    }
+                }
+                seen.lines.push(line);
+            }
+        });
+        Ok(PodWatch { child, seen })
+    }
+
+    /// Stops the watch; what it saw.
+    fn stop(mut self) -> Seen {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
+#[test]
+fn deployments_heal_roll_back_scale_and_survive_the_leaders_death() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.248.0.0/16"])?;
+    let minute = Duration::from_secs(60);
+    let first = c.api_url(0);
+
+    info!("the seed: three nginx pods named after the deployment and its template hash");
+    c.kube(&["apply", "-f", SEED])?;
+    let names = c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", RUNNING], minute, |o| words(o).len() == 3)?;
+    let hash =
+        c.kube(&["get", "rs", "-l", "app=myapp", "-o", "jsonpath={.items[0].metadata.labels.pod-template-hash}"])?;
+    for name in words(&names) {
+        let suffix = name.strip_prefix(&format!("my-deployment-{hash}-")).context(name.to_string())?;
+        assert_eq!(suffix.len(), 5, "{name}");
+    }
+    let rollout = c.kube(&["rollout", "status", "deployment/my-deployment", "--timeout=60s"])?;
+    assert!(rollout.contains("successfully rolled out"), "{rollout}");
+
+    info!("auto-healing: a deleted pod is replaced, and kubectl get pods -w shows it");
+    let watch = PodWatch::start(&c, &first, "app=myapp", 3)?;
+    let victim = words(&names)[0].to_string();
+    c.kube(&["delete", "pod", &victim, "--wait=false"])?;
+    let healed = Instant::now();
+    let after = c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", RUNNING], minute, |o| {
+        words(o).len() == 3 && !words(o).contains(&victim.as_str())
+    })?;
+    info!(took = ?healed.elapsed(), "replacement running");
+    let replacement = words(&after).into_iter().find(|n| !words(&names).contains(n)).context("a new pod")?.to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = watch.stop();
+    assert!(seen.lines.iter().any(|l| l.contains(&replacement)), "the watch shows {replacement}: {:?}", seen.lines);
+
+    info!("kubectl set image rolls within maxSurge 1 and maxUnavailable 0 (25% of 3)");
+    let watch = PodWatch::start(&c, &first, "app=myapp", 3)?;
+    c.kube(&["set", "image", "deployment/my-deployment", "myapp-container=nginx:1.25"])?;
+    c.kube(&["rollout", "status", "deployment/my-deployment", "--timeout=120s"])?;
+    c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", ALL], minute, |o| words(o).len() == 3)?;
+    let seen = watch.stop();
+    info!(max_alive = seen.max_alive, min_ready = ?seen.min_ready, events = seen.lines.len(), "rollout seen");
+    assert!(seen.max_alive <= 4, "more than 3 + 1 pods at once: {:?}", seen.lines);
+    assert_eq!(seen.min_ready, Some(3), "fewer than 3 - 0 ready pods at some moment: {:?}", seen.lines);
+    let images = "jsonpath={range .items[*]}{.spec.containers[0].image} {end}";
+    let now =
+        c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", images], minute, |o| words(o) == ["nginx:1.25"; 3])?;
+    info!(%now, "every pod runs the new image");
+
+    info!("rollout history lists the revisions; undo brings the old template back as revision 3");
+    let history = c.kube(&["rollout", "history", "deployment/my-deployment"])?;
+    let revisions: Vec<&str> = history.lines().skip(2).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(revisions, ["1", "2"], "{history}");
+    c.kube(&["rollout", "undo", "deployment/my-deployment"])?;
+    c.kube(&["rollout", "status", "deployment/my-deployment", "--timeout=120s"])?;
+    c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", images], minute, |o| words(o) == ["nginx:latest"; 3])?;
+    let history = c.kube(&["rollout", "history", "deployment/my-deployment"])?;
+    let revisions: Vec<&str> = history.lines().skip(2).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(revisions, ["2", "3"], "{history}");
+    let sets = c.kube(&["get", "rs", "-l", "app=myapp", "-o", ALL])?;
+    assert_eq!(words(&sets).len(), 2, "the first ReplicaSet came back rather than a third: {sets}");
+
+    info!("scale to 10, to 0, and back to 3");
+    for replicas in [10, 0, 3] {
+        c.kube(&["scale", "deployment/my-deployment", &format!("--replicas={replicas}")])?;
+        let ready = "jsonpath={.status.readyReplicas}/{.status.replicas}";
+        // Zero counts are left out of a status, as Kubernetes' omitempty does.
+        let want = if replicas == 0 { "/".to_string() } else { format!("{replicas}/{replicas}") };
+        c.kube_until(&["get", "deployment", "my-deployment", "-o", ready], minute * 2, |o| o == want)?;
+        c.kube_until(&["get", "pods", "-l", "app=myapp", "-o", ALL], minute, |o| words(o).len() == replicas)?;
+    }
+
+    info!("kill -9 the leader in the middle of a rollout: it completes on the new leader, no extra pods");
+    let leader = c.leader()?;
+    let index: usize = leader.name.trim_start_matches('s').parse::<usize>()? - 1;
+    let other = c.api_url((index + 1) % 3);
+    let watch = PodWatch::start(&c, &other, "app=myapp", 3)?;
+    c.kube(&["--server", &other, "set", "image", "deployment/my-deployment", "myapp-container=nginx:1.27"])?;
+    let updated =
+        ["--server", other.as_str(), "get", "deployment", "my-deployment", "-o", "jsonpath={.status.updatedReplicas}"];
+    c.kube_until(&updated, minute, |o| o.parse::<u32>().is_ok_and(|n| n >= 1))?;
+    c.kill(&leader.name)?;
+    let killed = Instant::now();
+    let status = ["--server", other.as_str(), "rollout", "status", "deployment/my-deployment", "--timeout=30s"];
+    let mut done = false;
+    for _ in 0..6 {
+        if c.kube(&status).is_ok_and(|o| o.contains("successfully rolled out")) {
+            done = true;
+            break;
+        }
+    }
+    assert!(done, "the rollout did not complete after the leader died\n{}", c.logs());
+    info!(took = ?killed.elapsed(), "rollout completed on the new leader");
+    let pods = ["--server", other.as_str(), "get", "pods", "-l", "app=myapp", "-o", images];
+    c.kube_until(&pods, minute, |o| words(o) == ["nginx:1.27"; 3])?;
+    let seen = watch.stop();
+    assert!(seen.max_alive <= 4, "more than 3 + 1 pods at once across the failover: {:?}", seen.lines);
+    let sizes = c.kube(&[
+        "--server",
+        &other,
+        "get",
+        "rs",
+        "-l",
+        "app=myapp",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.replicas} {end}",
+    ])?;
+    let mut sizes: Vec<u32> = words(&sizes).iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    sizes.sort();
+    assert_eq!(sizes.iter().sum::<u32>(), 3, "{sizes:?}");
+    assert_eq!(sizes.last(), Some(&3), "one ReplicaSet holds every pod: {sizes:?}");
+    Ok(())
+}
