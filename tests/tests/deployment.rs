@@ -198,3 +198,94 @@ fn deployments_heal_roll_back_scale_and_survive_the_leaders_death() -> Result<()
     assert_eq!(sizes.last(), Some(&3), "one ReplicaSet holds every pod: {sizes:?}");
     Ok(())
 }
+
+const SPREAD: &str = "
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: spread}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{name: main, image: busybox, command: [sleep, '3600']}]
+";
+
+fn placement(c: &Cluster) -> Result<Vec<(String, String)>> {
+    let out = c.kube(&[
+        "get",
+        "pods",
+        "-l",
+        "app=spread",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.spec.nodeName}={.metadata.deletionTimestamp} {end}",
+    ])?;
+    Ok(words(&out)
+        .iter()
+        .filter(|w| w.contains('='))
+        .filter_map(|w| {
+            let mut parts = w.splitn(3, '=');
+            let (name, node, deleting) = (parts.next()?, parts.next()?, parts.next().unwrap_or_default());
+            deleting.is_empty().then(|| (name.to_string(), node.to_string()))
+        })
+        .collect())
+}
+
+#[test]
+fn a_lost_node_goes_not_ready_and_its_pods_are_replaced_elsewhere() -> Result<()> {
+    init_tracing();
+    let flags = [
+        "--agents",
+        "2",
+        "--cluster-cidr",
+        "10.247.0.0/16",
+        "--node-monitor-grace-period",
+        "10s",
+        "--default-toleration-seconds",
+        "10",
+    ];
+    let c = Cluster::up(3, BASE_PORT + 100, &flags)?;
+    let minute = Duration::from_secs(60);
+
+    info!("four replicas spread over both nodes, each tolerating a lost node for 10 s");
+    c.kube_stdin(&["apply", "-f", "-"], SPREAD)?;
+    c.kube_until(&["get", "deployment", "spread", "-o", "jsonpath={.status.readyReplicas}"], minute, |o| o == "4")?;
+    let before = placement(&c)?;
+    let on_a2: Vec<String> = before.iter().filter(|(_, n)| n == "a2").map(|(p, _)| p.clone()).collect();
+    assert!(!on_a2.is_empty() && on_a2.len() < 4, "spread over both nodes: {before:?}");
+    let tolerations = c.kube(&["get", "pod", &on_a2[0], "-o", "jsonpath={.spec.tolerations[*].key}"])?;
+    assert!(tolerations.contains("node.kubernetes.io/unreachable"), "{tolerations}");
+
+    info!("kill -9 agent a2: NotReady after the grace period, tainted unreachable");
+    let agent = c.agent_pid("a2")?;
+    unsafe { libc::kill(agent as i32, libc::SIGKILL) };
+    let lost = Instant::now();
+    let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+    c.kube_until(&["get", "node", "a2", "-o", ready], minute, |o| o == "Unknown")?;
+    info!(after = ?lost.elapsed(), "a2 is NotReady");
+    let nodes = c.kube(&["get", "nodes"])?;
+    assert!(nodes.lines().any(|l| l.starts_with("a2") && l.contains("NotReady")), "{nodes}");
+    c.kube_until(&["get", "node", "a2", "-o", "jsonpath={.spec.taints[*].key}"], minute, |o| {
+        o.contains("node.kubernetes.io/unreachable")
+    })?;
+    let pod_ready = ["get", "pod", on_a2[0].as_str(), "-o", ready];
+    c.kube_until(&pod_ready, minute, |o| o == "False")?;
+
+    info!("after the toleration its pods are evicted and replaced on a1");
+    c.kube_until(&["get", "deployment", "spread", "-o", "jsonpath={.status.readyReplicas}"], minute * 2, |o| o == "4")?;
+    let after = placement(&c)?;
+    info!(after = ?lost.elapsed(), ?after, "replaced");
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert!(after.iter().all(|(_, n)| n == "a1"), "every live pod on a1: {after:?}");
+    let described = c.kube(&["describe", "pod", &on_a2[0]])?;
+    assert!(described.contains("TaintManagerEviction"), "{described}");
+
+    info!("a2 comes back: Ready, untainted, and the evicted pods finish terminating");
+    c.up_again(3, &flags)?;
+    c.kube_until(&["get", "node", "a2", "-o", ready], minute, |o| o == "True")?;
+    c.kube_until(&["get", "node", "a2", "-o", "jsonpath={.spec.taints}"], minute, |o| o.is_empty())?;
+    c.kube_until(&["get", "pods", "-l", "app=spread", "-o", ALL], minute, |o| words(o).len() == 4)?;
+    Ok(())
+}

@@ -71,8 +71,6 @@ struct Desired {
 struct Outbox {
     statuses: HashMap<String, (proto::PodRef, Value)>,
     terminated: HashMap<String, proto::PodRef>,
-    /// The last status the servers took, by uid.
-    reported: HashMap<String, Value>,
 }
 
 pub struct Agent<R: Runtime> {
@@ -284,7 +282,6 @@ impl<R: Runtime> Agent<R> {
         if known {
             let mut outbox = self.outbox.lock().expect("not poisoned");
             outbox.statuses.retain(|uid, _| pods.contains_key(uid));
-            outbox.reported.retain(|uid, _| pods.contains_key(uid));
         }
     }
 
@@ -295,9 +292,11 @@ impl<R: Runtime> Agent<R> {
         let status = wrapped["status"].take();
         let uid = str_at(pod, "/metadata/uid").to_string();
         let mut outbox = self.outbox.lock().expect("not poisoned");
+        // Against what the servers hold, not what was last sent: a status changed there
+        // (a pod marked not ready by the node controller) is put right.
         let last = match outbox.statuses.get(&uid) {
             Some((_, s)) => Some(s),
-            None => outbox.reported.get(&uid).or(pod.get("status")),
+            None => pod.get("status"),
         };
         if last == Some(&status) {
             return;
@@ -340,7 +339,7 @@ impl<R: Runtime> Agent<R> {
         loop {
             let _ = tokio::time::timeout(SYNC_EVERY, self.outgoing.notified()).await;
             let lease_due = last_lease.is_none_or(|t| t.elapsed() >= LEASE_EVERY);
-            let node = lease_due.then(|| self.node_report(last_node.as_ref())).flatten();
+            let node = lease_due.then(|| self.node_report(last_node.as_ref()));
             let (statuses, terminated) = {
                 let outbox = self.outbox.lock().expect("not poisoned");
                 let statuses: Vec<(String, proto::PodRef, Value)> = outbox
@@ -356,7 +355,7 @@ impl<R: Runtime> Agent<R> {
                 continue;
             }
             let report = proto::Report {
-                node: node.as_ref().map(|n| serde_json::to_vec(n).expect("JSON")).unwrap_or_default(),
+                node: node.as_ref().map(|(n, _)| serde_json::to_vec(n).expect("JSON")).unwrap_or_default(),
                 heartbeat: lease_due,
                 pods: statuses
                     .iter()
@@ -382,8 +381,12 @@ impl<R: Runtime> Agent<R> {
                     if lease_due {
                         last_lease = Some(Instant::now());
                     }
-                    if let Some(n) = node {
-                        last_node = Some((Instant::now(), n));
+                    if let Some((n, refreshed)) = node {
+                        let at = match &last_node {
+                            Some((at, _)) if !refreshed => *at,
+                            _ => Instant::now(),
+                        };
+                        last_node = Some((at, n));
                     }
                     self.worker.events().lock().expect("not poisoned").written(&events);
                     let mut outbox = self.outbox.lock().expect("not poisoned");
@@ -394,11 +397,9 @@ impl<R: Runtime> Agent<R> {
                         if outbox.statuses.get(&uid).is_some_and(|(_, s)| *s == sent) {
                             outbox.statuses.remove(&uid);
                         }
-                        outbox.reported.insert(uid, sent);
                     }
                     for uid in terminated.keys() {
                         outbox.terminated.remove(uid);
-                        outbox.reported.remove(uid);
                     }
                 }
                 Err(e) => {
@@ -414,8 +415,11 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
-    /// The Node to send now: when it changed since `last`, or a minute has passed.
-    fn node_report(&self, last: Option<&(Instant, Value)>) -> Option<Value> {
+    /// The Node to send with a heartbeat, and whether its heartbeat times were refreshed (a
+    /// minute after `last`'s). It goes with every heartbeat: the servers write it only when it
+    /// differs from theirs, so a status changed there (conditions the node controller set to
+    /// Unknown) is put right within one heartbeat, as kubelet does.
+    fn node_report(&self, last: Option<&(Instant, Value)>) -> (Value, bool) {
         let facts = {
             let mut f = self.facts.lock().expect("not poisoned");
             f.refresh();
@@ -425,6 +429,6 @@ impl<R: Runtime> Agent<R> {
         let mut node = node::node_object(&facts, &self.version, &now);
         let due = last.is_none_or(|(t, _)| t.elapsed() >= NODE_EVERY);
         node::stabilize(last.map(|(_, n)| n), &mut node, due);
-        (due || last.is_some_and(|(_, n)| *n != node)).then_some(node)
+        (node, due)
     }
 }

@@ -111,6 +111,8 @@ pub struct Api {
     /// Where Services' cluster IPs and node ports come from.
     pub services: Ranges,
     pub cache: WatchCache,
+    /// Tolerations every new pod gets for the not-ready and unreachable NoExecute taints.
+    pub tolerations: crate::defaults::DefaultTolerations,
 }
 
 /// Where one client watch's changes come from.
@@ -248,6 +250,9 @@ impl Api {
         check_fields(r, &mut obj, strict(q))?;
         meta::prepare_create(r, &mut obj, route.namespace.as_deref(), self.mint.as_ref())?;
         crate::defaults::apply(r, &mut obj);
+        if r.plural == "pods" {
+            self.tolerations.admit(&mut obj);
+        }
         apply::record_update(None, &mut obj, &self.writer(r, q, None));
         crate::validate::object(r, &obj)?;
         let name = meta::name(&obj).to_string();

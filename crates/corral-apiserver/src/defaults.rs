@@ -16,6 +16,47 @@ fn object<'a>(parent: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Va
     parent.get_mut(key)?.as_object_mut()
 }
 
+/// kube-apiserver's DefaultTolerationSeconds admission: a new pod that does not say
+/// otherwise tolerates a not-ready or unreachable node for this many seconds, after which
+/// the node controller evicts it.
+#[derive(Clone, Copy, Debug)]
+pub struct DefaultTolerations {
+    pub not_ready_s: i64,
+    pub unreachable_s: i64,
+}
+
+impl Default for DefaultTolerations {
+    fn default() -> Self {
+        DefaultTolerations { not_ready_s: 300, unreachable_s: 300 }
+    }
+}
+
+impl DefaultTolerations {
+    pub fn admit(&self, pod: &mut Value) {
+        let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else { return };
+        let list = spec.entry("tolerations").or_insert_with(|| json!([]));
+        let Some(list) = list.as_array_mut() else { return };
+        for (key, seconds) in
+            [("node.kubernetes.io/not-ready", self.not_ready_s), ("node.kubernetes.io/unreachable", self.unreachable_s)]
+        {
+            // A toleration of the key for NoExecute (or every effect), or of every key, stands.
+            let covered = list.iter().any(|t| {
+                let key_ok = t.get("key").and_then(Value::as_str).is_none_or(|k| k.is_empty() || k == key);
+                let effect_ok =
+                    t.get("effect").and_then(Value::as_str).is_none_or(|e| e.is_empty() || e == "NoExecute");
+                key_ok
+                    && effect_ok
+                    && (t.get("key").is_some() || t.get("operator").and_then(Value::as_str) == Some("Exists"))
+            });
+            if !covered {
+                list.push(
+                    json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}),
+                );
+            }
+        }
+    }
+}
+
 pub fn apply(r: &Resource, obj: &mut Value) {
     match (r.group, r.plural) {
         ("", "pods") => {
@@ -148,5 +189,32 @@ fn pod_spec(spec: &mut Value) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_pods_tolerate_a_lost_node_for_the_default_seconds_unless_they_say_otherwise() {
+        let defaults = DefaultTolerations { not_ready_s: 300, unreachable_s: 60 };
+        let mut pod = json!({"spec": {"containers": []}});
+        defaults.admit(&mut pod);
+        assert_eq!(
+            pod["spec"]["tolerations"],
+            json!([{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                   {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}])
+        );
+        let mut everything = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        defaults.admit(&mut everything);
+        assert_eq!(everything["spec"]["tolerations"].as_array().unwrap().len(), 1, "tolerating everything stands");
+        let mut own = json!({"spec": {"tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                                       "effect": "NoExecute", "tolerationSeconds": 5}]}});
+        defaults.admit(&mut own);
+        let keys: Vec<&str> =
+            own["spec"]["tolerations"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"]);
+        assert_eq!(own["spec"]["tolerations"][0]["tolerationSeconds"], 5);
     }
 }

@@ -5,7 +5,7 @@
 pub mod agents;
 pub mod api;
 mod cache;
-mod defaults;
+pub mod defaults;
 pub mod discovery;
 pub mod http;
 pub mod local;

@@ -10,6 +10,7 @@ pub mod deployment;
 pub mod gc;
 pub mod informer;
 pub mod leader;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduling;
 

@@ -54,6 +54,13 @@ pub struct UpArgs {
     /// Pods' addresses: each agent gets a /24 of it.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: String,
+    /// A node silent this long is marked NotReady (passed to every server; default 40s).
+    #[arg(long)]
+    pub node_monitor_grace_period: Option<String>,
+    /// Seconds pods tolerate a not-ready or unreachable node before eviction (passed to
+    /// every server as both default toleration flags; default 300).
+    #[arg(long)]
+    pub default_toleration_seconds: Option<u64>,
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -215,6 +222,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     if args.etcd_only {
         flags.push("--etcd-only".to_string());
+    }
+    if let Some(grace) = &args.node_monitor_grace_period {
+        flags.extend(["--node-monitor-grace-period".to_string(), grace.clone()]);
+    }
+    if let Some(s) = args.default_toleration_seconds {
+        for flag in ["--default-not-ready-toleration-seconds", "--default-unreachable-toleration-seconds"] {
+            flags.extend([flag.to_string(), s.to_string()]);
+        }
     }
     if !flags.is_empty() {
         record.server_flags = flags;

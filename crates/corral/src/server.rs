@@ -100,6 +100,29 @@ pub struct ServerArgs {
     /// The agent address other servers hand to agents (default: the listen address).
     #[arg(long)]
     pub advertise_agent_addr: Option<String>,
+    /// A node whose Lease and status stop being renewed for this long is marked NotReady
+    /// (its conditions Unknown) and tainted unreachable (`40s`, `2m`).
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// Seconds a new pod tolerates a not-ready node before it is evicted.
+    #[arg(long, default_value_t = 300)]
+    pub default_not_ready_toleration_seconds: i64,
+    /// Seconds a new pod tolerates an unreachable node before it is evicted.
+    #[arg(long, default_value_t = 300)]
+    pub default_unreachable_toleration_seconds: i64,
+}
+
+/// `40s`, `2m`, `1h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: want a duration such as 40s or 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        "ms" => Ok(Duration::from_millis(n)),
+        _ => Err(format!("{text:?}: want a duration such as 40s or 2m")),
+    }
 }
 
 /// Who this server is, kept in the data directory across restarts.
@@ -233,6 +256,10 @@ async fn start_api(
         mint: Box::new(corral_api::meta::SystemMinter),
         services: ranges.clone(),
         cache: Default::default(),
+        tolerations: corral_apiserver::defaults::DefaultTolerations {
+            not_ready_s: args.default_not_ready_toleration_seconds,
+            unreachable_s: args.default_unreachable_toleration_seconds,
+        },
     });
     let mut agent_endpoint = None;
     if let Some(dir) = &args.tls_dir {
@@ -252,12 +279,19 @@ async fn start_api(
     // The scheduler (and, as they come, the controllers) run while this server leads.
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
+    let grace = args.node_monitor_grace_period;
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
         let informers = corral_controllers::informer::Informers::new(cluster.clone());
         vec![
             tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), informers.clone(), name.clone())),
             tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), informers.clone(), name.clone())),
             tokio::spawn(corral_controllers::deployment::run(cluster.clone(), informers.clone(), name.clone())),
+            tokio::spawn(corral_controllers::nodelifecycle::run(
+                cluster.clone(),
+                informers.clone(),
+                name.clone(),
+                grace,
+            )),
             tokio::spawn(corral_controllers::gc::run(cluster.clone(), informers)),
         ]
     }));

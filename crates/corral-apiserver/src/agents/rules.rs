@@ -113,7 +113,22 @@ pub fn merge_node(stored: Option<&Value>, reported: &Value) -> Value {
         }
     }
     if let Some(status) = reported.get("status") {
-        node["status"] = status.clone();
+        let mut status = status.clone();
+        // A condition the servers changed meanwhile (to Unknown, by the node controller)
+        // changes again now, whatever transition time the agent remembers.
+        let before = stored.pointer("/status/conditions").and_then(Value::as_array);
+        for c in status.get_mut("conditions").and_then(Value::as_array_mut).into_iter().flatten() {
+            let was = before.and_then(|b| b.iter().find(|o| o["type"] == c["type"]));
+            let stale = |w: &Value| c["lastTransitionTime"].as_str() <= w["lastTransitionTime"].as_str();
+            if let Some(was) = was
+                && was["status"] != c["status"]
+                && stale(was)
+            {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                c["lastTransitionTime"] = json!(meta::rfc3339(now.as_secs() as i64));
+            }
+        }
+        node["status"] = status;
     }
     node
 }
