@@ -1,8 +1,10 @@
-//! Deployments on a 3-server cluster with one agent, the real kubectl and containerd: the
-//! seed's auto-healing (three nginx pods, one deleted and replaced, seen by `kubectl get
-//! pods -w`); `kubectl set image` rolling within maxSurge and maxUnavailable at every moment
-//! a watch sees; `rollout history` and `rollout undo`; scaling to 10, 0 and back; and a
-//! rollout that survives `kill -9` of the leader with no extra pods.
+//! The controllers on a 3-server cluster with the real kubectl and containerd: the seed's
+//! auto-healing (three nginx pods, one deleted and replaced, seen by `kubectl get pods -w`);
+//! `kubectl set image` rolling within maxSurge and maxUnavailable at every moment a watch
+//! sees; `rollout history` and `rollout undo`; Endpoints and EndpointSlices of an exposed
+//! Deployment; the seed's volume steps (PV binding, `Hello Students`); scaling to 10, 0 and
+//! back; a rollout that survives `kill -9` of the leader with no extra pods; and a lost
+//! node's pods evicted and replaced on another.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -146,6 +148,53 @@ fn deployments_heal_roll_back_scale_and_survive_the_leaders_death() -> Result<()
     assert_eq!(revisions, ["2", "3"], "{history}");
     let sets = c.kube(&["get", "rs", "-l", "app=myapp", "-o", ALL])?;
     assert_eq!(words(&sets).len(), 2, "the first ReplicaSet came back rather than a third: {sets}");
+
+    info!("kubectl expose: Endpoints and an EndpointSlice list the three ready pods, and follow a deletion");
+    c.kube(&["expose", "deployment", "my-deployment", "--port=80"])?;
+    let addresses = "jsonpath={.subsets[*].addresses[*].ip}";
+    let ips = c.kube_until(&["get", "endpoints", "my-deployment", "-o", addresses], minute, |o| words(o).len() == 3)?;
+    let slice = [
+        "get",
+        "endpointslices",
+        "-l",
+        "kubernetes.io/service-name=my-deployment",
+        "-o",
+        "jsonpath={.items[*].endpoints[*].addresses[0]}",
+    ];
+    c.kube_until(&slice, minute, |o| {
+        let mut a = words(o);
+        let mut b = words(&ips);
+        a.sort();
+        b.sort();
+        a == b
+    })?;
+    let pod_ips = c.kube(&["get", "pods", "-l", "app=myapp", "-o", "jsonpath={.items[*].status.podIP}"])?;
+    let gone = c.kube(&["get", "pods", "-l", "app=myapp", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    let gone_ip = c.kube(&["get", "pod", &gone, "-o", "jsonpath={.status.podIP}"])?;
+    assert!(words(&pod_ips).contains(&gone_ip.as_str()), "{pod_ips} has {gone_ip}");
+    c.kube(&["delete", "pod", &gone, "--wait=false"])?;
+    c.kube_until(&["get", "endpoints", "my-deployment", "-o", addresses], minute, |o| {
+        !words(o).contains(&gone_ip.as_str())
+    })?;
+    c.kube_until(&["get", "endpoints", "my-deployment", "-o", addresses], minute, |o| words(o).len() == 3)?;
+
+    info!("the seed's volume steps: the claim binds, pod1 writes, pod2 reads Hello Students");
+    let _ = std::fs::remove_file("/data/demo/file.txt");
+    let seed = |name: &str| format!("{}/fixtures/seed/{name}", env!("CARGO_MANIFEST_DIR"));
+    c.kube(&["apply", "-f", &seed("pv-pvc.yml")])?;
+    c.kube_until(&["get", "pvc", "pvc-demo", "-o", "jsonpath={.status.phase} {.spec.volumeName}"], minute, |o| {
+        o == "Bound pv-demo"
+    })?;
+    c.kube_until(&["get", "pv", "pv-demo", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Bound")?;
+    c.kube(&["apply", "-f", &seed("pod1.yml")])?;
+    c.kube_until(&["get", "pod", "pod1", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Succeeded")?;
+    c.kube(&["delete", "pod", "pod1"])?;
+    c.kube(&["apply", "-f", &seed("pod2.yml")])?;
+    c.kube_until(&["get", "pod", "pod2", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
+    let said = c.kube_until(&["logs", "pod2"], minute, |o| !o.trim().is_empty())?;
+    assert_eq!(said.trim(), "Hello Students");
+    c.kube(&["delete", "pod", "pod2", "--wait=false"])?;
+    let _ = std::fs::remove_file("/data/demo/file.txt");
 
     info!("scale to 10, to 0, and back to 3");
     for replicas in [10, 0, 3] {

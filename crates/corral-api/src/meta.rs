@@ -84,6 +84,11 @@ pub fn string_map(v: Option<&Value>) -> std::collections::BTreeMap<String, Strin
         .unwrap_or_default()
 }
 
+/// The strings of a JSON array (others skipped); empty when it is not an array.
+pub fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(String::from).collect()
+}
+
 pub fn name(obj: &Value) -> &str {
     obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
 }

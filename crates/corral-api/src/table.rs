@@ -98,6 +98,9 @@ fn columns(r: &Resource) -> Vec<Column> {
             ("Selector", s, 1),
         ],
         ("", "endpoints") => vec![("Name", s, 0), ("Endpoints", s, 0), ("Age", s, 0)],
+        ("discovery.k8s.io", "endpointslices") => {
+            vec![("Name", s, 0), ("AddressType", s, 0), ("Ports", s, 0), ("Endpoints", s, 0), ("Age", s, 0)]
+        }
         ("", "configmaps") => vec![("Name", s, 0), ("Data", i, 0), ("Age", s, 0)],
         ("", "secrets") => vec![("Name", s, 0), ("Type", s, 0), ("Data", i, 0), ("Age", s, 0)],
         ("", "serviceaccounts") => vec![("Name", s, 0), ("Secrets", i, 0), ("Age", s, 0)],
@@ -206,6 +209,20 @@ fn cells(r: &Resource, obj: &Value, now: i64) -> Vec<Value> {
                 none_if_empty(eps.join(","))
             };
             vec![name, json!(shown), age]
+        }
+        ("discovery.k8s.io", "endpointslices") => {
+            let list = |pointer: &str, each: &dyn Fn(&Value) -> Vec<String>| -> String {
+                let all: Vec<String> =
+                    obj.pointer(pointer).and_then(Value::as_array).into_iter().flatten().flat_map(each).collect();
+                match all.len() {
+                    0 => "<unset>".to_string(),
+                    n if n > 3 => format!("{} + {} more...", all[..3].join(","), n - 3),
+                    _ => all.join(","),
+                }
+            };
+            let ports = list("/ports", &|p| vec![int_at(p, "/port").to_string()]);
+            let addresses = list("/endpoints", &|e| meta::string_list(e.get("addresses")));
+            vec![name, json!(str_at(obj, "/addressType")), json!(ports), json!(addresses), age]
         }
         ("", "configmaps") => vec![name, json!(count(obj, "data") + count(obj, "binaryData")), age],
         ("", "secrets") => {

@@ -15,8 +15,15 @@ use crate::cluster::{Cluster, ClusterError, text};
 use crate::informer::Informers;
 
 /// The resources collected, and the kinds their owners may be.
-pub const RESOURCES: [(&str, &str); 3] =
-    [("pods", "Pod"), ("apps/replicasets", "ReplicaSet"), ("apps/deployments", "Deployment")];
+pub const RESOURCES: [(&str, &str); 7] = [
+    ("pods", "Pod"),
+    ("apps/replicasets", "ReplicaSet"),
+    ("apps/deployments", "Deployment"),
+    ("services", "Service"),
+    ("discovery.k8s.io/endpointslices", "EndpointSlice"),
+    ("nodes", "Node"),
+    ("coordination.k8s.io/leases", "Lease"),
+];
 const DEBOUNCE: Duration = Duration::from_millis(50);
 const RESYNC: Duration = Duration::from_secs(30);
 

@@ -7,11 +7,13 @@
 
 pub mod cluster;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod leader;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduling;
+pub mod volumes;
 
 pub use cluster::{Cluster, ClusterError, EventKind, WatchEvent};

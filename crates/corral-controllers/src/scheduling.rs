@@ -35,6 +35,13 @@ pub fn pending(pod: &Value) -> bool {
         && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
 }
 
+/// The PersistentVolumeClaims and PersistentVolumes pods' volumes are checked against.
+#[derive(Default)]
+pub struct Volumes {
+    pub claims: Vec<Arc<Value>>,
+    pub volumes: Vec<Arc<Value>>,
+}
+
 /// What one pass decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -50,6 +57,7 @@ pub fn plan(
     framework: &Framework,
     nodes: &[Arc<Value>],
     pods: &[Arc<Value>],
+    volumes: &Volumes,
     assumed: &HashMap<String, String>,
 ) -> Plan {
     let uid = |p: &Value| text(p, "/metadata/uid").to_string();
@@ -57,7 +65,8 @@ pub fn plan(
         // Most changes are status reports of running pods: no snapshot is needed for them.
         return Plan::default();
     }
-    let mut snapshot = Snapshot::new(nodes.iter().cloned(), pods.iter().cloned());
+    let mut snapshot = Snapshot::new(nodes.iter().cloned(), pods.iter().cloned())
+        .with_volumes(volumes.claims.iter().cloned(), volumes.volumes.iter().cloned());
     for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
         if let Some(node) = assumed.get(&uid(p)) {
             let mut info = PodInfo::new(p.clone());
@@ -109,12 +118,15 @@ pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Val
 /// Runs the loop until aborted.
 pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: String) {
     let nodes = informers.get("nodes").await;
+    let claims = informers.get("persistentvolumeclaims").await;
+    let volumes = informers.get("persistentvolumes").await;
     let pods = informers.get("pods").await;
     let framework = Framework::default();
     let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
     let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
     loop {
         let node_change = nodes.changed();
+        let volume_change = (claims.changed(), volumes.changed());
         let pod_change = pods.changed();
         let pod_list = pods.list();
         // Forget assumptions the informer has caught up with, or that never came true.
@@ -126,7 +138,8 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         assumed.retain(|uid, (_, at)| at.elapsed() < ASSUME_FOR && unbound.contains(uid.as_str()));
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
-        let decided = plan(&framework, &nodes.list(), &pod_list, &view);
+        let storage = Volumes { claims: claims.list(), volumes: volumes.list() };
+        let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         for bound in bind_all(cluster.as_ref(), &decided.bind, &events).await {
             assumed.insert(bound.0, (bound.1, Instant::now()));
@@ -152,6 +165,8 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         flush_events(cluster.as_ref(), &events).await;
         tokio::select! {
             _ = node_change => {}
+            _ = volume_change.0 => {}
+            _ = volume_change.1 => {}
             _ = pod_change => {}
             _ = tokio::time::sleep(RETRY_EVERY) => {}
         }
@@ -227,7 +242,7 @@ mod tests {
         let f = Framework::default();
         let nodes = [node("n1"), node("n2")];
         let pods = [pod("a", "600m", ""), pod("bb", "600m", ""), pod("ccc", "600m", ""), pod("running", "100m", "n1")];
-        let p = plan(&f, &nodes, &pods, &HashMap::new());
+        let p = plan(&f, &nodes, &pods, &Volumes::default(), &HashMap::new());
         let mut placed: Vec<&str> = p.bind.iter().map(|(_, n)| n.as_str()).collect();
         placed.sort();
         assert_eq!(placed, ["n1", "n2"], "one 600m pod per 1-cpu node");
@@ -240,7 +255,7 @@ mod tests {
         let f = Framework::default();
         let pods = [pod("a", "600m", ""), pod("bb", "600m", "")];
         let assumed = HashMap::from([("u-a".to_string(), "n1".to_string())]);
-        let p = plan(&f, &[node("n1")], &pods, &assumed);
+        let p = plan(&f, &[node("n1")], &pods, &Volumes::default(), &assumed);
         assert!(p.bind.is_empty(), "a is assumed on n1 and not scheduled again; bb no longer fits");
         assert_eq!(p.unschedulable[0].0["metadata"]["name"], "bb");
     }

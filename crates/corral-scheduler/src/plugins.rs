@@ -30,6 +30,7 @@ pub fn filters() -> Vec<Box<dyn FilterPlugin>> {
         Box::new(NodeResourcesFit),
         Box::new(InterPodAffinity),
         Box::new(PodTopologySpread),
+        Box::new(VolumeBinding),
     ]
 }
 
@@ -197,6 +198,39 @@ impl FilterPlugin for NodeAffinity {
         } else {
             Err(vec!["node(s) didn't match Pod's node affinity/selector".into()])
         }
+    }
+}
+
+/// Pods' persistentVolumeClaim volumes: the claim must exist and be bound, and the node
+/// must be one its volume's node affinity allows.
+pub struct VolumeBinding;
+
+impl FilterPlugin for VolumeBinding {
+    fn name(&self) -> &'static str {
+        "VolumeBinding"
+    }
+
+    fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
+        let mut reasons = Vec::new();
+        for claim in array(pod.spec(), "/volumes").filter_map(|v| v.pointer("/persistentVolumeClaim/claimName")) {
+            let claim = claim.as_str().unwrap_or_default();
+            let Some(pvc) = snapshot.claims.get(&format!("{}/{claim}", pod.namespace)) else {
+                reasons.push(format!("persistentvolumeclaim {claim:?} not found"));
+                continue;
+            };
+            let volume = text(pvc, "/spec/volumeName");
+            if volume.is_empty() || text(pvc, "/status/phase") != "Bound" {
+                reasons.push("pod has unbound immediate PersistentVolumeClaims".to_string());
+                continue;
+            }
+            let required = snapshot.volumes.get(volume).and_then(|pv| pv.pointer("/spec/nodeAffinity/required"));
+            if required.is_some_and(|r| !array(r, "/nodeSelectorTerms").any(|t| term_matches(t, node))) {
+                reasons.push("node(s) had volume node affinity conflict".to_string());
+            }
+        }
+        reasons.sort();
+        reasons.dedup();
+        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
     }
 }
 
@@ -530,6 +564,28 @@ mod tests {
         pod.node_name = d.node.clone();
         s.assume(Arc::new(pod));
         Ok(d.node)
+    }
+
+    #[test]
+    fn a_claim_must_be_bound_and_its_volume_on_the_node() {
+        let f = Framework::default();
+        let uses_claim =
+            || pod("reader", json!({"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]}));
+        let nodes = vec![node("n1", "1", json!({})), node("n2", "1", json!({}))];
+        let no_claim = cluster(nodes.clone());
+        let message = f.schedule(&uses_claim(), &no_claim).unwrap_err().message;
+        assert_eq!(message, "0/2 nodes are available: 2 persistentvolumeclaim \"data\" not found.");
+        let pending =
+            json!({"metadata": {"name": "data", "namespace": "default"}, "spec": {}, "status": {"phase": "Pending"}});
+        let s = cluster(nodes.clone()).with_volumes([Arc::new(pending)], []);
+        let message = f.schedule(&uses_claim(), &s).unwrap_err().message;
+        assert_eq!(message, "0/2 nodes are available: 2 pod has unbound immediate PersistentVolumeClaims.");
+        let bound = json!({"metadata": {"name": "data", "namespace": "default"}, "spec": {"volumeName": "pv1"},
+                           "status": {"phase": "Bound"}});
+        let pinned = json!({"metadata": {"name": "pv1"}, "spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["n2"]}]}]}}}});
+        let mut s = cluster(nodes).with_volumes([Arc::new(bound)], [Arc::new(pinned)]);
+        assert_eq!(place(&f, &mut s, uses_claim()), Ok("n2".to_string()), "where the volume's data is");
     }
 
     #[test]

@@ -143,6 +143,10 @@ impl NodeInfo {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
+    /// PersistentVolumeClaims by `namespace/name`, for pods that mount them.
+    pub claims: std::collections::HashMap<String, Arc<Value>>,
+    /// PersistentVolumes by name.
+    pub volumes: std::collections::HashMap<String, Arc<Value>>,
 }
 
 /// Whether a pod still occupies its node: bound and not finished.
@@ -155,12 +159,26 @@ impl Snapshot {
     pub fn new(nodes: impl IntoIterator<Item = Arc<Value>>, pods: impl IntoIterator<Item = Arc<Value>>) -> Self {
         let mut nodes: Vec<NodeInfo> = nodes.into_iter().map(NodeInfo::new).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut snapshot = Snapshot { nodes };
+        let mut snapshot = Snapshot { nodes, ..Default::default() };
         for pod in pods.into_iter().filter(|p| occupies(p)) {
             let info = Arc::new(PodInfo::new(pod));
             snapshot.assume(info);
         }
         snapshot
+    }
+
+    /// Adds the claims and volumes that pods' persistentVolumeClaim volumes are checked against.
+    pub fn with_volumes(
+        mut self,
+        claims: impl IntoIterator<Item = Arc<Value>>,
+        volumes: impl IntoIterator<Item = Arc<Value>>,
+    ) -> Self {
+        self.claims = claims
+            .into_iter()
+            .map(|c| (format!("{}/{}", text(&c, "/metadata/namespace"), text(&c, "/metadata/name")), c))
+            .collect();
+        self.volumes = volumes.into_iter().map(|v| (text(&v, "/metadata/name").to_string(), v)).collect();
+        self
     }
 
     /// Records a pod as bound to its node (a decision not yet seen back from the store).

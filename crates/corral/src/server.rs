@@ -292,6 +292,8 @@ async fn start_api(
                 name.clone(),
                 grace,
             )),
+            tokio::spawn(corral_controllers::endpoints::run(cluster.clone(), informers.clone())),
+            tokio::spawn(corral_controllers::volumes::run(cluster.clone(), informers.clone())),
             tokio::spawn(corral_controllers::gc::run(cluster.clone(), informers)),
         ]
     }));
