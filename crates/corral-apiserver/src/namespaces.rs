@@ -32,7 +32,8 @@ pub async fn ensure_system(
 }
 
 /// Deletes everything in a terminating namespace, then the namespace. Runs on the server
-/// that accepted the DELETE; the namespace controller takes this over when it exists.
+/// that accepted the DELETE, at once; `run_controller` on the leader finishes the work if
+/// that server dies first.
 pub fn spawn_cleanup(store: ObjectStore, namespace: String) {
     tokio::spawn(async move {
         for attempt in 0..30 {
@@ -44,6 +45,27 @@ pub fn spawn_cleanup(store: ObjectStore, namespace: String) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
+}
+
+/// The namespace controller on the Raft leader: empties and removes every terminating
+/// namespace, so one whose cleaner died with its server is finished anyway. Runs until
+/// aborted.
+pub async fn run_controller(store: ObjectStore) {
+    let r = resources::find("", "namespaces").expect("namespaces are served");
+    loop {
+        match store.list(&r.prefix(None), None, 0, 0, false).await {
+            Ok(page) => {
+                for ns in page.items.iter().filter(|ns| ns.value.pointer("/metadata/deletionTimestamp").is_some()) {
+                    let name = meta::name(&ns.value);
+                    if let Err(e) = cleanup(&store, name).await {
+                        tracing::debug!(namespace = name, error = %e, "namespace cleanup");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "listing namespaces"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// One pass; true once the namespace is gone.

@@ -280,6 +280,7 @@ async fn start_api(
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
     let grace = args.node_monitor_grace_period;
+    let leader_store = store.clone();
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
         let informers = corral_controllers::informer::Informers::new(cluster.clone());
         vec![
@@ -295,6 +296,7 @@ async fn start_api(
             tokio::spawn(corral_controllers::endpoints::run(cluster.clone(), informers.clone())),
             tokio::spawn(corral_controllers::volumes::run(cluster.clone(), informers.clone())),
             tokio::spawn(corral_controllers::gc::run(cluster.clone(), informers)),
+            tokio::spawn(corral_apiserver::namespaces::run_controller(leader_store.clone())),
         ]
     }));
     tokio::spawn(async move {
