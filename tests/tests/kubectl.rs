@@ -172,7 +172,9 @@ fn kubectl_works_against_a_three_server_cluster() -> Result<()> {
     let described = c.kube(&["describe", "deployment", "my-deployment"])?;
     let field = |name: &str| described.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default();
     assert_eq!(field("Name:"), "my-deployment", "{described}");
-    assert_eq!(field("Replicas:"), "5 desired | 0 updated | 0 total | 0 available | 0 unavailable");
+    // No agents here: the controllers make the pods, none becomes available.
+    let replicas = field("Replicas:");
+    assert!(replicas.starts_with("5 desired |") && replicas.ends_with("| 0 available | 5 unavailable"), "{replicas}");
     assert_eq!(field("StrategyType:"), "RollingUpdate");
     for (name, rank) in [("z-first", "1"), ("a-second", "2")] {
         c.kube(&["create", "configmap", name, &format!("--from-literal=rank={rank}")])?;

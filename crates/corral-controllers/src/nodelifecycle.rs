@@ -62,9 +62,10 @@ fn ready(node: &Value) -> Option<&Value> {
     node.pointer("/status/conditions").and_then(Value::as_array)?.iter().find(|c| c["type"] == "Ready")
 }
 
-/// The Ready condition's status: `True`, `False` or `Unknown` (none yet: Unknown).
+/// The Ready condition's status: `True`, `False`, `Unknown`, or empty for a node that has
+/// posted none yet (just registered: neither tainted nor judged until its grace runs out).
 fn ready_status(node: &Value) -> &str {
-    ready(node).map(|c| text(c, "/status")).filter(|s| !s.is_empty()).unwrap_or("Unknown")
+    ready(node).map(|c| text(c, "/status")).unwrap_or_default()
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +84,7 @@ pub enum Action {
 fn wanted_taints(node: &Value, now_text: &str) -> Vec<Value> {
     let current: Vec<Value> = node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
     let key = match ready_status(node) {
+        "" => return current,
         "True" => None,
         "False" => Some(NOT_READY),
         _ => Some(UNREACHABLE),
@@ -179,7 +181,7 @@ pub fn plan(
             }
         }
         let on_node = by_node.get(name).cloned().unwrap_or_default();
-        if ready_status(&node) != "True" {
+        if !matches!(ready_status(&node), "True" | "") {
             for pod in &on_node {
                 let conditions = pod.pointer("/status/conditions").and_then(Value::as_array);
                 let is_ready =
@@ -384,6 +386,18 @@ mod tests {
         let actions = plan(&[Arc::new(n)], &[], &HashMap::new(), GRACE, Instant::now(), 0);
         let Some(Action::Taint(t)) = actions.first() else { panic!("{actions:?}") };
         assert_eq!(t["spec"]["taints"], json!([{"key": "dedicated", "effect": "NoSchedule"}]));
+    }
+
+    #[test]
+    fn a_node_that_has_posted_no_status_yet_is_left_alone_until_its_grace_runs_out() {
+        let start = Instant::now();
+        let fresh = Arc::new(json!({"metadata": {"name": "a1"}, "spec": {}}));
+        let pod = pod("early", "a1", json!([]));
+        let mut probes = HashMap::new();
+        observe(&mut probes, std::slice::from_ref(&fresh), &[], start);
+        assert!(plan(std::slice::from_ref(&fresh), std::slice::from_ref(&pod), &probes, GRACE, start, 0).is_empty());
+        let late = plan(std::slice::from_ref(&fresh), &[], &probes, GRACE, start + GRACE, 0);
+        assert!(matches!(&late[..], [Action::Unknown(_)]), "{late:?}");
     }
 
     #[test]
