@@ -836,6 +836,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     // None for a creation) that the informer has not shown yet.
     let mut writes: HashMap<String, (Vec<Written>, Instant)> = HashMap::new();
     loop {
+        let pass = std::time::Instant::now();
         let changes = (deployments.changed(), sets.changed(), pods.changed());
         let all_sets = sets.list();
         let all_pods = pods.list();
@@ -870,13 +871,14 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             }
         }
         flush_events(cluster.as_ref(), &events).await;
+        let worked = pass.elapsed();
         tokio::select! {
             _ = changes.0 => {}
             _ = changes.1 => {}
             _ = changes.2 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE).await;
     }
 }
 

@@ -298,6 +298,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
     let endpoints = informers.get("endpoints").await;
     let slices = informers.get("discovery.k8s.io/endpointslices").await;
     loop {
+        let pass = std::time::Instant::now();
         let changes = (services.changed(), pods.changed(), endpoints.changed(), slices.changed());
         let all_pods = pods.list();
         let mut by_ns: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
@@ -350,6 +351,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
                 log_write("endpoints", &ep, cluster.delete("endpoints", ns, name, json!({})).await);
             }
         }
+        let worked = pass.elapsed();
         tokio::select! {
             _ = changes.0 => {}
             _ = changes.1 => {}
@@ -357,7 +359,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
             _ = changes.3 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE).await;
     }
 }
 

@@ -139,6 +139,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, shared: Arc<Informers>) {
         informers.push((plural, shared.get(plural).await));
     }
     loop {
+        let pass = std::time::Instant::now();
         let changes: Vec<_> = informers.iter().map(|(_, i)| Box::pin(i.changed())).collect();
         let objects: Vec<(&'static str, Arc<Value>)> =
             informers.iter().flat_map(|(p, i)| i.list().into_iter().map(move |o| (*p, o))).collect();
@@ -147,11 +148,12 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, shared: Arc<Informers>) {
         for action in plan(&objects) {
             carry_out(cluster.as_ref(), action, &mut gone).await;
         }
+        let worked = pass.elapsed();
         tokio::select! {
             _ = futures::future::select_all(changes) => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE).await;
     }
 }
 

@@ -122,3 +122,10 @@ impl Informer {
         self.objects.lock().expect("not poisoned").values().cloned().collect()
     }
 }
+
+/// Waits before a loop's next pass: at least `debounce`, and three times as long as the
+/// pass that just ran worked (`worked`, its time before waiting for news), so a loop whose passes grow with the cluster spends at most a
+/// quarter of a core however fast changes come (they are taken together in the next pass).
+pub async fn pace(worked: Duration, debounce: Duration) {
+    tokio::time::sleep(debounce.max(worked * 3)).await;
+}

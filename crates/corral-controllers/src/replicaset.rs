@@ -220,6 +220,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     let events = Arc::new(Mutex::new(Recorder::new("replicaset-controller", &host)));
     let mut expectations: HashMap<String, Expectations> = HashMap::new();
     loop {
+        let pass = std::time::Instant::now();
         let rs_change = sets.changed();
         let pod_change = pods.changed();
         let all_pods = pods.list();
@@ -243,12 +244,13 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             }
         }
         flush_events(cluster.as_ref(), &events).await;
+        let worked = pass.elapsed();
         tokio::select! {
             _ = rs_change => {}
             _ = pod_change => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE).await;
     }
 }
 

@@ -42,9 +42,41 @@ pub struct Volumes {
     pub volumes: Vec<Arc<Value>>,
 }
 
+/// Pods read once per version: a pass builds its snapshot from these instead of parsing
+/// every bound pod again.
+#[derive(Default)]
+pub struct PodInfos(HashMap<String, (String, Arc<PodInfo>)>);
+
+impl PodInfos {
+    fn get(&mut self, pod: &Arc<Value>) -> Arc<PodInfo> {
+        let (uid, rv) = (text(pod, "/metadata/uid"), text(pod, "/metadata/resourceVersion"));
+        if let Some((seen, info)) = self.0.get(uid)
+            && seen == rv
+        {
+            return info.clone();
+        }
+        let info = Arc::new(PodInfo::new(pod.clone()));
+        self.0.insert(uid.to_string(), (rv.to_string(), info.clone()));
+        info
+    }
+
+    /// Drops pods no longer there, once they are a good part of what is kept.
+    fn forget_gone(&mut self, pods: &[Arc<Value>]) {
+        if self.0.len() > pods.len() + pods.len() / 4 + 1024 {
+            let live: std::collections::HashSet<&str> = pods.iter().map(|p| text(p, "/metadata/uid")).collect();
+            self.0.retain(|uid, _| live.contains(uid.as_str()));
+        }
+    }
+}
+
+/// Pods placed per pass at most: bindings go out while the rest wait for the next pass.
+const PER_PASS: usize = 1_000;
+
 /// What one pass decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// Pending pods were left for the next pass (more than `PER_PASS`).
+    pub more: bool,
     /// (pod, node) in the order decided.
     pub bind: Vec<(Arc<Value>, String)>,
     /// (pod, message).
@@ -59,13 +91,17 @@ pub fn plan(
     pods: &[Arc<Value>],
     volumes: &Volumes,
     assumed: &HashMap<String, String>,
+    infos: &mut PodInfos,
 ) -> Plan {
     let uid = |p: &Value| text(p, "/metadata/uid").to_string();
     if !pods.iter().any(|p| pending(p) && !assumed.contains_key(&uid(p))) {
         // Most changes are status reports of running pods: no snapshot is needed for them.
         return Plan::default();
     }
-    let mut snapshot = Snapshot::new(nodes.iter().cloned(), pods.iter().cloned())
+    infos.forget_gone(pods);
+    let bound: Vec<Arc<PodInfo>> =
+        pods.iter().filter(|p| !text(p, "/spec/nodeName").is_empty()).map(|p| infos.get(p)).collect();
+    let mut snapshot = Snapshot::from_infos(nodes.iter().cloned(), bound)
         .with_volumes(volumes.claims.iter().cloned(), volumes.volumes.iter().cloned());
     for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
         if let Some(node) = assumed.get(&uid(p)) {
@@ -82,7 +118,8 @@ pub fn plan(
             text(b, "/metadata/name"),
         ))
     });
-    let mut plan = Plan::default();
+    let mut plan = Plan { more: waiting.len() > PER_PASS, ..Plan::default() };
+    waiting.truncate(PER_PASS);
     for pod in waiting {
         let mut info = PodInfo::new(pod.clone());
         match framework.schedule(&info, &snapshot) {
@@ -124,6 +161,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     let framework = Framework::default();
     let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
     let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
+    let mut infos = PodInfos::default();
     loop {
         let node_change = nodes.changed();
         let volume_change = (claims.changed(), volumes.changed());
@@ -139,7 +177,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
         let storage = Volumes { claims: claims.list(), volumes: volumes.list() };
-        let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view);
+        let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view, &mut infos);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         for bound in bind_all(cluster.as_ref(), &decided.bind, &events).await {
             assumed.insert(bound.0, (bound.1, Instant::now()));
@@ -163,6 +201,10 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             );
         }
         flush_events(cluster.as_ref(), &events).await;
+        if decided.more {
+            // More pods wait: the next pass starts at once (its bindings are assumed).
+            continue;
+        }
         tokio::select! {
             _ = node_change => {}
             _ = volume_change.0 => {}
@@ -242,7 +284,7 @@ mod tests {
         let f = Framework::default();
         let nodes = [node("n1"), node("n2")];
         let pods = [pod("a", "600m", ""), pod("bb", "600m", ""), pod("ccc", "600m", ""), pod("running", "100m", "n1")];
-        let p = plan(&f, &nodes, &pods, &Volumes::default(), &HashMap::new());
+        let p = plan(&f, &nodes, &pods, &Volumes::default(), &HashMap::new(), &mut PodInfos::default());
         let mut placed: Vec<&str> = p.bind.iter().map(|(_, n)| n.as_str()).collect();
         placed.sort();
         assert_eq!(placed, ["n1", "n2"], "one 600m pod per 1-cpu node");
@@ -255,7 +297,7 @@ mod tests {
         let f = Framework::default();
         let pods = [pod("a", "600m", ""), pod("bb", "600m", "")];
         let assumed = HashMap::from([("u-a".to_string(), "n1".to_string())]);
-        let p = plan(&f, &[node("n1")], &pods, &Volumes::default(), &assumed);
+        let p = plan(&f, &[node("n1")], &pods, &Volumes::default(), &assumed, &mut PodInfos::default());
         assert!(p.bind.is_empty(), "a is assumed on n1 and not scheduled again; bb no longer fits");
         assert_eq!(p.unschedulable[0].0["metadata"]["name"], "bb");
     }

@@ -226,6 +226,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
     let pvs = informers.get("persistentvolumes").await;
     let pvcs = informers.get("persistentvolumeclaims").await;
     loop {
+        let pass = std::time::Instant::now();
         let changes = (pvs.changed(), pvcs.changed());
         for action in plan(&pvs.list(), &pvcs.list()) {
             let result = match action {
@@ -246,12 +247,13 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
                 }
             }
         }
+        let worked = pass.elapsed();
         tokio::select! {
             _ = changes.0 => {}
             _ = changes.1 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE).await;
     }
 }
 

@@ -68,18 +68,31 @@ impl Unschedulable {
 pub struct Framework {
     filters: Vec<Box<dyn FilterPlugin>>,
     scores: Vec<Box<dyn ScorePlugin>>,
+    /// Where the next search for feasible nodes starts, so sampled searches take turns.
+    next_start: std::sync::atomic::AtomicUsize,
+}
+
+/// How many feasible nodes a search stops at, as Kubernetes' adaptive
+/// percentageOfNodesToScore: every node below 100, else 50% falling by 1% per 125 nodes
+/// down to 5%, never fewer than 100.
+pub fn nodes_to_find(nodes: usize) -> usize {
+    if nodes < 100 {
+        return nodes;
+    }
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
 }
 
 impl Default for Framework {
     /// Every plugin, with Kubernetes' default weights.
     fn default() -> Self {
-        Framework { filters: plugins::filters(), scores: plugins::scores() }
+        Framework::new(plugins::filters(), plugins::scores())
     }
 }
 
 impl Framework {
     pub fn new(filters: Vec<Box<dyn FilterPlugin>>, scores: Vec<Box<dyn ScorePlugin>>) -> Self {
-        Framework { filters, scores }
+        Framework { filters, scores, next_start: Default::default() }
     }
 
     pub fn filter_names(&self) -> Vec<&'static str> {
@@ -90,11 +103,21 @@ impl Framework {
         self.scores.iter().map(|s| s.name()).collect()
     }
 
-    /// The nodes that may take the pod, or why none may.
+    /// Nodes that may take the pod (in a large cluster, the first `nodes_to_find` of them
+    /// from where the last search stopped), or why none may (every node looked at).
     pub fn feasible<'a>(&self, pod: &PodInfo, snapshot: &'a Snapshot) -> Result<Vec<&'a NodeInfo>, Unschedulable> {
+        use std::sync::atomic::Ordering;
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut feasible = Vec::new();
-        'nodes: for node in &snapshot.nodes {
+        let n = snapshot.nodes.len();
+        let enough = nodes_to_find(n);
+        let start = if n == 0 { 0 } else { self.next_start.load(Ordering::Relaxed) % n };
+        let mut looked = 0;
+        'nodes: for node in snapshot.nodes[start..].iter().chain(&snapshot.nodes[..start]) {
+            if feasible.len() >= enough {
+                break;
+            }
+            looked += 1;
             for f in &self.filters {
                 if let Err(why) = f.filter(pod, node, snapshot) {
                     for r in why {
@@ -104,6 +127,9 @@ impl Framework {
                 }
             }
             feasible.push(node);
+        }
+        if n > 0 {
+            self.next_start.store((start + looked) % n, Ordering::Relaxed);
         }
         if feasible.is_empty() {
             return Err(Unschedulable::new(snapshot.nodes.len(), reasons));
@@ -158,6 +184,29 @@ fn normalize(how: Normalize, raw: &[i64]) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_clusters_are_sampled_as_kubernetes_does_and_searches_take_turns() {
+        assert_eq!(nodes_to_find(50), 50);
+        assert_eq!(nodes_to_find(1_000), 420, "42% of 1,000");
+        assert_eq!(nodes_to_find(5_000), 500, "10% of 5,000");
+        assert_eq!(nodes_to_find(100_000), 5_000, "never under 5%");
+        let nodes: Vec<std::sync::Arc<serde_json::Value>> = (0..1_000)
+            .map(|i| {
+                std::sync::Arc::new(serde_json::json!({"metadata": {"name": format!("n{i:04}")},
+                    "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}}}))
+            })
+            .collect();
+        let snapshot = Snapshot::new(nodes, Vec::<std::sync::Arc<serde_json::Value>>::new());
+        let pod = PodInfo::new(std::sync::Arc::new(serde_json::json!({"metadata": {"name": "p", "uid": "u"},
+                                                                      "spec": {"containers": [{"name": "c"}]}})));
+        let f = Framework::default();
+        let first = f.feasible(&pod, &snapshot).unwrap();
+        let second = f.feasible(&pod, &snapshot).unwrap();
+        assert_eq!((first.len(), second.len()), (420, 420));
+        assert_eq!(first[0].name, "n0000");
+        assert_eq!(second[0].name, "n0420", "the next search starts where the last one stopped");
+    }
 
     #[test]
     fn the_message_counts_nodes_per_reason_in_kubernetes_words() {

@@ -16,11 +16,6 @@ use serde_json::Value;
 use crate::framework::{FilterPlugin, MAX_SCORE, Normalize, Reasons, ScorePlugin};
 use crate::snapshot::{NodeInfo, PodInfo, Snapshot};
 
-/// What scoring assumes for a container that requests nothing, as Kubernetes does, so that
-/// BestEffort pods spread too.
-const DEFAULT_MILLI_CPU: i64 = 100;
-const DEFAULT_MEMORY: i64 = 200 * 1024 * 1024;
-
 pub fn filters() -> Vec<Box<dyn FilterPlugin>> {
     vec![
         Box::new(NodeUnschedulable),
@@ -292,8 +287,12 @@ fn any_in_domain(term: &Value, owner_namespace: &str, node: &NodeInfo, snapshot:
 }
 
 fn required_terms<'a>(pod: &'a PodInfo, kind: &str) -> impl Iterator<Item = &'a Value> {
-    let pointer = format!("/spec/affinity/{kind}/requiredDuringSchedulingIgnoredDuringExecution");
-    pod.object.pointer(&pointer).and_then(Value::as_array).into_iter().flatten()
+    let terms = pod.object.pointer("/spec/affinity").and_then(|a| a.get(kind));
+    terms
+        .and_then(|t| t.get("requiredDuringSchedulingIgnoredDuringExecution"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
 }
 
 pub struct InterPodAffinity;
@@ -304,8 +303,10 @@ impl FilterPlugin for InterPodAffinity {
     }
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
-        // Existing pods' anti-affinity against this one, in this node's domain.
-        for other in snapshot.nodes.iter().flat_map(|n| n.pods.iter().map(move |p| (n, p))) {
+        // Existing pods' anti-affinity against this one, in this node's domain (only the
+        // pods that have such terms are looked at: usually none).
+        let with_terms = snapshot.nodes.iter().filter(|n| snapshot.anti_affinity_pods > 0 && n.anti_affinity_pods > 0);
+        for other in with_terms.flat_map(|n| n.pods.iter().filter(|p| p.required_anti_affinity).map(move |p| (n, p))) {
             let (other_node, other) = other;
             for term in required_terms(other, "podAntiAffinity") {
                 let selector = parse_selector(term.get("labelSelector"));
@@ -387,16 +388,11 @@ fn fraction(used: i64, have: i64) -> f64 {
 
 /// The requests scoring counts: the pod's own, with defaults for what it leaves unset.
 fn scored(pod: &PodInfo) -> (i64, i64) {
-    let cpu = if pod.requests.milli_cpu == 0 { DEFAULT_MILLI_CPU } else { pod.requests.milli_cpu };
-    let memory = if pod.requests.memory == 0 { DEFAULT_MEMORY } else { pod.requests.memory };
-    (cpu, memory)
+    pod.non_zero
 }
 
 fn node_scored(node: &NodeInfo) -> (i64, i64) {
-    node.pods.iter().fold((0, 0), |(c, m), p| {
-        let (pc, pm) = scored(p);
-        (c + pc, m + pm)
-    })
+    node.non_zero_requested
 }
 
 pub struct LeastAllocated;

@@ -11,6 +11,10 @@ use serde_json::Value;
 
 /// Pods per node when the node does not say.
 pub const DEFAULT_MAX_PODS: i64 = 110;
+/// What scoring counts for a pod that requests no cpu or memory (Kubernetes' non-zero
+/// defaults), so such pods still spread.
+pub const DEFAULT_MILLI_CPU: i64 = 100;
+pub const DEFAULT_MEMORY: i64 = 200 * 1024 * 1024;
 
 /// Requested or allocatable amounts, in kubelet's units.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +66,10 @@ pub struct PodInfo {
     /// The uid of its controller (ReplicaSet, StatefulSet, ...), for spreading.
     pub owner: Option<String>,
     pub node_name: String,
+    /// Requests with the non-zero defaults, as scoring counts them: (milli-cpu, memory).
+    pub non_zero: (i64, i64),
+    /// Whether it has required pod anti-affinity terms (which every later pod must respect).
+    pub required_anti_affinity: bool,
     pub object: Arc<Value>,
 }
 
@@ -85,7 +93,17 @@ impl PodInfo {
             .flatten()
             .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
             .map(|r| text(r, "/uid").to_string());
+        let non_zero = (
+            if requests.milli_cpu == 0 { DEFAULT_MILLI_CPU } else { requests.milli_cpu },
+            if requests.memory == 0 { DEFAULT_MEMORY } else { requests.memory },
+        );
+        let required_anti_affinity = pod
+            .pointer("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+            .and_then(Value::as_array)
+            .is_some_and(|terms| !terms.is_empty());
         PodInfo {
+            non_zero,
+            required_anti_affinity,
             namespace: text(&pod, "/metadata/namespace").to_string(),
             name: text(&pod, "/metadata/name").to_string(),
             uid: text(&pod, "/metadata/uid").to_string(),
@@ -109,6 +127,10 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     pub allocatable: Resources,
     pub requested: Resources,
+    /// The pods' requests with the non-zero defaults, summed: (milli-cpu, memory).
+    pub non_zero_requested: (i64, i64),
+    /// Pods here with required anti-affinity terms.
+    pub anti_affinity_pods: usize,
     pub pods: Vec<Arc<PodInfo>>,
     pub object: Arc<Value>,
 }
@@ -124,6 +146,8 @@ impl NodeInfo {
             labels: string_map(node.pointer("/metadata/labels")),
             allocatable,
             requested: Resources::default(),
+            non_zero_requested: (0, 0),
+            anti_affinity_pods: 0,
             pods: Vec::new(),
             object: node,
         }
@@ -131,6 +155,9 @@ impl NodeInfo {
 
     pub fn add_pod(&mut self, pod: Arc<PodInfo>) {
         self.requested.add(&pod.requests);
+        self.non_zero_requested.0 += pod.non_zero.0;
+        self.non_zero_requested.1 += pod.non_zero.1;
+        self.anti_affinity_pods += usize::from(pod.required_anti_affinity);
         self.pods.push(pod);
     }
 
@@ -147,6 +174,8 @@ pub struct Snapshot {
     pub claims: std::collections::HashMap<String, Arc<Value>>,
     /// PersistentVolumes by name.
     pub volumes: std::collections::HashMap<String, Arc<Value>>,
+    /// Bound pods with required anti-affinity terms, over all nodes.
+    pub anti_affinity_pods: usize,
 }
 
 /// Whether a pod still occupies its node: bound and not finished.
@@ -157,11 +186,18 @@ fn occupies(pod: &Value) -> bool {
 impl Snapshot {
     /// The nodes with the bound, unfinished pods on them (pods of unknown nodes are left out).
     pub fn new(nodes: impl IntoIterator<Item = Arc<Value>>, pods: impl IntoIterator<Item = Arc<Value>>) -> Self {
+        Self::from_infos(nodes, pods.into_iter().filter(|p| occupies(p)).map(|p| Arc::new(PodInfo::new(p))))
+    }
+
+    /// The same from pods already read (bound and unfinished ones only are kept).
+    pub fn from_infos(
+        nodes: impl IntoIterator<Item = Arc<Value>>,
+        pods: impl IntoIterator<Item = Arc<PodInfo>>,
+    ) -> Self {
         let mut nodes: Vec<NodeInfo> = nodes.into_iter().map(NodeInfo::new).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let mut snapshot = Snapshot { nodes, ..Default::default() };
-        for pod in pods.into_iter().filter(|p| occupies(p)) {
-            let info = Arc::new(PodInfo::new(pod));
+        for info in pods.into_iter().filter(|p| occupies(&p.object)) {
             snapshot.assume(info);
         }
         snapshot
@@ -184,6 +220,7 @@ impl Snapshot {
     /// Records a pod as bound to its node (a decision not yet seen back from the store).
     pub fn assume(&mut self, pod: Arc<PodInfo>) {
         if let Ok(i) = self.nodes.binary_search_by(|n| n.name.as_str().cmp(&pod.node_name)) {
+            self.anti_affinity_pods += usize::from(pod.required_anti_affinity);
             self.nodes[i].add_pod(pod);
         }
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
 use hyper::{Method, StatusCode};
@@ -79,15 +79,8 @@ fn histogram() -> Histogram<u64> {
 }
 
 pub async fn run(args: ApiArgs) -> Result<()> {
-    let record: Value =
-        serde_json::from_slice(&std::fs::read(args.state_dir.join("cluster.json")).with_context(|| {
-            format!("{} has no cluster.json: start a cluster with `corral up` first", args.state_dir.display())
-        })?)?;
-    let servers = record["servers"].as_array().context("cluster.json lists no servers")?;
-    let url = servers
-        .get(args.server)
-        .and_then(|s| s["api_url"].as_str())
-        .with_context(|| format!("no server {} with an API URL in cluster.json", args.server))?;
+    let (servers, url) = super::cluster_api(&args.state_dir, args.server)?;
+    let url = url.as_str();
     let client = Client::connect(&args.state_dir.join("pki"), url, 8).await?;
     let ns = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": NS } });
     match client.call(Method::POST, "/api/v1/namespaces", Some(&ns), JSON).await? {
@@ -101,12 +94,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let created = rate_phase(&client, &args, &tag).await?;
     fill_and_list(&client, &args, created, &tag).await?;
     fan_out(&args, url, &client, created, &tag).await?;
-    for s in servers {
-        let pid = s["pid"].as_u64().unwrap_or(0);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(str::trim).unwrap_or("?");
-        println!("rss {}: {rss}", s["name"].as_str().unwrap_or("?"));
-    }
+    super::print_rss(&servers);
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod etcd;
 mod failover;
 mod kv;
 mod pods;
+mod scheduler;
 mod target;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Etcd(etcd::EtcdArgs),
     /// Pod start latency on one node, beside the runtime's own floor; the agent's RSS.
     Pods(pods::PodsArgs),
+    /// Hollow nodes and many pods: pods bound per second, time until all are Running.
+    Scheduler(scheduler::SchedulerArgs),
 }
 
 /// Where a benchmark connects: a local cluster's state directory (Corral's from `corral up`,
@@ -47,6 +50,32 @@ pub struct TargetArgs {
     pub key: Option<PathBuf>,
 }
 
+/// A `corral up` cluster's servers (from cluster.json) and the API URL of server `index`.
+pub fn cluster_api(state_dir: &std::path::Path, index: usize) -> Result<(Vec<serde_json::Value>, String)> {
+    use anyhow::Context;
+    let raw = std::fs::read(state_dir.join("cluster.json")).with_context(|| {
+        format!("{} has no cluster.json: start a cluster with `corral up` first", state_dir.display())
+    })?;
+    let record: serde_json::Value = serde_json::from_slice(&raw)?;
+    let servers = record["servers"].as_array().context("cluster.json lists no servers")?.clone();
+    let url = servers
+        .get(index)
+        .and_then(|s| s["api_url"].as_str())
+        .with_context(|| format!("no server {index} with an API URL in cluster.json"))?
+        .to_string();
+    Ok((servers, url))
+}
+
+/// Prints each server's resident memory.
+pub fn print_rss(servers: &[serde_json::Value]) {
+    for s in servers {
+        let pid = s["pid"].as_u64().unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(str::trim).unwrap_or("?");
+        println!("rss {}: {rss}", s["name"].as_str().unwrap_or("?"));
+    }
+}
+
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Api(args) => api::run(args).await,
@@ -54,5 +83,6 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Etcd(args) => etcd::run(args).await,
         BenchCommand::Pods(args) => pods::run(args).await,
+        BenchCommand::Scheduler(args) => scheduler::run(args).await,
     }
 }
