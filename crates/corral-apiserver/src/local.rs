@@ -39,7 +39,12 @@ impl corral_controllers::Cluster for LocalCluster {
         let list = object(self.api.list(&route, &Query::default(), Output::default()).await.map_err(error)?);
         let rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("0").to_string();
         let items = list.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
-        let q = Query([("resourceVersion".to_string(), rv)].into_iter().collect());
+        Ok((items, self.watch(plural, &rv).await?))
+    }
+
+    async fn watch(&self, plural: &str, after: &str) -> ClusterResult<mpsc::Receiver<WatchEvent>> {
+        let route = object_route(plural, None, None);
+        let q = Query([("resourceVersion".to_string(), after.to_string())].into_iter().collect());
         let Reply::Watch(mut rx) = self.api.watch(&route, &q, Output::default()).await.map_err(error)? else {
             return Err(ClusterError::Other("the watch answered with an object".into()));
         };
@@ -52,15 +57,15 @@ impl corral_controllers::Cluster for LocalCluster {
                     Some("DELETED") => EventKind::Deleted,
                     // BOOKMARK carries nothing; ERROR (a compacted revision) ends the watch.
                     Some("BOOKMARK") => continue,
-                    _ => break,
+                    _ => EventKind::Expired,
                 };
                 let object = event.get("object").cloned().unwrap_or(Value::Null);
-                if tx.send(WatchEvent { kind, object }).await.is_err() {
+                if tx.send(WatchEvent { kind, object }).await.is_err() || kind == EventKind::Expired {
                     break;
                 }
             }
         });
-        Ok((items, events))
+        Ok(events)
     }
 
     async fn get(&self, plural: &str, namespace: &str, name: &str) -> ClusterResult<Value> {

@@ -10,6 +10,8 @@ pub enum EventKind {
     Added,
     Modified,
     Deleted,
+    /// The revision a watch was to resume from is no longer kept: list again.
+    Expired,
 }
 
 /// One change of a watched resource; the object carries its resourceVersion.
@@ -43,6 +45,13 @@ pub trait Cluster: Send + Sync + 'static {
         &self,
         plural: &str,
     ) -> impl Future<Output = ClusterResult<(Vec<Value>, mpsc::Receiver<WatchEvent>)>> + Send;
+    /// The resource's changes after revision `after`, to resume a watch that ended; an
+    /// `Expired` event when that revision is compacted away.
+    fn watch(
+        &self,
+        plural: &str,
+        after: &str,
+    ) -> impl Future<Output = ClusterResult<mpsc::Receiver<WatchEvent>>> + Send;
     /// One object, read through a quorum (to confirm what an informer may not show yet).
     fn get(&self, plural: &str, namespace: &str, name: &str) -> impl Future<Output = ClusterResult<Value>> + Send;
     fn create(&self, plural: &str, namespace: &str, object: Value)

@@ -12,6 +12,11 @@ use tokio::sync::{Notify, watch};
 use crate::cluster::{Cluster, EventKind, key_of};
 
 const RETRY: Duration = Duration::from_millis(500);
+const RESUME: Duration = Duration::from_millis(20);
+
+fn revision(obj: &Value) -> i64 {
+    crate::cluster::text(obj, "/metadata/resourceVersion").parse().unwrap_or(0)
+}
 
 type Running = (Arc<Informer>, tokio::task::JoinHandle<()>);
 type Starter = dyn Fn(&str) -> Running + Send + Sync;
@@ -73,21 +78,42 @@ impl Informer {
     }
 
     async fn run<C: Cluster>(self: Arc<Self>, cluster: Arc<C>) {
+        // Where a watch that ended resumes; None: list everything again.
+        let mut resume: Option<i64> = None;
         loop {
-            let (items, mut rx) = match cluster.list_watch(&self.plural).await {
-                Ok(opened) => opened,
-                Err(e) => {
-                    tracing::debug!(resource = %self.plural, error = %e, "informer list failed; retrying");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
+            let mut rx = match resume.take() {
+                Some(rv) => match cluster.watch(&self.plural, &rv.to_string()).await {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        tracing::debug!(resource = %self.plural, error = %e, "informer could not resume; listing");
+                        continue;
+                    }
+                },
+                None => {
+                    let (items, rx) = match cluster.list_watch(&self.plural).await {
+                        Ok(opened) => opened,
+                        Err(e) => {
+                            tracing::debug!(resource = %self.plural, error = %e, "informer list failed; retrying");
+                            tokio::time::sleep(RETRY).await;
+                            continue;
+                        }
+                    };
+                    resume = items.iter().map(revision).max();
+                    // What was deleted while the watch was down disappears with the new list.
+                    *self.objects.lock().expect("not poisoned") =
+                        items.into_iter().map(|o| (key_of(&o), Arc::new(o))).collect();
+                    self.synced.send_replace(true);
+                    self.changed.notify_waiters();
+                    rx
                 }
             };
-            // What was deleted while the watch was down disappears with the new list.
-            *self.objects.lock().expect("not poisoned") =
-                items.into_iter().map(|o| (key_of(&o), Arc::new(o))).collect();
-            self.synced.send_replace(true);
-            self.changed.notify_waiters();
+            let mut expired = false;
             while let Some(event) = rx.recv().await {
+                if event.kind == EventKind::Expired {
+                    expired = true;
+                    break;
+                }
+                resume = Some(resume.unwrap_or(0).max(revision(&event.object)));
                 let key = key_of(&event.object);
                 let mut objects = self.objects.lock().expect("not poisoned");
                 if event.kind == EventKind::Deleted {
@@ -98,8 +124,13 @@ impl Informer {
                 drop(objects);
                 self.changed.notify_waiters();
             }
-            tracing::debug!(resource = %self.plural, "informer watch ended; listing again");
-            tokio::time::sleep(RETRY).await;
+            if expired {
+                resume = None;
+            }
+            // A watch dropped for falling behind resumes from its last revision (the store
+            // keeps the history); only a compacted one lists everything again.
+            tracing::debug!(resource = %self.plural, resume = ?resume, "informer watch ended");
+            tokio::time::sleep(if resume.is_some() { RESUME } else { RETRY }).await;
         }
     }
 
