@@ -103,13 +103,7 @@ impl Probe {
         let p = container.get(kind.field()).filter(|p| p.is_object())?;
         let handler = (|| {
             if let Some(exec) = p.get("exec") {
-                let command: Vec<String> = exec
-                    .get("command")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|w| w.as_str().map(str::to_string))
-                    .collect();
+                let command = corral_api::meta::string_list(exec.get("command"));
                 return if command.is_empty() {
                     Err("the exec probe has no command".into())
                 } else {

@@ -87,6 +87,20 @@ pub fn now_seconds() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Whether a pod's Ready condition is True.
+pub fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// Leaves out counts that are zero, as Kubernetes' `omitempty` does.
+pub fn omit_zeros(status: &mut Value, fields: &[&str]) {
+    if let Some(map) = status.as_object_mut() {
+        map.retain(|k, v| !(fields.contains(&k.as_str()) && v.as_i64() == Some(0)));
+    }
+}
+
 /// `namespace/name`, or `name` for cluster-scoped objects.
 pub fn key_of(obj: &Value) -> String {
     let (ns, name) = (text(obj, "/metadata/namespace"), text(obj, "/metadata/name"));

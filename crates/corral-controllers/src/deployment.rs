@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use corral_api::events::{Involved, Recorder};
 use serde_json::{Map, Value, json};
 
-use crate::cluster::{Cluster, ClusterError, now_seconds, text};
+use crate::cluster::{Cluster, ClusterError, now_seconds, omit_zeros, text};
 use crate::informer::Informers;
 use crate::replicaset::controller_uid;
 use crate::scheduling::flush_events;
@@ -819,13 +819,6 @@ fn calculate_status(
     status
 }
 
-/// Leaves out counts that are zero, as Kubernetes' `omitempty` does.
-pub fn omit_zeros(status: &mut Value, fields: &[&str]) {
-    if let Some(map) = status.as_object_mut() {
-        map.retain(|k, v| !(fields.contains(&k.as_str()) && v.as_i64() == Some(0)));
-    }
-}
-
 /// Runs the controller until aborted.
 pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: String) {
     let deployments = informers.get("apps/deployments").await;
@@ -839,17 +832,20 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let pass = std::time::Instant::now();
         let changes = (deployments.changed(), sets.changed(), pods.changed());
         let all_sets = sets.list();
-        let all_pods = pods.list();
         let mut sets_by_ns: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
         for rs in &all_sets {
             sets_by_ns.entry(text(rs, "/metadata/namespace")).or_default().push(rs);
         }
+        // Only Recreate looks at pods (whether old ones still run).
+        let all = deployments.list();
+        let all_pods =
+            if all.iter().any(|d| text(d, "/spec/strategy/type") == "Recreate") { pods.list() } else { Vec::new() };
         let mut pods_by_ns: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
         for p in &all_pods {
             pods_by_ns.entry(text(p, "/metadata/namespace")).or_default().push(p);
         }
-        let all = deployments.list();
-        writes.retain(|uid, _| all.iter().any(|d| text(d, "/metadata/uid") == uid));
+        let live: std::collections::HashSet<&str> = all.iter().map(|d| text(d, "/metadata/uid")).collect();
+        writes.retain(|uid, _| live.contains(uid.as_str()));
         for d in &all {
             let uid = text(d, "/metadata/uid").to_string();
             if let Some((pending, since)) = writes.get(&uid) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, ClusterError, text};
+use crate::cluster::{Cluster, ClusterError, pod_ready, text};
 use crate::informer::Informers;
 
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -61,8 +61,8 @@ struct Member<'a> {
 
 /// The Service's selector (None: a Service without one, whose endpoints are not ours).
 fn selector(svc: &Value) -> Option<BTreeMap<String, String>> {
-    let s = svc.pointer("/spec/selector")?.as_object()?;
-    Some(s.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+    let s = svc.pointer("/spec/selector").filter(|s| s.is_object())?;
+    Some(corral_api::meta::string_map(Some(s)))
 }
 
 fn selects(selector: &BTreeMap<String, String>, pod: &Value) -> bool {
@@ -85,10 +85,7 @@ fn members<'a>(svc: &Value, pods: &[&'a Arc<Value>]) -> Vec<Member<'a>> {
             if ip.is_empty() {
                 return None;
             }
-            let ready = pod
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+            let ready = pod_ready(pod);
             let terminating = pod.pointer("/metadata/deletionTimestamp").is_some();
             Some(Member { pod, ip, ready: (ready || publish_all) && !terminating, terminating })
         })
@@ -218,14 +215,7 @@ pub fn slice_actions(svc: &Value, pods: &[&Arc<Value>], existing: &[&Arc<Value>]
             if ports.is_empty() {
                 continue;
             }
-            let serving = if m.terminating {
-                m.pod
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-            } else {
-                m.ready
-            };
+            let serving = if m.terminating { pod_ready(m.pod) } else { m.ready };
             let mut endpoint = json!({"addresses": [m.ip],
                                       "conditions": {"ready": m.ready, "serving": serving, "terminating": m.terminating},
                                       "targetRef": target_ref(m.pod)});
@@ -308,8 +298,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
         let all_slices = slices.list();
         let mut owned: HashMap<String, Vec<&Arc<Value>>> = HashMap::new();
         for s in &all_slices {
-            if s.pointer(&format!("/metadata/labels/{}", MANAGED_BY.replace('/', "~1"))).and_then(Value::as_str)
-                == Some(MANAGER)
+            if s.pointer("/metadata/labels").and_then(|l| l.get(MANAGED_BY)).and_then(Value::as_str) == Some(MANAGER)
                 && let Some(owner) = crate::replicaset::controller_uid(s)
             {
                 owned.entry(owner.to_string()).or_default().push(s);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use corral_api::events::{Involved, Recorder};
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, ClusterError, now_seconds, text};
+use crate::cluster::{Cluster, ClusterError, now_seconds, pod_ready, text};
 use crate::informer::Informers;
 use crate::scheduling::flush_events;
 
@@ -112,14 +112,7 @@ pub fn tolerated_for(pod: &Value, taint: &Value) -> Option<i64> {
     let matching: Vec<&Value> = tolerations
         .into_iter()
         .flatten()
-        .filter(|t| {
-            let key = text(t, "/key");
-            let effect = text(t, "/effect");
-            let operator = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
-            let key_ok = key.is_empty() && operator == "Exists" || key == text(taint, "/key");
-            let value_ok = operator == "Exists" || text(t, "/value") == text(taint, "/value");
-            key_ok && value_ok && (effect.is_empty() || effect == "NoExecute")
-        })
+        .filter(|t| corral_scheduler::plugins::tolerates(std::slice::from_ref(*t), taint))
         .collect();
     if matching.is_empty() {
         return Some(0);
@@ -151,10 +144,11 @@ pub fn plan(
     }
     for node in nodes {
         let name = text(node, "/metadata/name");
-        let mut node = (**node).clone();
         let silent = probes.get(name).is_some_and(|p| now.duration_since(p.at) >= grace);
-        let current = node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
-        if silent && ready_status(&node) != "Unknown" {
+        let current: &[Value] = node.pointer("/spec/taints").and_then(Value::as_array).map_or(&[], Vec::as_slice);
+        let mut readiness = ready_status(node);
+        if silent && readiness != "Unknown" {
+            readiness = "Unknown";
             let mut conditions: Vec<Value> =
                 node.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
             for kind in CONDITIONS {
@@ -165,13 +159,14 @@ pub fn plan(
                                        "lastHeartbeatTime": heartbeat.unwrap_or(Value::Null),
                                        "lastTransitionTime": now_text}));
             }
-            node["status"]["conditions"] = Value::Array(conditions);
-            actions.push(Action::Unknown(node.clone()));
+            let mut unknown = (**node).clone();
+            unknown["status"]["conditions"] = Value::Array(conditions);
+            actions.push(Action::Unknown(unknown));
         } else {
             // Tainted once the informer shows the node's conditions as they now are.
-            let taints = wanted_taints(&node, &now_text);
+            let taints = wanted_taints(node, &now_text);
             if taints != current {
-                let mut tainted = node.clone();
+                let mut tainted = (**node).clone();
                 if taints.is_empty() {
                     tainted["spec"].as_object_mut().map(|s| s.remove("taints"));
                 } else {
@@ -181,12 +176,9 @@ pub fn plan(
             }
         }
         let on_node = by_node.get(name).cloned().unwrap_or_default();
-        if !matches!(ready_status(&node), "True" | "") {
+        if !matches!(readiness, "True" | "") {
             for pod in &on_node {
-                let conditions = pod.pointer("/status/conditions").and_then(Value::as_array);
-                let is_ready =
-                    conditions.is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
-                if is_ready && pod.pointer("/metadata/deletionTimestamp").is_none() {
+                if pod_ready(pod) && pod.pointer("/metadata/deletionTimestamp").is_none() {
                     let mut marked = (***pod).clone();
                     for c in marked["status"]["conditions"].as_array_mut().into_iter().flatten() {
                         if c["type"] == "Ready" {

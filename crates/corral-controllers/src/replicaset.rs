@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use corral_api::events::{Involved, Recorder};
 use serde_json::{Map, Value, json};
 
-use crate::cluster::{Cluster, ClusterError, now_seconds, text};
+use crate::cluster::{Cluster, ClusterError, now_seconds, omit_zeros, pod_ready as ready, text};
 use crate::informer::Informers;
 use crate::scheduling::flush_events;
 
@@ -84,12 +84,6 @@ fn owner_ref(rs: &Value) -> Value {
 fn active(pod: &Value) -> bool {
     pod.pointer("/metadata/deletionTimestamp").is_none()
         && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
-}
-
-fn ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
 /// Ready for at least `min_ready` seconds at `now` (seconds since the epoch).
@@ -206,7 +200,7 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
     status["readyReplicas"] = json!(count(&ready));
     status["availableReplicas"] = json!(count(&|p| available(p, min_ready, now)));
     status["observedGeneration"] = rs.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
-    crate::deployment::omit_zeros(&mut status, &["fullyLabeledReplicas", "readyReplicas", "availableReplicas"]);
+    omit_zeros(&mut status, &["fullyLabeledReplicas", "readyReplicas", "availableReplicas"]);
     if rs.get("status") != Some(&status) {
         actions.push(Action::Status(status));
     }

@@ -134,7 +134,7 @@ pub fn plan(pvs: &[Arc<Value>], pvcs: &[Arc<Value>]) -> Vec<Action> {
                     actions.extend(with_phase(pv, "Bound").map(Action::VolumePhase));
                 } else if !volume_name.is_empty() {
                     // The claim went to another volume: a binding this controller made is undone.
-                    let ours = pv.pointer(&format!("/metadata/annotations/{}", BOUND_BY_CONTROLLER.replace('/', "~1")));
+                    let ours = pv.pointer("/metadata/annotations").and_then(|a| a.get(BOUND_BY_CONTROLLER));
                     if ours.is_some() {
                         let mut freed = (**pv).clone();
                         freed["spec"].as_object_mut().map(|s| s.remove("claimRef"));

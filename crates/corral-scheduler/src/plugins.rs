@@ -386,15 +386,6 @@ fn fraction(used: i64, have: i64) -> f64 {
     if have <= 0 { 1.0 } else { (used as f64 / have as f64).min(1.0) }
 }
 
-/// The requests scoring counts: the pod's own, with defaults for what it leaves unset.
-fn scored(pod: &PodInfo) -> (i64, i64) {
-    pod.non_zero
-}
-
-fn node_scored(node: &NodeInfo) -> (i64, i64) {
-    node.non_zero_requested
-}
-
 pub struct LeastAllocated;
 
 impl ScorePlugin for LeastAllocated {
@@ -408,7 +399,7 @@ impl ScorePlugin for LeastAllocated {
         Normalize::None
     }
     fn score(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> i64 {
-        let ((pc, pm), (nc, nm)) = (scored(pod), node_scored(node));
+        let ((pc, pm), (nc, nm)) = (pod.non_zero, node.non_zero_requested);
         let free = |used: i64, have: i64| ((1.0 - fraction(used, have)) * MAX_SCORE as f64) as i64;
         (free(nc + pc, node.allocatable.milli_cpu) + free(nm + pm, node.allocatable.memory)) / 2
     }
@@ -427,7 +418,7 @@ impl ScorePlugin for BalancedAllocation {
         Normalize::None
     }
     fn score(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> i64 {
-        let ((pc, pm), (nc, nm)) = (scored(pod), node_scored(node));
+        let ((pc, pm), (nc, nm)) = (pod.non_zero, node.non_zero_requested);
         let cpu = fraction(nc + pc, node.allocatable.milli_cpu);
         let memory = fraction(nm + pm, node.allocatable.memory);
         // The standard deviation of two fractions is half their difference.
