@@ -98,6 +98,12 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
         "a1"
     );
 
+    info!("the node got the first /24 of the cluster CIDR from the servers' node IPAM");
+    assert_eq!(
+        c.kube(&["get", "node", "a1", "-o", "jsonpath={.spec.podCIDR} {.spec.podCIDRs}"])?,
+        r#"10.251.0.0/24 ["10.251.0.0/24"]"#
+    );
+
     info!("a busybox pod bound to the node runs, with an IP from the node's pod CIDR");
     c.kube_stdin(&["apply", "-f", "-"], &pod("ticker", 30, "trap 'exit 0' TERM; while true; do sleep 1; done"))?;
     let running = wait_for(
@@ -105,7 +111,7 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
         &s1,
         &["get", "pod", "ticker", "-o", "jsonpath={.status.phase} {.status.podIP}"],
         Duration::from_secs(60),
-        |o| o.starts_with("Running 10.251.1."),
+        |o| o.starts_with("Running 10.251.0."),
     )?;
     info!(%running, "running");
     let first_id = c.kube(&["get", "pod", "ticker", "-o", "jsonpath={.status.containerStatuses[0].containerID}"])?;

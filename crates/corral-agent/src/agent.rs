@@ -432,3 +432,62 @@ impl<R: Runtime> Agent<R> {
         (node, due)
     }
 }
+
+/// How long an agent waits for the cluster to give its node a pod CIDR.
+const POD_CIDR_WAIT: Duration = Duration::from_secs(300);
+
+/// Registers the node (not Ready: its network is not set up yet) and waits until the
+/// cluster's node IPAM gives it a pod CIDR, which the CNI bridge is then built from, as a
+/// kubelet waits for `spec.podCIDR` before the runtime's network is ready.
+pub async fn await_pod_cidr(link: &Arc<Link>, facts: &Facts, version: &str) -> Result<String, String> {
+    let now = corral_api::meta::rfc3339(crate::sync::now_ns() / 1_000_000_000);
+    let mut registration = node::node_object(facts, version, &now);
+    for c in registration["status"]["conditions"].as_array_mut().into_iter().flatten() {
+        if c["type"] == "Ready" {
+            c["status"] = json!("False");
+            c["reason"] = json!("KubeletNotReady");
+            c["message"] = json!("container runtime network not ready: the node has no pod CIDR yet");
+        }
+    }
+    let report = AgentRequest {
+        kind: Some(agent_request::Kind::Report(proto::Report {
+            node: serde_json::to_vec(&registration).expect("JSON"),
+            heartbeat: true,
+            ..Default::default()
+        })),
+    };
+    let started = Instant::now();
+    let mut registered = false;
+    let mut told = Instant::now();
+    let lookup = LinkLookup(link.clone());
+    while started.elapsed() < POD_CIDR_WAIT {
+        if !registered {
+            match link.request(report.clone()).await {
+                Ok(proto::AgentResponse { kind: Some(agent_response::Kind::Refused(r)) }) => return Err(r.message),
+                Ok(_) => registered = true,
+                Err(e) => tracing::debug!(error = %e, "registering the node"),
+            }
+        }
+        if registered
+            && let Some(node) = lookup.get("nodes", "", &facts.node_name).await
+            && let cidr = str_at(&node, "/spec/podCIDR")
+            && !cidr.is_empty()
+        {
+            return Ok(cidr.to_string());
+        }
+        if told.elapsed() > Duration::from_secs(10) {
+            tracing::info!(
+                waited_s = started.elapsed().as_secs(),
+                "waiting for the cluster to give this node a pod CIDR"
+            );
+            told = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "node {} got no pod CIDR in {} s: the servers allocate them unless run with --allocate-node-cidrs=false \
+         (then give the agent --pod-cidr)",
+        facts.node_name,
+        POD_CIDR_WAIT.as_secs()
+    ))
+}

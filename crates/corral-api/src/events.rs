@@ -8,6 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Value, json};
 
+use crate::meta::{JsonAt, str_at};
+
 /// The object an Event is about.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Involved {
@@ -23,9 +25,9 @@ pub struct Involved {
 impl Involved {
     /// A pod, or one of its containers when `container` is not empty.
     pub fn pod(pod: &Value, container: &str) -> Self {
-        let text = |p: &str| pod.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+        let text = |p: &str| pod.at(p).and_then(Value::as_str).unwrap_or_default().to_string();
         let init = pod
-            .pointer("/spec/initContainers")
+            .at("/spec/initContainers")
             .and_then(Value::as_array)
             .is_some_and(|cs| cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(container)));
         Self {
@@ -44,7 +46,7 @@ impl Involved {
 
     /// Any object, from its own apiVersion, kind and metadata.
     pub fn object(obj: &Value) -> Self {
-        let text = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+        let text = |p: &str| obj.at(p).and_then(Value::as_str).unwrap_or_default().to_string();
         Self {
             api_version: text("/apiVersion"),
             kind: text("/kind"),
@@ -159,19 +161,13 @@ impl Recorder {
 
     /// Marks as written the Events `peek` gave, unless they changed since.
     pub fn written(&mut self, events: &[Value]) {
-        for written in events {
-            let name = written.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-            let count = written.get("count").and_then(Value::as_u64).unwrap_or_default();
-            let done: Vec<Key> = self
-                .pending
-                .iter()
-                .filter(|k| self.entries.get(*k).is_some_and(|e| e.name == name && e.count == count))
-                .cloned()
-                .collect();
-            for k in done {
-                self.pending.remove(&k);
-            }
-        }
+        let written: HashMap<&str, u64> = events
+            .iter()
+            .map(|w| (str_at(w, "/metadata/name"), w.get("count").and_then(Value::as_u64).unwrap_or_default()))
+            .collect();
+        let entries = &self.entries;
+        self.pending
+            .retain(|k| entries.get(k).is_none_or(|e| written.get(e.name.as_str()).is_none_or(|c| *c != e.count)));
     }
 
     fn event(&self, key: &Key, e: &Entry) -> Value {

@@ -68,7 +68,9 @@ pub async fn run_controller(store: ObjectStore) {
     }
 }
 
-/// One pass; true once the namespace is gone.
+/// One pass; true once the namespace is gone. The namespace itself goes only after a pass
+/// that found nothing left in it: content created while the previous pass deleted (a write
+/// that passed the Terminating check just before it was set) is caught by the next one.
 async fn cleanup(store: &ObjectStore, namespace: &str) -> Result<bool, corral_api::ApiError> {
     let mut left = 0;
     for r in RESOURCES.iter().filter(|r| r.namespaced) {
@@ -81,9 +83,9 @@ async fn cleanup(store: &ObjectStore, namespace: &str) -> Result<bool, corral_ap
             }
             let key = r.key(Some(namespace), meta::name(&item.value));
             let side = crate::services::side_of_delete(r, &item.value);
-            if let WriteOutcome::Mismatch(Some(_)) = store.delete_if_with(&key, item.rev, &side).await? {
-                left += 1;
-            }
+            // Deleted now or changed meanwhile: either way the next pass looks again.
+            store.delete_if_with(&key, item.rev, &side).await?;
+            left += 1;
         }
     }
     if left > 0 {

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use corral_api::meta::JsonAt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -89,7 +90,7 @@ pub fn now_seconds() -> i64 {
 
 /// Whether a pod's Ready condition is True.
 pub fn pod_ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions")
+    pod.at("/status/conditions")
         .and_then(Value::as_array)
         .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }

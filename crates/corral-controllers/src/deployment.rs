@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_api::events::{Involved, Recorder};
+use corral_api::meta::JsonAt;
 use serde_json::{Map, Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, omit_zeros, text};
@@ -144,15 +145,15 @@ fn scaled(value: Option<&Value>, total: i64, round_up: bool) -> i64 {
 }
 
 fn replicas_of(obj: &Value) -> i64 {
-    obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0)
+    obj.at("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0)
 }
 
 fn number(obj: &Value, pointer: &str) -> i64 {
-    obj.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
+    obj.at(pointer).and_then(Value::as_i64).unwrap_or(0)
 }
 
 fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
-    obj.pointer("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+    obj.at("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
 }
 
 fn set_annotation(obj: &mut Value, key: &str, value: String) -> bool {
@@ -176,7 +177,7 @@ pub fn fenceposts(d: &Value) -> (i64, i64) {
         return (0, 0);
     }
     let want = replicas_of(d);
-    let ru = d.pointer("/spec/strategy/rollingUpdate");
+    let ru = d.at("/spec/strategy/rollingUpdate");
     let default = json!("25%");
     let surge = scaled(Some(ru.and_then(|r| r.get("maxSurge")).unwrap_or(&default)), want, true);
     let unavailable = scaled(Some(ru.and_then(|r| r.get("maxUnavailable")).unwrap_or(&default)), want, false);
@@ -266,19 +267,18 @@ fn complete(d: &Value, status: &Value) -> bool {
 /// namespace; `now` is seconds since the epoch.
 pub fn reconcile(d: &Value, sets: &[&Arc<Value>], pods: &[&Arc<Value>], now: i64) -> Vec<Action> {
     let mut actions = Vec::new();
-    if d.pointer("/metadata/deletionTimestamp").is_some() {
+    if d.at("/metadata/deletionTimestamp").is_some() {
         return actions;
     }
     let uid = text(d, "/metadata/uid");
-    let Some(selector) =
-        corral_scheduler::plugins::parse_selector(d.pointer("/spec/selector")).filter(|s| !s.is_empty())
+    let Some(selector) = corral_scheduler::plugins::parse_selector(d.at("/spec/selector")).filter(|s| !s.is_empty())
     else {
         return actions;
     };
     // Claim: owned ReplicaSets that still match, orphans that match; release the others.
     let mut owned: Vec<Set> = Vec::new();
     for rs in sets {
-        if rs.pointer("/metadata/deletionTimestamp").is_some() {
+        if rs.at("/metadata/deletionTimestamp").is_some() {
             continue;
         }
         let matches = selector.matches(rs);
@@ -307,9 +307,9 @@ pub fn reconcile(d: &Value, sets: &[&Arc<Value>], pods: &[&Arc<Value>], now: i64
         (text(&a.obj, "/metadata/creationTimestamp"), a.name())
             .cmp(&(text(&b.obj, "/metadata/creationTimestamp"), b.name()))
     });
-    let template = d.pointer("/spec/template").cloned().unwrap_or(Value::Null);
+    let template = d.at("/spec/template").cloned().unwrap_or(Value::Null);
     let mut new =
-        owned.iter().position(|s| same_template(s.obj.pointer("/spec/template").unwrap_or(&Value::Null), &template));
+        owned.iter().position(|s| same_template(s.obj.at("/spec/template").unwrap_or(&Value::Null), &template));
     let new_revision =
         owned.iter().enumerate().filter(|(i, _)| Some(*i) != new).map(|(_, s)| revision_of(&s.obj)).max().unwrap_or(0)
             + 1;
@@ -317,8 +317,8 @@ pub fn reconcile(d: &Value, sets: &[&Arc<Value>], pods: &[&Arc<Value>], now: i64
     let mut status = d.get("status").cloned().unwrap_or_else(|| json!({}));
     let mut conditions: Vec<Value> = status.get("conditions").and_then(Value::as_array).cloned().unwrap_or_default();
     let has_deadline =
-        d.pointer("/spec/progressDeadlineSeconds").and_then(Value::as_i64).is_some_and(|s| s < i64::from(i32::MAX));
-    let paused = d.pointer("/spec/paused").and_then(Value::as_bool) == Some(true);
+        d.at("/spec/progressDeadlineSeconds").and_then(Value::as_i64).is_some_and(|s| s < i64::from(i32::MAX));
+    let paused = d.at("/spec/paused").and_then(Value::as_bool) == Some(true);
     let progressing_reason = condition(&conditions, "Progressing").map(|c| text(c, "/reason").to_string());
     if has_deadline && progressing_reason.as_deref() != Some("ProgressDeadlineExceeded") {
         let paused_shown = progressing_reason.as_deref() == Some("DeploymentPaused");
@@ -426,7 +426,7 @@ fn owner_ref(d: &Value) -> Value {
 
 /// The Deployment's annotations that its ReplicaSets carry.
 fn copied_annotations(d: &Value) -> Map<String, Value> {
-    let mut out = d.pointer("/metadata/annotations").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut out = d.at("/metadata/annotations").and_then(Value::as_object).cloned().unwrap_or_default();
     out.retain(|k, _| !NOT_COPIED.contains(&k.as_str()));
     out
 }
@@ -451,8 +451,8 @@ fn sync_new_set(d: &Value, set: &mut Set, new_revision: i64) -> String {
             set.touched |= set_annotation(&mut set.obj, &k, v.to_string());
         }
     }
-    let min_ready = d.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0));
-    if set.obj.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0)) != min_ready {
+    let min_ready = d.at("/spec/minReadySeconds").cloned().unwrap_or(json!(0));
+    if set.obj.at("/spec/minReadySeconds").cloned().unwrap_or(json!(0)) != min_ready {
         set.obj["spec"]["minReadySeconds"] = min_ready;
         set.touched = true;
     }
@@ -462,8 +462,8 @@ fn sync_new_set(d: &Value, set: &mut Set, new_revision: i64) -> String {
 /// The new ReplicaSet for the Deployment's template, or Err when its name is taken by
 /// another template (the collision count goes up and the next pass hashes again).
 fn new_set(d: &Value, owned: &[Set], revision: i64, recreate: bool, taken: impl Fn(&str) -> bool) -> Result<Set, ()> {
-    let collisions = d.pointer("/status/collisionCount").and_then(Value::as_i64);
-    let mut template = d.pointer("/spec/template").cloned().unwrap_or_else(|| json!({}));
+    let collisions = d.at("/status/collisionCount").and_then(Value::as_i64);
+    let mut template = d.at("/spec/template").cloned().unwrap_or_else(|| json!({}));
     let hash = template_hash(&template, collisions);
     let name = format!("{}-{hash}", text(d, "/metadata/name"));
     if taken(&name) {
@@ -476,7 +476,7 @@ fn new_set(d: &Value, owned: &[Set], revision: i64, recreate: bool, taken: impl 
         template["metadata"]["labels"] = json!({});
     }
     template["metadata"]["labels"][TEMPLATE_HASH] = json!(hash);
-    let mut selector = d.pointer("/spec/selector").cloned().unwrap_or_else(|| json!({}));
+    let mut selector = d.at("/spec/selector").cloned().unwrap_or_else(|| json!({}));
     if !selector["matchLabels"].is_object() {
         selector["matchLabels"] = json!({});
     }
@@ -488,7 +488,7 @@ fn new_set(d: &Value, owned: &[Set], revision: i64, recreate: bool, taken: impl 
         "metadata": {"name": name, "namespace": text(d, "/metadata/namespace"),
                      "labels": template["metadata"]["labels"].clone(), "annotations": annotations,
                      "ownerReferences": [owner_ref(d)]},
-        "spec": {"replicas": 0, "minReadySeconds": d.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0)),
+        "spec": {"replicas": 0, "minReadySeconds": d.at("/spec/minReadySeconds").cloned().unwrap_or(json!(0)),
                  "selector": selector, "template": template},
     });
     let mut set = Set { obj, read: 0, created: true, touched: true };
@@ -681,7 +681,7 @@ fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
 
 /// Deletes old ReplicaSets with no pods beyond revisionHistoryLimit, oldest revision first.
 fn cleanup(d: &Value, sets: &[Set], new: Option<usize>, actions: &mut Vec<Action>) {
-    let Some(limit) = d.pointer("/spec/revisionHistoryLimit").and_then(Value::as_i64) else { return };
+    let Some(limit) = d.at("/spec/revisionHistoryLimit").and_then(Value::as_i64) else { return };
     let mut idle: Vec<&Set> = sets
         .iter()
         .enumerate()
@@ -745,8 +745,7 @@ fn calculate_status(
             now_text,
         );
     }
-    let deadline =
-        d.pointer("/spec/progressDeadlineSeconds").and_then(Value::as_i64).filter(|s| *s < i64::from(i32::MAX));
+    let deadline = d.at("/spec/progressDeadlineSeconds").and_then(Value::as_i64).filter(|s| *s < i64::from(i32::MAX));
     if deadline.is_none() {
         conditions.retain(|c| c["type"] != "Progressing");
     }
@@ -874,7 +873,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             _ = changes.2 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        crate::informer::pace(worked, DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE, 0.2).await;
     }
 }
 

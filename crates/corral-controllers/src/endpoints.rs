@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_api::meta::JsonAt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, pod_ready, text};
@@ -61,12 +62,12 @@ struct Member<'a> {
 
 /// The Service's selector (None: a Service without one, whose endpoints are not ours).
 fn selector(svc: &Value) -> Option<BTreeMap<String, String>> {
-    let s = svc.pointer("/spec/selector").filter(|s| s.is_object())?;
+    let s = svc.at("/spec/selector").filter(|s| s.is_object())?;
     Some(corral_api::meta::string_map(Some(s)))
 }
 
 fn selects(selector: &BTreeMap<String, String>, pod: &Value) -> bool {
-    let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
+    let labels = pod.at("/metadata/labels").and_then(Value::as_object);
     !selector.is_empty()
         && selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v.as_str()))
 }
@@ -74,7 +75,7 @@ fn selects(selector: &BTreeMap<String, String>, pod: &Value) -> bool {
 /// The pods a Service sends traffic to (or may, once ready), with their readiness.
 fn members<'a>(svc: &Value, pods: &[&'a Arc<Value>]) -> Vec<Member<'a>> {
     let Some(selector) = selector(svc) else { return Vec::new() };
-    let publish_all = svc.pointer("/spec/publishNotReadyAddresses").and_then(Value::as_bool) == Some(true);
+    let publish_all = svc.at("/spec/publishNotReadyAddresses").and_then(Value::as_bool) == Some(true);
     let mut out: Vec<Member<'a>> = pods
         .iter()
         .map(|p| -> &'a Value { p })
@@ -86,7 +87,7 @@ fn members<'a>(svc: &Value, pods: &[&'a Arc<Value>]) -> Vec<Member<'a>> {
                 return None;
             }
             let ready = pod_ready(pod);
-            let terminating = pod.pointer("/metadata/deletionTimestamp").is_some();
+            let terminating = pod.at("/metadata/deletionTimestamp").is_some();
             Some(Member { pod, ip, ready: (ready || publish_all) && !terminating, terminating })
         })
         .collect();
@@ -98,14 +99,14 @@ fn members<'a>(svc: &Value, pods: &[&'a Arc<Value>]) -> Vec<Member<'a>> {
 /// a port the pod does not have is left out.
 fn ports_for(svc: &Value, pod: &Value) -> Vec<Port> {
     let mut ports = Vec::new();
-    for sp in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
+    for sp in svc.at("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
         let protocol = sp.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string();
         let number = match sp.get("targetPort") {
             Some(Value::Number(n)) => n.as_i64(),
             Some(Value::String(name)) => match name.parse::<i64>() {
                 Ok(n) => Some(n),
                 Err(_) => pod
-                    .pointer("/spec/containers")
+                    .at("/spec/containers")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -162,7 +163,7 @@ pub fn desired_endpoints(svc: &Value, pods: &[&Arc<Value>]) -> Option<Value> {
         .collect();
     let mut ep = json!({"apiVersion": "v1", "kind": "Endpoints",
                         "metadata": {"name": text(svc, "/metadata/name"), "namespace": text(svc, "/metadata/namespace")}});
-    let mut labels = svc.pointer("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut labels = svc.at("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
     labels.insert(ENDPOINTS_MANAGED_BY.into(), json!(ENDPOINTS_MANAGER));
     ep["metadata"]["labels"] = Value::Object(labels);
     if !subsets.is_empty() {
@@ -182,7 +183,7 @@ pub enum EndpointsAction {
 pub fn endpoints_action(desired: Value, existing: Option<&Value>) -> Option<EndpointsAction> {
     let Some(existing) = existing else { return Some(EndpointsAction::Create(desired)) };
     if existing.get("subsets") == desired.get("subsets")
-        && existing.pointer("/metadata/labels") == desired.pointer("/metadata/labels")
+        && existing.at("/metadata/labels") == desired.at("/metadata/labels")
     {
         return None;
     }
@@ -193,7 +194,7 @@ pub fn endpoints_action(desired: Value, existing: Option<&Value>) -> Option<Endp
             updated.as_object_mut().map(|m| m.remove("subsets"));
         }
     }
-    updated["metadata"]["labels"] = desired.pointer("/metadata/labels").cloned().unwrap_or_else(|| json!({}));
+    updated["metadata"]["labels"] = desired.at("/metadata/labels").cloned().unwrap_or_else(|| json!({}));
     Some(EndpointsAction::Update(updated))
 }
 
@@ -255,7 +256,7 @@ pub fn slice_actions(svc: &Value, pods: &[&Arc<Value>], existing: &[&Arc<Value>]
             wanted["endpoints"] = Value::Array(chunk);
             wanted["ports"] = Value::Array(ports_json.clone());
             wanted["addressType"] = json!("IPv4");
-            let mut labels = svc.pointer("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+            let mut labels = svc.at("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
             labels.insert(SERVICE_NAME.into(), json!(text(svc, "/metadata/name")));
             labels.insert(MANAGED_BY.into(), json!(MANAGER));
             wanted["metadata"]["labels"] = Value::Object(labels);
@@ -298,7 +299,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
         let all_slices = slices.list();
         let mut owned: HashMap<String, Vec<&Arc<Value>>> = HashMap::new();
         for s in &all_slices {
-            if s.pointer("/metadata/labels").and_then(|l| l.get(MANAGED_BY)).and_then(Value::as_str) == Some(MANAGER)
+            if s.at("/metadata/labels").and_then(|l| l.get(MANAGED_BY)).and_then(Value::as_str) == Some(MANAGER)
                 && let Some(owner) = crate::replicaset::controller_uid(s)
             {
                 owned.entry(owner.to_string()).or_default().push(s);
@@ -333,7 +334,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
         // Endpoints this controller made for Services gone or without a selector now.
         for ep in endpoints.list() {
             let (ns, name) = (text(&ep, "/metadata/namespace"), text(&ep, "/metadata/name"));
-            let ours = ep.pointer("/metadata/labels").and_then(|l| l.get(ENDPOINTS_MANAGED_BY)).and_then(Value::as_str)
+            let ours = ep.at("/metadata/labels").and_then(|l| l.get(ENDPOINTS_MANAGED_BY)).and_then(Value::as_str)
                 == Some(ENDPOINTS_MANAGER);
             let wanted = services.get(&format!("{ns}/{name}")).is_some_and(|svc| selector(&svc).is_some());
             if ours && !wanted {
@@ -348,7 +349,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
             _ = changes.3 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        crate::informer::pace(worked, DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE, 0.2).await;
     }
 }
 

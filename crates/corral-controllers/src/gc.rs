@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_api::meta::JsonAt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, text};
@@ -41,20 +42,15 @@ pub enum Action {
 }
 
 fn refs(obj: &Value) -> Vec<Value> {
-    obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default()
+    obj.at("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default()
 }
 
 fn finalizers(obj: &Value) -> Vec<&str> {
-    obj.pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect()
+    obj.at("/metadata/finalizers").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect()
 }
 
 fn deleting(obj: &Value) -> bool {
-    obj.pointer("/metadata/deletionTimestamp").is_some()
+    obj.at("/metadata/deletionTimestamp").is_some()
 }
 
 fn without_refs(obj: &Value, uids: &[&str]) -> Value {
@@ -153,7 +149,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, shared: Arc<Informers>) {
             _ = futures::future::select_all(changes) => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        crate::informer::pace(worked, DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE, 0.1).await;
     }
 }
 

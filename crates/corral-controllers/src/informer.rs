@@ -154,9 +154,12 @@ impl Informer {
     }
 }
 
-/// Waits before a loop's next pass: at least `debounce`, and three times as long as the
-/// pass that just ran worked (`worked`, its time before waiting for news), so a loop whose passes grow with the cluster spends at most a
-/// quarter of a core however fast changes come (they are taken together in the next pass).
-pub async fn pace(worked: Duration, debounce: Duration) {
-    tokio::time::sleep(debounce.max(worked * 3)).await;
+/// Waits before a loop's next pass: at least `debounce`, and long enough that the pass that
+/// just ran (`worked`, its time before waiting for news) was at most `share` of the time, so
+/// a loop whose passes grow with the cluster spends at most that share of a core however fast
+/// changes come (they are taken together in the next pass). The shares of all loops add up
+/// to well under one core: the leader also serves the API and replicates.
+pub async fn pace(worked: Duration, debounce: Duration, share: f64) {
+    let rest = worked.mul_f64((1.0 - share) / share.clamp(0.01, 1.0));
+    tokio::time::sleep(debounce.max(rest)).await;
 }

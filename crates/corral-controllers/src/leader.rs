@@ -7,6 +7,28 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// A runtime of its own for the control loops: two worker threads (and a blocking pool) at a
+/// lower CPU priority (nice 10). A pass over 50,000 pods is plain computation on its thread;
+/// on the servers' own runtime it would hold a worker that Raft's heartbeats, the store and
+/// the API need, and on two cores a leader kept busy that way looks dead to its followers.
+/// Here the loops slow down under a storm and the consensus does not. The runtime lives as
+/// long as the process; its tasks stop with each term.
+pub fn control_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("controllers")
+        .enable_all()
+        .on_thread_start(|| {
+            // On Linux the nice value is per thread: `who = 0` is the calling thread.
+            // SAFETY: setpriority has no memory effects; failure only leaves the priority.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        })
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::mem::forget(runtime);
+    Ok(handle)
+}
+
 /// Runs until `leader` closes. `start` is called on every gain of leadership; the tasks it
 /// returns are aborted on every loss.
 pub async fn run_while_leader(mut leader: watch::Receiver<bool>, mut start: impl FnMut() -> Vec<JoinHandle<()>>) {

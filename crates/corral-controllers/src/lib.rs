@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod leader;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduling;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_api::events::{Involved, Recorder};
+use corral_api::meta::JsonAt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, pod_ready, text};
@@ -43,7 +44,8 @@ pub fn observe(probes: &mut HashMap<String, Probe>, nodes: &[Arc<Value>], leases
         .filter(|l| text(l, "/metadata/namespace") == "kube-node-lease")
         .map(|l| (text(l, "/metadata/name"), text(l, "/spec/renewTime")))
         .collect();
-    probes.retain(|name, _| nodes.iter().any(|n| text(n, "/metadata/name") == name));
+    let present: std::collections::HashSet<&str> = nodes.iter().map(|n| text(n, "/metadata/name")).collect();
+    probes.retain(|name, _| present.contains(name.as_str()));
     for node in nodes {
         let name = text(node, "/metadata/name");
         let heartbeat = ready(node).map(|c| text(c, "/lastHeartbeatTime")).unwrap_or_default();
@@ -59,7 +61,7 @@ pub fn observe(probes: &mut HashMap<String, Probe>, nodes: &[Arc<Value>], leases
 }
 
 fn ready(node: &Value) -> Option<&Value> {
-    node.pointer("/status/conditions").and_then(Value::as_array)?.iter().find(|c| c["type"] == "Ready")
+    node.at("/status/conditions").and_then(Value::as_array)?.iter().find(|c| c["type"] == "Ready")
 }
 
 /// The Ready condition's status: `True`, `False`, `Unknown`, or empty for a node that has
@@ -82,7 +84,7 @@ pub enum Action {
 
 /// The taints a node's readiness calls for, from `taints` as they are (others kept).
 fn wanted_taints(node: &Value, now_text: &str) -> Vec<Value> {
-    let current: Vec<Value> = node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
+    let current: Vec<Value> = node.at("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
     let key = match ready_status(node) {
         "" => return current,
         "True" => None,
@@ -108,7 +110,7 @@ fn wanted_taints(node: &Value, now_text: &str) -> Vec<Value> {
 /// How long a pod may stay on a node with these NoExecute taints: None for ever, Some(0)
 /// not at all; the shortest of its tolerations' seconds otherwise.
 pub fn tolerated_for(pod: &Value, taint: &Value) -> Option<i64> {
-    let tolerations = pod.pointer("/spec/tolerations").and_then(Value::as_array);
+    let tolerations = pod.at("/spec/tolerations").and_then(Value::as_array);
     let matching: Vec<&Value> = tolerations
         .into_iter()
         .flatten()
@@ -145,12 +147,12 @@ pub fn plan(
     for node in nodes {
         let name = text(node, "/metadata/name");
         let silent = probes.get(name).is_some_and(|p| now.duration_since(p.at) >= grace);
-        let current: &[Value] = node.pointer("/spec/taints").and_then(Value::as_array).map_or(&[], Vec::as_slice);
+        let current: &[Value] = node.at("/spec/taints").and_then(Value::as_array).map_or(&[], Vec::as_slice);
         let mut readiness = ready_status(node);
         if silent && readiness != "Unknown" {
             readiness = "Unknown";
             let mut conditions: Vec<Value> =
-                node.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+                node.at("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
             for kind in CONDITIONS {
                 let heartbeat = conditions.iter().find(|c| c["type"] == kind).map(|c| c["lastHeartbeatTime"].clone());
                 conditions.retain(|c| c["type"] != kind);
@@ -178,7 +180,7 @@ pub fn plan(
         let on_node = by_node.get(name).cloned().unwrap_or_default();
         if !matches!(readiness, "True" | "") {
             for pod in &on_node {
-                if pod_ready(pod) && pod.pointer("/metadata/deletionTimestamp").is_none() {
+                if pod_ready(pod) && pod.at("/metadata/deletionTimestamp").is_none() {
                     let mut marked = (***pod).clone();
                     for c in marked["status"]["conditions"].as_array_mut().into_iter().flatten() {
                         if c["type"] == "Ready" {
@@ -193,7 +195,7 @@ pub fn plan(
         // Evictions follow the taints the node has, not the ones about to be written.
         for taint in current.iter().filter(|t| t["effect"] == "NoExecute") {
             let added = taint.get("timeAdded").and_then(Value::as_str).and_then(corral_api::meta::parse_rfc3339);
-            for pod in on_node.iter().filter(|p| p.pointer("/metadata/deletionTimestamp").is_none()) {
+            for pod in on_node.iter().filter(|p| p.at("/metadata/deletionTimestamp").is_none()) {
                 let due = match tolerated_for(pod, taint) {
                     None => false,
                     Some(0) => true,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_api::events::{Involved, Recorder};
+use corral_api::meta::JsonAt;
 use serde_json::{Map, Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, omit_zeros, pod_ready as ready, text};
@@ -43,7 +44,7 @@ impl Expectations {
         let names: HashSet<&str> = pods.iter().map(|p| text(p, "/metadata/name")).collect();
         let alive: HashSet<&str> = pods
             .iter()
-            .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+            .filter(|p| p.at("/metadata/deletionTimestamp").is_none())
             .map(|p| text(p, "/metadata/uid"))
             .collect();
         self.creates.iter().all(|n| names.contains(n.as_str()))
@@ -65,7 +66,7 @@ pub enum Action {
 
 /// The controller ownerReference's uid, if any.
 pub fn controller_uid(obj: &Value) -> Option<&str> {
-    obj.pointer("/metadata/ownerReferences")
+    obj.at("/metadata/ownerReferences")
         .and_then(Value::as_array)?
         .iter()
         .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
@@ -73,7 +74,7 @@ pub fn controller_uid(obj: &Value) -> Option<&str> {
 }
 
 fn labels(obj: &Value) -> std::collections::BTreeMap<String, String> {
-    corral_api::meta::string_map(obj.pointer("/metadata/labels"))
+    corral_api::meta::string_map(obj.at("/metadata/labels"))
 }
 
 fn owner_ref(rs: &Value) -> Value {
@@ -82,8 +83,7 @@ fn owner_ref(rs: &Value) -> Value {
 }
 
 fn active(pod: &Value) -> bool {
-    pod.pointer("/metadata/deletionTimestamp").is_none()
-        && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
+    pod.at("/metadata/deletionTimestamp").is_none() && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
 }
 
 /// Ready for at least `min_ready` seconds at `now` (seconds since the epoch).
@@ -95,7 +95,7 @@ fn available(pod: &Value, min_ready: i64, now: i64) -> bool {
         return true;
     }
     let since = pod
-        .pointer("/status/conditions")
+        .at("/status/conditions")
         .and_then(Value::as_array)
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
         .and_then(|c| c.get("lastTransitionTime").and_then(Value::as_str))
@@ -111,7 +111,7 @@ fn deletion_rank(pod: &Value) -> (bool, u8, bool, std::cmp::Reverse<i64>, std::c
         _ => 2,
     };
     let restarts: i64 = pod
-        .pointer("/status/containerStatuses")
+        .at("/status/containerStatuses")
         .and_then(Value::as_array)
         .map_or(0, |cs| cs.iter().filter_map(|c| c.get("restartCount").and_then(Value::as_i64)).sum());
     (
@@ -125,7 +125,7 @@ fn deletion_rank(pod: &Value) -> (bool, u8, bool, std::cmp::Reverse<i64>, std::c
 
 /// A pod from the ReplicaSet's template.
 pub fn new_pod(rs: &Value) -> Value {
-    let template = rs.pointer("/spec/template").cloned().unwrap_or_else(|| json!({}));
+    let template = rs.at("/spec/template").cloned().unwrap_or_else(|| json!({}));
     let mut metadata = template.get("metadata").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
     metadata.remove("name");
     metadata.insert("generateName".into(), json!(format!("{}-", text(rs, "/metadata/name"))));
@@ -140,9 +140,9 @@ pub fn new_pod(rs: &Value) -> Value {
 /// acted on. `now` is seconds since the epoch.
 pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: i64) -> Vec<Action> {
     let uid = text(rs, "/metadata/uid");
-    let deleting = rs.pointer("/metadata/deletionTimestamp").is_some();
+    let deleting = rs.at("/metadata/deletionTimestamp").is_some();
     // An empty selector selects nothing for a ReplicaSet (the API refuses it anyway).
-    let selector = corral_scheduler::plugins::parse_selector(rs.pointer("/spec/selector")).filter(|s| !s.is_empty());
+    let selector = corral_scheduler::plugins::parse_selector(rs.at("/spec/selector")).filter(|s| !s.is_empty());
     let selects = |pod: &Value| selector.as_ref().is_some_and(|s| s.matches(pod));
     let mut actions = Vec::new();
     let mut owned: Vec<&Value> = Vec::new();
@@ -175,7 +175,7 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
         }
     }
     let mut alive: Vec<&Value> = owned.iter().copied().filter(|p| active(p)).collect();
-    let want = rs.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
+    let want = rs.at("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
     if expectations_met && !deleting {
         if alive.len() < want {
             for _ in 0..(want - alive.len()).min(BURST) {
@@ -188,8 +188,8 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
             }
         }
     }
-    let min_ready = rs.pointer("/spec/minReadySeconds").and_then(Value::as_i64).unwrap_or(0);
-    let template_labels = labels(rs.pointer("/spec/template").unwrap_or(&Value::Null));
+    let min_ready = rs.at("/spec/minReadySeconds").and_then(Value::as_i64).unwrap_or(0);
+    let template_labels = labels(rs.at("/spec/template").unwrap_or(&Value::Null));
     let count = |f: &dyn Fn(&Value) -> bool| owned.iter().filter(|p| active(p) && f(p)).count();
     let mut status = rs.get("status").cloned().unwrap_or_else(|| json!({}));
     status["replicas"] = json!(count(&|_| true));
@@ -199,7 +199,7 @@ pub fn reconcile(rs: &Value, pods: &[&Arc<Value>], expectations_met: bool, now: 
     }));
     status["readyReplicas"] = json!(count(&ready));
     status["availableReplicas"] = json!(count(&|p| available(p, min_ready, now)));
-    status["observedGeneration"] = rs.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
+    status["observedGeneration"] = rs.at("/metadata/generation").cloned().unwrap_or(json!(1));
     omit_zeros(&mut status, &["fullyLabeledReplicas", "readyReplicas", "availableReplicas"]);
     if rs.get("status") != Some(&status) {
         actions.push(Action::Status(status));
@@ -244,7 +244,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             _ = pod_change => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        crate::informer::pace(worked, DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE, 0.2).await;
     }
 }
 

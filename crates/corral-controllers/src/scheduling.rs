@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_api::events::{Involved, Recorder};
+use corral_api::meta::JsonAt;
 use corral_scheduler::{Framework, PodInfo, Snapshot};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, text};
@@ -24,14 +26,14 @@ const RETRY_EVERY: Duration = Duration::from_secs(10);
 /// An assumed binding the informer has not confirmed by then is forgotten.
 const ASSUME_FOR: Duration = Duration::from_secs(30);
 /// Bindings in flight at once.
-const BIND_CONCURRENCY: usize = 64;
+const BIND_CONCURRENCY: usize = 256;
 
 /// Pods the scheduler must place: unbound, its own, alive.
 pub fn pending(pod: &Value) -> bool {
     let scheduler = text(pod, "/spec/schedulerName");
     text(pod, "/spec/nodeName").is_empty()
         && (scheduler.is_empty() || scheduler == SCHEDULER_NAME)
-        && pod.pointer("/metadata/deletionTimestamp").is_none()
+        && pod.at("/metadata/deletionTimestamp").is_none()
         && !matches!(text(pod, "/status/phase"), "Succeeded" | "Failed")
 }
 
@@ -93,8 +95,11 @@ pub fn plan(
     assumed: &HashMap<String, String>,
     infos: &mut PodInfos,
 ) -> Plan {
-    let uid = |p: &Value| text(p, "/metadata/uid").to_string();
-    if !pods.iter().any(|p| pending(p) && !assumed.contains_key(&uid(p))) {
+    fn uid(p: &Value) -> &str {
+        text(p, "/metadata/uid")
+    }
+    let mut waiting: Vec<&Arc<Value>> = pods.iter().filter(|p| pending(p) && !assumed.contains_key(uid(p))).collect();
+    if waiting.is_empty() {
         // Most changes are status reports of running pods: no snapshot is needed for them.
         return Plan::default();
     }
@@ -104,19 +109,14 @@ pub fn plan(
     let mut snapshot = Snapshot::from_infos(nodes.iter().cloned(), bound)
         .with_volumes(volumes.claims.iter().cloned(), volumes.volumes.iter().cloned());
     for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
-        if let Some(node) = assumed.get(&uid(p)) {
+        if let Some(node) = assumed.get(uid(p)) {
             let mut info = PodInfo::new(p.clone());
             info.node_name = node.clone();
             snapshot.assume(Arc::new(info));
         }
     }
-    let mut waiting: Vec<&Arc<Value>> = pods.iter().filter(|p| pending(p) && !assumed.contains_key(&uid(p))).collect();
-    waiting.sort_by(|a, b| {
-        (text(a, "/metadata/creationTimestamp"), text(a, "/metadata/namespace"), text(a, "/metadata/name")).cmp(&(
-            text(b, "/metadata/creationTimestamp"),
-            text(b, "/metadata/namespace"),
-            text(b, "/metadata/name"),
-        ))
+    waiting.sort_by_cached_key(|p| {
+        ["/metadata/creationTimestamp", "/metadata/namespace", "/metadata/name"].map(|path| text(p, path).to_string())
     });
     let mut plan = Plan { more: waiting.len() > PER_PASS, ..Plan::default() };
     waiting.truncate(PER_PASS);
@@ -136,7 +136,7 @@ pub fn plan(
 
 /// The pod with PodScheduled=False and the message, or None when it already says so.
 pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Value> {
-    let conditions = pod.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let conditions = pod.at("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
     let current = conditions.iter().find(|c| c["type"] == "PodScheduled");
     if current.is_some_and(|c| c["status"] == "False" && c["message"] == message) {
         return None;
@@ -146,7 +146,7 @@ pub fn unschedulable_status(pod: &Value, message: &str, now: &str) -> Option<Val
     kept.push(json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
                      "lastProbeTime": null, "lastTransitionTime": now}));
     updated["status"]["conditions"] = Value::Array(kept);
-    if updated.pointer("/status/phase").is_none() {
+    if updated.at("/status/phase").is_none() {
         updated["status"]["phase"] = json!("Pending");
     }
     Some(updated)
@@ -179,6 +179,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let storage = Volumes { claims: claims.list(), volumes: volumes.list() };
         let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view, &mut infos);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
+        let planned_ms = started.elapsed().as_millis() as u64;
         for bound in bind_all(cluster.as_ref(), &decided.bind, &events).await {
             assumed.insert(bound.0, (bound.1, Instant::now()));
         }
@@ -196,11 +197,14 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             tracing::debug!(
                 bound = to_bind,
                 unschedulable = failed,
+                plan_ms = planned_ms,
                 ms = started.elapsed().as_millis() as u64,
                 "scheduling pass"
             );
         }
+        let flushing = Instant::now();
         flush_events(cluster.as_ref(), &events).await;
+        tracing::trace!(ms = flushing.elapsed().as_millis() as u64, "events written");
         if decided.more {
             // More pods wait: the next pass starts at once (its bindings are assumed).
             continue;
@@ -220,47 +224,81 @@ fn record(events: &Mutex<Recorder>, pod: &Value, warning: bool, reason: &str, me
     events.lock().expect("not poisoned").record(&Involved::pod(pod, ""), warning, reason, message, now_seconds());
 }
 
-/// Writes the pending Events (best effort: one failure leaves the rest for the next pass).
+/// Events written at once.
+const EVENT_CONCURRENCY: usize = 32;
+
+/// Writes the pending Events, a bounded number at once (best effort: those that fail stay
+/// pending for the next pass).
 pub async fn flush_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) {
-    let batch = events.lock().expect("not poisoned").peek(256);
+    let batch = events.lock().expect("not poisoned").peek(1024);
     let mut written = Vec::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     for event in batch {
-        if let Err(e) = cluster.put_event(event.clone()).await {
-            tracing::debug!(error = %e, "an event was not written");
-            break;
+        if in_flight.len() >= EVENT_CONCURRENCY
+            && let Some(done) = in_flight.next().await
+        {
+            written.extend(done);
         }
-        written.push(event);
+        in_flight.push(put_event(cluster, event));
+    }
+    while let Some(done) = in_flight.next().await {
+        written.extend(done);
     }
     events.lock().expect("not poisoned").written(&written);
 }
 
-/// Binds the pods, a bounded number at once; returns (uid, node) of those bound.
+async fn put_event<C: Cluster>(cluster: &C, event: Value) -> Option<Value> {
+    match cluster.put_event(event.clone()).await {
+        Ok(()) => Some(event),
+        Err(e) => {
+            tracing::debug!(error = %e, "an event was not written");
+            None
+        }
+    }
+}
+
+/// Binds the pods, a bounded number in flight at once (the store puts many bindings in one
+/// Raft entry); returns (uid, node) of those bound.
 async fn bind_all<C: Cluster>(
     cluster: &C,
     binds: &[(Arc<Value>, String)],
     events: &Mutex<Recorder>,
 ) -> Vec<(String, String)> {
     let mut done = Vec::new();
-    for chunk in binds.chunks(BIND_CONCURRENCY) {
-        let calls = chunk.iter().map(|(pod, node)| async move {
-            let (ns, name, uid) =
-                (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"), text(pod, "/metadata/uid"));
-            (pod, node, cluster.bind(ns, name, uid, node).await)
-        });
-        for (pod, node, result) in futures::future::join_all(calls).await {
-            let (ns, name) = (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"));
-            match result {
-                Ok(()) => {
-                    record(events, pod, false, "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"));
-                    done.push((text(pod, "/metadata/uid").to_string(), node.clone()));
-                }
-                // Bound or deleted meanwhile: the informer will say.
-                Err(ClusterError::Conflict(_)) | Err(ClusterError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(pod = %name, node = %node, error = %e, "binding failed; trying again"),
-            }
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    for (pod, node) in binds {
+        if in_flight.len() >= BIND_CONCURRENCY
+            && let Some(bound) = in_flight.next().await
+        {
+            done.extend(bound);
         }
+        in_flight.push(bind_one(cluster, events, pod, node));
+    }
+    while let Some(bound) = in_flight.next().await {
+        done.extend(bound);
     }
     done
+}
+
+async fn bind_one<C: Cluster>(
+    cluster: &C,
+    events: &Mutex<Recorder>,
+    pod: &Value,
+    node: &str,
+) -> Option<(String, String)> {
+    let (ns, name, uid) = (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"), text(pod, "/metadata/uid"));
+    match cluster.bind(ns, name, uid, node).await {
+        Ok(()) => {
+            record(events, pod, false, "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"));
+            Some((uid.to_string(), node.to_string()))
+        }
+        // Bound or deleted meanwhile: the informer will say.
+        Err(ClusterError::Conflict(_)) | Err(ClusterError::NotFound(_)) => None,
+        Err(e) => {
+            tracing::warn!(pod = %name, node = %node, error = %e, "binding failed; trying again");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_api::meta::JsonAt;
 use corral_api::quantity::Quantity;
 use serde_json::{Value, json};
 
@@ -37,11 +38,11 @@ pub enum Action {
 }
 
 fn storage(obj: &Value, pointer: &str) -> Option<Quantity> {
-    obj.pointer(pointer).and_then(Quantity::from_json)
+    obj.at(pointer).and_then(Quantity::from_json)
 }
 
 fn strings(obj: &Value, pointer: &str) -> HashSet<String> {
-    corral_api::meta::string_list(obj.pointer(pointer)).into_iter().collect()
+    corral_api::meta::string_list(obj.at(pointer)).into_iter().collect()
 }
 
 fn class(obj: &Value) -> &str {
@@ -63,7 +64,7 @@ pub fn satisfies(pv: &Value, pvc: &Value) -> bool {
         (_, None) => true,
         (None, Some(_)) => false,
     };
-    let selector_ok = match pvc.pointer("/spec/selector") {
+    let selector_ok = match pvc.at("/spec/selector") {
         Some(s) if s.is_object() => corral_scheduler::plugins::parse_selector(Some(s)).is_some_and(|s| s.matches(pv)),
         _ => true,
     };
@@ -71,7 +72,7 @@ pub fn satisfies(pv: &Value, pvc: &Value) -> bool {
 }
 
 fn claim_key(pv: &Value) -> Option<(String, String)> {
-    let r = pv.pointer("/spec/claimRef")?;
+    let r = pv.at("/spec/claimRef")?;
     Some((text(r, "/namespace").to_string(), text(r, "/name").to_string()))
 }
 
@@ -98,8 +99,8 @@ fn with_phase(obj: &Value, phase: &str) -> Option<Value> {
 fn bound_claim_status(pvc: &Value, pv: &Value) -> Option<Value> {
     let mut status = pvc.get("status").cloned().unwrap_or_else(|| json!({}));
     status["phase"] = json!("Bound");
-    status["accessModes"] = pv.pointer("/spec/accessModes").cloned().unwrap_or(json!([]));
-    status["capacity"] = pv.pointer("/spec/capacity").cloned().unwrap_or(json!({}));
+    status["accessModes"] = pv.at("/spec/accessModes").cloned().unwrap_or(json!([]));
+    status["capacity"] = pv.at("/spec/capacity").cloned().unwrap_or(json!({}));
     if pvc.get("status") == Some(&status) {
         return None;
     }
@@ -134,7 +135,7 @@ pub fn plan(pvs: &[Arc<Value>], pvcs: &[Arc<Value>]) -> Vec<Action> {
                     actions.extend(with_phase(pv, "Bound").map(Action::VolumePhase));
                 } else if !volume_name.is_empty() {
                     // The claim went to another volume: a binding this controller made is undone.
-                    let ours = pv.pointer("/metadata/annotations").and_then(|a| a.get(BOUND_BY_CONTROLLER));
+                    let ours = pv.at("/metadata/annotations").and_then(|a| a.get(BOUND_BY_CONTROLLER));
                     if ours.is_some() {
                         let mut freed = (**pv).clone();
                         freed["spec"].as_object_mut().map(|s| s.remove("claimRef"));
@@ -157,8 +158,7 @@ pub fn plan(pvs: &[Arc<Value>], pvcs: &[Arc<Value>]) -> Vec<Action> {
         }
     }
 
-    let mut pending: Vec<&Arc<Value>> =
-        pvcs.iter().filter(|c| c.pointer("/metadata/deletionTimestamp").is_none()).collect();
+    let mut pending: Vec<&Arc<Value>> = pvcs.iter().filter(|c| c.at("/metadata/deletionTimestamp").is_none()).collect();
     pending.sort_by_key(|c| text(c, "/metadata/creationTimestamp").to_string());
     for pvc in pending {
         let (ns, claim) = (text(pvc, "/metadata/namespace"), text(pvc, "/metadata/name"));
@@ -174,7 +174,7 @@ pub fn plan(pvs: &[Arc<Value>], pvcs: &[Arc<Value>]) -> Vec<Action> {
                 Some(pv) if refers_here(pv) && !text(pv, "/spec/claimRef/uid").is_empty() => {
                     actions.extend(bound_claim_status(pvc, pv).map(Action::ClaimPhase));
                 }
-                Some(pv) if pv.pointer("/spec/claimRef").is_none() || refers_here(pv) => {
+                Some(pv) if pv.at("/spec/claimRef").is_none() || refers_here(pv) => {
                     // The claim names the volume: the volume is bound to it.
                     actions.push(Action::Volume(bind_volume(pv, pvc)));
                     taken.insert(volume_name.to_string());
@@ -187,8 +187,8 @@ pub fn plan(pvs: &[Arc<Value>], pvcs: &[Arc<Value>]) -> Vec<Action> {
         let prebound = pvs.iter().find(|pv| refers_here(pv) && satisfies(pv, pvc));
         let chosen = prebound.or_else(|| {
             pvs.iter()
-                .filter(|pv| pv.pointer("/spec/claimRef").is_none() && !taken.contains(text(pv, "/metadata/name")))
-                .filter(|pv| pv.pointer("/metadata/deletionTimestamp").is_none() && satisfies(pv, pvc))
+                .filter(|pv| pv.at("/spec/claimRef").is_none() && !taken.contains(text(pv, "/metadata/name")))
+                .filter(|pv| pv.at("/metadata/deletionTimestamp").is_none() && satisfies(pv, pvc))
                 .min_by_key(|pv| (storage(pv, "/spec/capacity/storage"), text(pv, "/metadata/name").to_string()))
         });
         let Some(pv) = chosen else {
@@ -215,7 +215,7 @@ fn bind_volume(pv: &Value, pvc: &Value) -> Value {
         "namespace": text(pvc, "/metadata/namespace"), "name": text(pvc, "/metadata/name"),
         "uid": text(pvc, "/metadata/uid"), "resourceVersion": text(pvc, "/metadata/resourceVersion"),
     });
-    if pv.pointer("/spec/claimRef").is_none() {
+    if pv.at("/spec/claimRef").is_none() {
         annotate(&mut bound, BOUND_BY_CONTROLLER);
     }
     bound
@@ -253,7 +253,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
             _ = changes.1 => {}
             _ = tokio::time::sleep(RESYNC) => {}
         }
-        crate::informer::pace(worked, DEBOUNCE).await;
+        crate::informer::pace(worked, DEBOUNCE, 0.1).await;
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use corral_api::meta::JsonAt;
 use corral_api::meta::str_at as text;
 use corral_api::selector::LabelSelector;
 use serde_json::Value;
@@ -41,7 +42,7 @@ pub fn scores() -> Vec<Box<dyn ScorePlugin>> {
 }
 
 fn array<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = &'a Value> {
-    v.pointer(pointer).and_then(Value::as_array).into_iter().flatten()
+    v.at(pointer).and_then(Value::as_array).into_iter().flatten()
 }
 
 /// A node selector requirement against a label map: a label selector's operators, and Gt
@@ -106,8 +107,8 @@ pub fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
     })
 }
 
-fn tolerations(pod: &PodInfo) -> Vec<Value> {
-    array(pod.spec(), "/tolerations").cloned().collect()
+fn tolerations(pod: &PodInfo) -> &[Value] {
+    pod.spec().get("tolerations").and_then(Value::as_array).map_or(&[], Vec::as_slice)
 }
 
 fn taints(node: &NodeInfo) -> impl Iterator<Item = &Value> {
@@ -122,9 +123,11 @@ impl FilterPlugin for NodeUnschedulable {
     }
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> Result<(), Reasons> {
-        let cordoned = node.spec().get("unschedulable").and_then(Value::as_bool) == Some(true);
+        if node.spec().get("unschedulable").and_then(Value::as_bool) != Some(true) {
+            return Ok(());
+        }
         let taint = serde_json::json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
-        if cordoned && !tolerates(&tolerations(pod), &taint) {
+        if !tolerates(tolerations(pod), &taint) {
             return Err(vec!["node(s) were unschedulable".into()]);
         }
         Ok(())
@@ -156,7 +159,7 @@ impl FilterPlugin for TaintToleration {
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> Result<(), Reasons> {
         let tolerations = tolerations(pod);
         let untolerated = taints(node)
-            .find(|t| matches!(text(t, "/effect"), "NoSchedule" | "NoExecute") && !tolerates(&tolerations, t));
+            .find(|t| matches!(text(t, "/effect"), "NoSchedule" | "NoExecute") && !tolerates(tolerations, t));
         match untolerated {
             Some(t) => {
                 Err(vec![format!("node(s) had untolerated taint {{{}: {}}}", text(t, "/key"), text(t, "/value"))])
@@ -175,7 +178,7 @@ pub fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
         .into_iter()
         .flatten()
         .all(|(k, v)| node.labels.get(k).map(String::as_str) == v.as_str());
-    let required = pod.spec().pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution");
+    let required = pod.spec().at("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution");
     let affinity_ok = required.is_none_or(|r| array(r, "/nodeSelectorTerms").any(|t| term_matches(t, node)));
     selector_ok && affinity_ok
 }
@@ -207,7 +210,7 @@ impl FilterPlugin for VolumeBinding {
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
         let mut reasons = Vec::new();
-        for claim in array(pod.spec(), "/volumes").filter_map(|v| v.pointer("/persistentVolumeClaim/claimName")) {
+        for claim in array(pod.spec(), "/volumes").filter_map(|v| v.at("/persistentVolumeClaim/claimName")) {
             let claim = claim.as_str().unwrap_or_default();
             let Some(pvc) = snapshot.claims.get(&format!("{}/{claim}", pod.namespace)) else {
                 reasons.push(format!("persistentvolumeclaim {claim:?} not found"));
@@ -218,7 +221,7 @@ impl FilterPlugin for VolumeBinding {
                 reasons.push("pod has unbound immediate PersistentVolumeClaims".to_string());
                 continue;
             }
-            let required = snapshot.volumes.get(volume).and_then(|pv| pv.pointer("/spec/nodeAffinity/required"));
+            let required = snapshot.volumes.get(volume).and_then(|pv| pv.at("/spec/nodeAffinity/required"));
             if required.is_some_and(|r| !array(r, "/nodeSelectorTerms").any(|t| term_matches(t, node))) {
                 reasons.push("node(s) had volume node affinity conflict".to_string());
             }
@@ -287,7 +290,7 @@ fn any_in_domain(term: &Value, owner_namespace: &str, node: &NodeInfo, snapshot:
 }
 
 fn required_terms<'a>(pod: &'a PodInfo, kind: &str) -> impl Iterator<Item = &'a Value> {
-    let terms = pod.object.pointer("/spec/affinity").and_then(|a| a.get(kind));
+    let terms = pod.object.at("/spec/affinity").and_then(|a| a.get(kind));
     terms
         .and_then(|t| t.get("requiredDuringSchedulingIgnoredDuringExecution"))
         .and_then(Value::as_array)
@@ -479,7 +482,7 @@ impl ScorePlugin for PreferNoScheduleTaints {
     }
     fn score(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> i64 {
         let tolerations = tolerations(pod);
-        taints(node).filter(|t| text(t, "/effect") == "PreferNoSchedule" && !tolerates(&tolerations, t)).count() as i64
+        taints(node).filter(|t| text(t, "/effect") == "PreferNoSchedule" && !tolerates(tolerations, t)).count() as i64
     }
 }
 

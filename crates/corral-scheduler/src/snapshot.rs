@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use corral_api::meta::JsonAt;
 use corral_api::meta::{str_at as text, string_map};
 use corral_api::quantity::Quantity;
 use serde_json::Value;
@@ -76,18 +77,18 @@ pub struct PodInfo {
 impl PodInfo {
     pub fn new(pod: Arc<Value>) -> Self {
         let mut sum = Resources::default();
-        for c in pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten() {
-            sum.add(&Resources::of(c.pointer("/resources/requests")));
+        for c in pod.at("/spec/containers").and_then(Value::as_array).into_iter().flatten() {
+            sum.add(&Resources::of(c.at("/resources/requests")));
         }
         let mut init = Resources::default();
-        for c in pod.pointer("/spec/initContainers").and_then(Value::as_array).into_iter().flatten() {
-            init = init.max(Resources::of(c.pointer("/resources/requests")));
+        for c in pod.at("/spec/initContainers").and_then(Value::as_array).into_iter().flatten() {
+            init = init.max(Resources::of(c.at("/resources/requests")));
         }
         let mut requests = sum.max(init);
-        requests.add(&Resources::of(pod.pointer("/spec/overhead")));
+        requests.add(&Resources::of(pod.at("/spec/overhead")));
         requests.pods = 1;
         let owner = pod
-            .pointer("/metadata/ownerReferences")
+            .at("/metadata/ownerReferences")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -98,7 +99,7 @@ impl PodInfo {
             if requests.memory == 0 { DEFAULT_MEMORY } else { requests.memory },
         );
         let required_anti_affinity = pod
-            .pointer("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+            .at("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
             .and_then(Value::as_array)
             .is_some_and(|terms| !terms.is_empty());
         PodInfo {
@@ -107,7 +108,7 @@ impl PodInfo {
             namespace: text(&pod, "/metadata/namespace").to_string(),
             name: text(&pod, "/metadata/name").to_string(),
             uid: text(&pod, "/metadata/uid").to_string(),
-            labels: string_map(pod.pointer("/metadata/labels")),
+            labels: string_map(pod.at("/metadata/labels")),
             requests,
             owner,
             node_name: text(&pod, "/spec/nodeName").to_string(),
@@ -137,13 +138,13 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     pub fn new(node: Arc<Value>) -> Self {
-        let mut allocatable = Resources::of(node.pointer("/status/allocatable"));
-        if node.pointer("/status/allocatable/pods").is_none() {
+        let mut allocatable = Resources::of(node.at("/status/allocatable"));
+        if node.at("/status/allocatable/pods").is_none() {
             allocatable.pods = DEFAULT_MAX_PODS;
         }
         NodeInfo {
             name: text(&node, "/metadata/name").to_string(),
-            labels: string_map(node.pointer("/metadata/labels")),
+            labels: string_map(node.at("/metadata/labels")),
             allocatable,
             requested: Resources::default(),
             non_zero_requested: (0, 0),

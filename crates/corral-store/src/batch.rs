@@ -21,8 +21,11 @@ use crate::raft::{Raft, Request};
 const QUEUED_WRITES: usize = 16_384;
 /// Commands in one Raft entry.
 const MAX_BATCH_COMMANDS: usize = 1_024;
-/// Bytes in one Raft entry (etcd's request limit is 1.5 MiB: a batch holds a few).
-const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Bytes in one Raft entry (a larger command, up to etcd's 1.5 MiB limit, goes alone). An
+/// AppendEntries must reach a follower and be fsynced there within openraft's heartbeat
+/// interval or it is cancelled and sent again: entries stay small so a lagging follower
+/// catches up instead of being sent the same megabytes over and over.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Batches proposed but not yet applied, per server. One is best measured (docs/benchmarks.md):
 /// while it is in flight the next batch grows, and the servers' batches still overlap.
 const BATCHES_IN_FLIGHT: usize = 1;

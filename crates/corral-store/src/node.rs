@@ -158,7 +158,9 @@ impl StoreNode {
             election_timeout_min: cfg.election_timeout_min_ms,
             election_timeout_max: cfg.election_timeout_max_ms,
             install_snapshot_timeout: 60_000,
-            max_payload_entries: 512,
+            // At most a few MiB per AppendEntries (entries are at most MAX_BATCH_BYTES):
+            // openraft cancels an AppendEntries after one heartbeat interval.
+            max_payload_entries: 4,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
             max_in_snapshot_log_to_keep: cfg.logs_kept_behind_snapshot,
             purge_batch_size: 256,

@@ -37,9 +37,10 @@ pub struct AgentArgs {
     /// The address other nodes and the servers reach this node at.
     #[arg(long, default_value = "127.0.0.1")]
     pub node_ip: String,
-    /// This node's pod CIDR, for its CNI bridge.
-    #[arg(long, default_value = "10.244.0.0/24")]
-    pub pod_cidr: String,
+    /// This node's pod CIDR, for its CNI bridge (default: the one the cluster's node IPAM
+    /// gives the node; the agent waits for it).
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
     /// The Linux bridge pods attach to.
     #[arg(long, default_value = "cni0")]
     pub bridge: String,
@@ -91,13 +92,28 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     };
 
+    let link = Arc::new(Link::new(&credentials, &args.servers)?);
+    let kubelet_version =
+        format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
+    let pod_cidr = match &args.pod_cidr {
+        Some(cidr) => cidr.clone(),
+        None => {
+            let facts = Facts::gather(&node_name, &args.node_ip, &data_dir, "");
+            let cidr = corral_agent::agent::await_pod_cidr(&link, &facts, &kubelet_version)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(%cidr, "pod CIDR from the cluster");
+            cidr
+        }
+    };
+
     // Images the node was given are never garbage-collected: no registry could restore them.
     let mut pinned_images = vec![corral_image::PAUSE_IMAGE.to_string()];
     let runtime = match &args.containerd_socket {
         Some(socket) => CriClient::new(socket).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => {
             let layout = Layout::new(&data_dir.join("containerd"));
-            let cni = containerd::cni_bridge_config(&args.bridge, &args.pod_cidr, true, &data_dir.join("cni-ipam"));
+            let cni = containerd::cni_bridge_config(&args.bridge, &pod_cidr, true, &data_dir.join("cni-ipam"));
             let client = containerd::ensure_running(&layout, &cni, Duration::from_secs(30)).await?;
             let images = args.images_dir.clone().unwrap_or_else(|| data_dir.join("images"));
             let started = Instant::now();
@@ -110,7 +126,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let version = runtime.version().await.context("asking the container runtime its version")?;
     let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
 
-    let link = Arc::new(Link::new(&credentials, &args.servers)?);
     let node = NodeConfig {
         node_name: node_name.clone(),
         host_ip: args.node_ip.clone(),
@@ -129,8 +144,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;
         facts.labels.push((k.to_string(), v.to_string()));
     }
-    let kubelet_version =
-        format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
     let agent = Agent::new(worker, link, facts, &kubelet_version);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(agent.run(stop_rx));

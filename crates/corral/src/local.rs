@@ -51,9 +51,10 @@ pub struct UpArgs {
     /// Servers serve only the etcd API: Corral as a drop-in etcd, no Kubernetes objects.
     #[arg(long)]
     pub etcd_only: bool,
-    /// Pods' addresses: each agent gets a /24 of it.
-    #[arg(long, default_value = "10.244.0.0/16")]
-    pub cluster_cidr: String,
+    /// Pods' addresses (passed to every server; default 10.244.0.0/16): the servers' node
+    /// IPAM gives each node a /24 of it.
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
     /// A node silent this long is marked NotReady (passed to every server; default 40s).
     #[arg(long)]
     pub node_monitor_grace_period: Option<String>,
@@ -94,7 +95,6 @@ pub struct ClusterRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub name: String,
-    pub pod_cidr: String,
     pub bridge: String,
     pub pid: Option<u32>,
 }
@@ -223,6 +223,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if args.etcd_only {
         flags.push("--etcd-only".to_string());
     }
+    if let Some(cidr) = &args.cluster_cidr {
+        let parsed =
+            corral_controllers::nodeipam::Cidr::parse(cidr).map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?;
+        if parsed.prefix > 22 {
+            bail!("--cluster-cidr {cidr}: too small for more than a few nodes (each gets a /24): use a /16");
+        }
+        flags.extend(["--cluster-cidr".to_string(), cidr.clone()]);
+    }
     if let Some(grace) = &args.node_monitor_grace_period {
         flags.extend(["--node-monitor-grace-period".to_string(), grace.clone()]);
     }
@@ -326,11 +334,6 @@ fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
 async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, progress: &mut Progress) -> Result<()> {
     let count = args.agents;
     let timeout = Duration::from_secs(args.timeout_s);
-    let (net, prefix) = args.cluster_cidr.split_once('/').unwrap_or((&args.cluster_cidr, ""));
-    let octets: Vec<u8> = net.split('.').filter_map(|o| o.parse().ok()).collect();
-    if octets.len() != 4 || prefix != "16" {
-        bail!("--cluster-cidr {}: want an IPv4 /16 (each agent gets one /24 of it)", args.cluster_cidr);
-    }
     // Bridges are named after the state directory, so two local clusters never share one.
     let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
     progress.start("images");
@@ -355,12 +358,7 @@ async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, pro
     progress.start(&format!("starting {count} agents"));
     if record.agents.len() != count {
         record.agents = (0..count)
-            .map(|i| AgentRecord {
-                name: format!("a{}", i + 1),
-                pod_cidr: format!("{}.{}.{}.0/24", octets[0], octets[1], i + 1),
-                bridge: format!("cr{tag:04x}-a{}", i + 1),
-                pid: None,
-            })
+            .map(|i| AgentRecord { name: format!("a{}", i + 1), bridge: format!("cr{tag:04x}-a{}", i + 1), pid: None })
             .collect();
     }
     let servers: Vec<String> =
@@ -393,7 +391,7 @@ fn spawn_agent(dir: &Path, agent: &AgentRecord, servers: &[String], token: &Path
         .arg(token)
         .arg("--images-dir")
         .arg(images)
-        .args(["--pod-cidr", &agent.pod_cidr, "--bridge", &agent.bridge]);
+        .args(["--bridge", &agent.bridge]);
     Ok(cmd.spawn().context("starting corral agent")?.id())
 }
 

@@ -110,6 +110,15 @@ pub struct ServerArgs {
     /// Seconds a new pod tolerates an unreachable node before it is evicted.
     #[arg(long, default_value_t = 300)]
     pub default_unreachable_toleration_seconds: i64,
+    /// Pods' addresses: node IPAM gives each node a subnet of it.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// The prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
+    /// Give nodes pod CIDRs (false: agents are given theirs with --pod-cidr).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub allocate_node_cidrs: bool,
 }
 
 /// `40s`, `2m`, `1h` or plain seconds.
@@ -180,7 +189,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let mut peer_server = Server::builder();
+    // openraft cancels an AppendEntries or heartbeat that takes longer than its heartbeat
+    // interval, and each cancel resets an HTTP/2 stream. h2 answers more than 20 such resets
+    // of streams not yet accepted (its rapid-reset guard) by closing the connection, which
+    // cuts a busy leader off from its followers just when they lag. Peers are authenticated
+    // servers of this cluster: the guard is set far above what replication produces.
+    let mut peer_server = Server::builder().http2_max_pending_accept_reset_streams(Some(100_000));
     let mut client_server = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(dir) = &args.tls_dir {
         peer_server = peer_server.tls_config(tls::server_config(dir, "server")?)?;
@@ -280,24 +294,39 @@ async fn start_api(
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
     let grace = args.node_monitor_grace_period;
+    let cluster_cidr = corral_controllers::nodeipam::Cidr::parse(&args.cluster_cidr)
+        .and_then(|c| corral_controllers::nodeipam::Allocator::new(c, args.node_cidr_mask_size).map(|_| c))
+        .map_err(|e| anyhow::anyhow!("{e}: fix --cluster-cidr or --node-cidr-mask-size"))?;
+    let (node_cidr_size, allocate_cidrs) = (args.node_cidr_mask_size, args.allocate_node_cidrs);
     let leader_store = store.clone();
+    let term_runtime = corral_controllers::leader::control_runtime().context("starting the controllers' runtime")?;
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
         let informers = corral_controllers::informer::Informers::new(cluster.clone());
-        vec![
-            tokio::spawn(corral_controllers::scheduling::run(cluster.clone(), informers.clone(), name.clone())),
-            tokio::spawn(corral_controllers::replicaset::run(cluster.clone(), informers.clone(), name.clone())),
-            tokio::spawn(corral_controllers::deployment::run(cluster.clone(), informers.clone(), name.clone())),
-            tokio::spawn(corral_controllers::nodelifecycle::run(
+        let mut tasks = vec![
+            term_runtime.spawn(corral_controllers::scheduling::run(cluster.clone(), informers.clone(), name.clone())),
+            term_runtime.spawn(corral_controllers::replicaset::run(cluster.clone(), informers.clone(), name.clone())),
+            term_runtime.spawn(corral_controllers::deployment::run(cluster.clone(), informers.clone(), name.clone())),
+            term_runtime.spawn(corral_controllers::nodelifecycle::run(
                 cluster.clone(),
                 informers.clone(),
                 name.clone(),
                 grace,
             )),
-            tokio::spawn(corral_controllers::endpoints::run(cluster.clone(), informers.clone())),
-            tokio::spawn(corral_controllers::volumes::run(cluster.clone(), informers.clone())),
-            tokio::spawn(corral_controllers::gc::run(cluster.clone(), informers)),
-            tokio::spawn(corral_apiserver::namespaces::run_controller(leader_store.clone())),
-        ]
+            term_runtime.spawn(corral_controllers::endpoints::run(cluster.clone(), informers.clone())),
+            term_runtime.spawn(corral_controllers::volumes::run(cluster.clone(), informers.clone())),
+            term_runtime.spawn(corral_controllers::gc::run(cluster.clone(), informers.clone())),
+            term_runtime.spawn(corral_apiserver::namespaces::run_controller(leader_store.clone())),
+        ];
+        if allocate_cidrs {
+            let allocator =
+                corral_controllers::nodeipam::Allocator::new(cluster_cidr, node_cidr_size).expect("checked at start");
+            tasks.push(term_runtime.spawn(corral_controllers::nodeipam::run(
+                cluster.clone(),
+                informers.clone(),
+                allocator,
+            )));
+        }
+        tasks
     }));
     tokio::spawn(async move {
         for _ in 0..600 {

@@ -430,9 +430,12 @@ impl AgentEndpoint {
     }
 
     async fn lookup(&self, node: &str, lookup: Lookup) -> AgentResponse {
-        const ALLOWED: &[&str] = &["configmaps", "secrets", "persistentvolumeclaims", "persistentvolumes"];
+        const ALLOWED: &[&str] = &["configmaps", "secrets", "persistentvolumeclaims", "persistentvolumes", "nodes"];
         if !ALLOWED.contains(&lookup.plural.as_str()) {
             return refused(format!("agents may not read {}", lookup.plural));
+        }
+        if lookup.plural == "nodes" && lookup.name != node {
+            return refused(format!("node {node} may read only its own Node, not {}", lookup.name));
         }
         let r = route(&lookup.plural, None, None).resource;
         let namespace = r.namespaced.then_some(lookup.namespace.as_str());
@@ -450,6 +453,7 @@ impl AgentEndpoint {
             _ => (r.plural, lookup.namespace.clone(), lookup.name.clone()),
         };
         match self.node_refers(node, plural, &ns, &name).await {
+            _ if plural == "nodes" => {}
             Ok(true) => {}
             Ok(false) => {
                 return refused(format!(

@@ -189,15 +189,7 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         args.pods
     );
     // A previous run's namespace may still be going away.
-    for _ in 0..120 {
-        let (status, body) = client.call(Method::GET, &format!("/api/v1/namespaces/{NS}"), None, JSON).await?;
-        let terminating = status.is_success()
-            && serde_json::from_slice::<Value>(&body).is_ok_and(|n| n.pointer("/metadata/deletionTimestamp").is_some());
-        if !terminating {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    namespace_gone(&client).await?;
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
     expect_ok(&client, Method::POST, "/api/v1/namespaces", &ns, JSON).await?;
 
@@ -387,6 +379,25 @@ async fn cleanup(client: &Client, nodes: usize) -> Result<()> {
         }
     })
     .await?;
+    namespace_gone(client).await?;
     println!("removed the namespace, the hollow nodes and their leases in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Waits until the benchmark's namespace is gone or was never there (its content is deleted
+/// first), at most five minutes.
+async fn namespace_gone(client: &Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (status, body) = client.call(Method::GET, &format!("/api/v1/namespaces/{NS}"), None, JSON).await?;
+        let terminating = status.is_success()
+            && serde_json::from_slice::<Value>(&body).is_ok_and(|n| n.pointer("/metadata/deletionTimestamp").is_some());
+        if !terminating {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("namespace {NS} is still being deleted after 5 minutes; try again later");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
