@@ -17,6 +17,12 @@ pub trait FilterPlugin: Send + Sync {
     /// Whether `node` may take `pod`; `snapshot` is the whole cluster, for plugins that
     /// look at other nodes' pods (affinity, spreading).
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons>;
+    /// Whether the plugin can refuse any node for this pod (Kubernetes' PreFilter "Skip"):
+    /// asked once per pod, so a pod with no volumes, affinity or spread constraints is not
+    /// looked at again for every node by the plugins that judge those.
+    fn relevant(&self, _pod: &PodInfo, _snapshot: &Snapshot) -> bool {
+        true
+    }
 }
 
 /// How a plugin's raw scores become 0..=100 across the feasible nodes.
@@ -37,6 +43,11 @@ pub trait ScorePlugin: Send + Sync {
     fn weight(&self) -> i64;
     fn normalize(&self) -> Normalize;
     fn score(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> i64;
+    /// Whether the plugin can score nodes differently for this pod (PreScore "Skip"); a
+    /// plugin that cannot adds the same to every node and is left out.
+    fn relevant(&self, _pod: &PodInfo, _snapshot: &Snapshot) -> bool {
+        true
+    }
 }
 
 /// Where a pod goes.
@@ -113,12 +124,14 @@ impl Framework {
         let enough = nodes_to_find(n);
         let start = if n == 0 { 0 } else { self.next_start.load(Ordering::Relaxed) % n };
         let mut looked = 0;
+        let filters: Vec<&dyn FilterPlugin> =
+            self.filters.iter().map(|f| f.as_ref()).filter(|f| f.relevant(pod, snapshot)).collect();
         'nodes: for node in snapshot.nodes[start..].iter().chain(&snapshot.nodes[..start]) {
             if feasible.len() >= enough {
                 break;
             }
             looked += 1;
-            for f in &self.filters {
+            for f in &filters {
                 if let Err(why) = f.filter(pod, node, snapshot) {
                     for r in why {
                         *reasons.entry(r).or_default() += 1;
@@ -143,7 +156,7 @@ impl Framework {
         let feasible = self.feasible(pod, snapshot)?;
         let mut totals = vec![0i64; feasible.len()];
         if feasible.len() > 1 {
-            for plugin in &self.scores {
+            for plugin in self.scores.iter().filter(|s| s.relevant(pod, snapshot)) {
                 let raw: Vec<i64> = feasible.iter().map(|n| plugin.score(pod, n, snapshot)).collect();
                 for (total, s) in totals.iter_mut().zip(normalize(plugin.normalize(), &raw)) {
                     *total += s * plugin.weight();

@@ -141,6 +141,10 @@ impl FilterPlugin for NodeName {
         "NodeName"
     }
 
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        !pod.node_name.is_empty()
+    }
+
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> Result<(), Reasons> {
         if !pod.node_name.is_empty() && pod.node_name != node.name {
             return Err(vec!["node(s) didn't match the requested node name".into()]);
@@ -190,6 +194,11 @@ impl FilterPlugin for NodeAffinity {
         "NodeAffinity"
     }
 
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        pod.spec().get("nodeSelector").and_then(Value::as_object).is_some_and(|m| !m.is_empty())
+            || pod.spec().at("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution").is_some()
+    }
+
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> Result<(), Reasons> {
         if node_affinity_matches(pod, node) {
             Ok(())
@@ -206,6 +215,10 @@ pub struct VolumeBinding;
 impl FilterPlugin for VolumeBinding {
     fn name(&self) -> &'static str {
         "VolumeBinding"
+    }
+
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        array(pod.spec(), "/volumes").any(|v| v.get("persistentVolumeClaim").is_some())
     }
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
@@ -305,6 +318,14 @@ impl FilterPlugin for InterPodAffinity {
         "InterPodAffinity"
     }
 
+    fn relevant(&self, pod: &PodInfo, snapshot: &Snapshot) -> bool {
+        let own = pod
+            .spec()
+            .at("/affinity")
+            .is_some_and(|a| a.get("podAffinity").is_some() || a.get("podAntiAffinity").is_some());
+        own || snapshot.anti_affinity_pods > 0
+    }
+
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
         // Existing pods' anti-affinity against this one, in this node's domain (only the
         // pods that have such terms are looked at: usually none).
@@ -348,6 +369,10 @@ pub struct PodTopologySpread;
 impl FilterPlugin for PodTopologySpread {
     fn name(&self) -> &'static str {
         "PodTopologySpread"
+    }
+
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        array(pod.spec(), "/topologySpreadConstraints").next().is_some()
     }
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, snapshot: &Snapshot) -> Result<(), Reasons> {
@@ -436,6 +461,10 @@ impl ScorePlugin for SelectorSpread {
     fn name(&self) -> &'static str {
         "SelectorSpread"
     }
+
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        pod.owner.is_some()
+    }
     fn weight(&self) -> i64 {
         2
     }
@@ -453,6 +482,10 @@ pub struct PreferredNodeAffinity;
 impl ScorePlugin for PreferredNodeAffinity {
     fn name(&self) -> &'static str {
         "NodeAffinity"
+    }
+
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        array(pod.spec(), "/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution").next().is_some()
     }
     fn weight(&self) -> i64 {
         2
@@ -491,6 +524,14 @@ pub struct PreferredPodAffinity;
 impl ScorePlugin for PreferredPodAffinity {
     fn name(&self) -> &'static str {
         "InterPodAffinity"
+    }
+
+    fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
+        ["podAffinity", "podAntiAffinity"].iter().any(|kind| {
+            array(pod.spec(), &format!("/affinity/{kind}/preferredDuringSchedulingIgnoredDuringExecution"))
+                .next()
+                .is_some()
+        })
     }
     fn weight(&self) -> i64 {
         2
@@ -542,6 +583,24 @@ mod tests {
             p["spec"][k] = v.clone();
         }
         PodInfo::new(Arc::new(p))
+    }
+
+    #[test]
+    fn plugins_a_pod_gives_nothing_to_judge_are_skipped() {
+        let snapshot = Snapshot::new(vec![node("n1", "1", json!({}))], vec![]);
+        let plain = pod("plain", json!({}));
+        let skipped: Vec<&str> =
+            super::filters().iter().filter(|f| !f.relevant(&plain, &snapshot)).map(|f| f.name()).collect();
+        assert_eq!(skipped, ["NodeName", "NodeAffinity", "InterPodAffinity", "PodTopologySpread", "VolumeBinding"]);
+        let rich = pod(
+            "rich",
+            json!({
+            "nodeName": "n1", "nodeSelector": {"disk": "ssd"},
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}],
+            "affinity": {"podAntiAffinity": {}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]}),
+        );
+        assert!(super::filters().iter().all(|f| f.relevant(&rich, &snapshot)));
     }
 
     fn cluster(nodes: Vec<Arc<Value>>) -> Snapshot {

@@ -92,14 +92,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     };
 
-    let link = Arc::new(Link::new(&credentials, &args.servers)?);
     let kubelet_version =
         format!("v1.{}.0+corral-{}", corral_apiserver::discovery::KUBE_MINOR, env!("CARGO_PKG_VERSION"));
     let pod_cidr = match &args.pod_cidr {
         Some(cidr) => cidr.clone(),
         None => {
+            // A link of its own: the one the agent keeps must be made after the handler of the
+            // servers' log, exec and port-forward streams is in place.
+            let bootstrap = Arc::new(Link::new(&credentials, &args.servers)?);
             let facts = Facts::gather(&node_name, &args.node_ip, &data_dir, "");
-            let cidr = corral_agent::agent::await_pod_cidr(&link, &facts, &kubelet_version)
+            let cidr = corral_agent::agent::await_pod_cidr(&bootstrap, &facts, &kubelet_version)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             tracing::info!(%cidr, "pod CIDR from the cluster");
@@ -126,6 +128,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let version = runtime.version().await.context("asking the container runtime its version")?;
     let runtime_version = format!("{}://{}", version.runtime_name, version.runtime_version);
 
+    let link = Arc::new(Link::new(&credentials, &args.servers)?);
     let node = NodeConfig {
         node_name: node_name.clone(),
         host_ip: args.node_ip.clone(),
