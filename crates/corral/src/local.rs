@@ -411,6 +411,13 @@ async fn wait_nodes_ready(dir: &Path, api_url: &str, names: &[String], timeout: 
                         .and_then(|c| c.as_array())
                         .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
                 })
+                // Ready, and the node controller has lifted the not-ready taint a node
+                // registers with: until then nothing is scheduled there.
+                .filter(|n| {
+                    !n.pointer("/spec/taints")
+                        .and_then(|t| t.as_array())
+                        .is_some_and(|t| t.iter().any(|t| t["key"] == "node.kubernetes.io/not-ready"))
+                })
                 .filter_map(|n| n.pointer("/metadata/name").and_then(|v| v.as_str()))
                 .collect();
             missing = names.iter().filter(|n| !ready.contains(&n.as_str())).cloned().collect();
