@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod hpa;
 pub mod informer;
 pub mod leader;
 pub mod nodeipam;
