@@ -112,7 +112,7 @@ fn tolerations(pod: &PodInfo) -> &[Value] {
 }
 
 fn taints(node: &NodeInfo) -> impl Iterator<Item = &Value> {
-    array(node.spec(), "/taints")
+    node.taints.iter()
 }
 
 pub struct NodeUnschedulable;
@@ -123,7 +123,7 @@ impl FilterPlugin for NodeUnschedulable {
     }
 
     fn filter(&self, pod: &PodInfo, node: &NodeInfo, _: &Snapshot) -> Result<(), Reasons> {
-        if node.spec().get("unschedulable").and_then(Value::as_bool) != Some(true) {
+        if !node.unschedulable {
             return Ok(());
         }
         let taint = serde_json::json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
@@ -175,13 +175,7 @@ impl FilterPlugin for TaintToleration {
 
 /// nodeSelector and requiredDuringSchedulingIgnoredDuringExecution, both of them.
 pub fn node_affinity_matches(pod: &PodInfo, node: &NodeInfo) -> bool {
-    let selector_ok = pod
-        .spec()
-        .get("nodeSelector")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .all(|(k, v)| node.labels.get(k).map(String::as_str) == v.as_str());
+    let selector_ok = pod.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v));
     let required = pod.spec().at("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution");
     let affinity_ok = required.is_none_or(|r| array(r, "/nodeSelectorTerms").any(|t| term_matches(t, node)));
     selector_ok && affinity_ok
@@ -195,7 +189,7 @@ impl FilterPlugin for NodeAffinity {
     }
 
     fn relevant(&self, pod: &PodInfo, _: &Snapshot) -> bool {
-        pod.spec().get("nodeSelector").and_then(Value::as_object).is_some_and(|m| !m.is_empty())
+        !pod.node_selector.is_empty()
             || pod.spec().at("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution").is_some()
     }
 

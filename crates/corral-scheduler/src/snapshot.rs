@@ -71,6 +71,8 @@ pub struct PodInfo {
     pub non_zero: (i64, i64),
     /// Whether it has required pod anti-affinity terms (which every later pod must respect).
     pub required_anti_affinity: bool,
+    /// spec.nodeSelector, read once: NodeAffinity asks for every node.
+    pub node_selector: Vec<(String, String)>,
     pub object: Arc<Value>,
 }
 
@@ -112,6 +114,7 @@ impl PodInfo {
             requests,
             owner,
             node_name: text(&pod, "/spec/nodeName").to_string(),
+            node_selector: string_map(pod.at("/spec/nodeSelector")).into_iter().collect(),
             object: pod,
         }
     }
@@ -133,6 +136,9 @@ pub struct NodeInfo {
     /// Pods here with required anti-affinity terms.
     pub anti_affinity_pods: usize,
     pub pods: Vec<Arc<PodInfo>>,
+    /// spec.unschedulable (cordoned) and spec.taints, read once: filters ask for every pod.
+    pub unschedulable: bool,
+    pub taints: Vec<Value>,
     pub object: Arc<Value>,
 }
 
@@ -150,6 +156,8 @@ impl NodeInfo {
             non_zero_requested: (0, 0),
             anti_affinity_pods: 0,
             pods: Vec::new(),
+            unschedulable: node.at("/spec/unschedulable").and_then(Value::as_bool) == Some(true),
+            taints: node.at("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default(),
             object: node,
         }
     }

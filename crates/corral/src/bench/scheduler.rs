@@ -211,18 +211,12 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("0").to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (to_run, ready_rx) = tokio::sync::mpsc::channel::<(usize, String)>(args.pods.max(1));
-    let watch = client
-        .stream(
-            Method::GET,
-            &format!("/api/v1/namespaces/{NS}/pods?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"),
-        )
-        .await?;
     let s = seen.clone();
-    let watcher = tokio::spawn(Client::each_event(watch, move |event| {
-        let Some(name) = event.pointer("/object/metadata/name").and_then(Value::as_str) else { return };
+    let note = move |pod: &Value| {
+        let Some(name) = pod.pointer("/metadata/name").and_then(Value::as_str) else { return };
         let Some(i) = index_of(name) else { return };
-        let node = event.pointer("/object/spec/nodeName").and_then(Value::as_str).unwrap_or_default();
-        let phase = event.pointer("/object/status/phase").and_then(Value::as_str).unwrap_or_default();
+        let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or_default();
+        let phase = pod.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default();
         let mut seen = s.lock().expect("seen");
         if !node.is_empty() && !seen.bound.contains_key(&i) {
             seen.bound.insert(i, Instant::now());
@@ -231,7 +225,8 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
         if phase == "Running" {
             seen.running.entry(i).or_insert_with(Instant::now);
         }
-    }));
+    };
+    let watcher = tokio::spawn(watch_pods(client.clone(), rv, note));
     let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
     let mut kubelets = tokio::task::JoinSet::new();
     for _ in 0..args.kubelets.max(1) {
@@ -381,6 +376,42 @@ async fn cleanup(client: &Client, nodes: usize) -> Result<()> {
     .await?;
     namespace_gone(client).await?;
     println!("removed the namespace, the hollow nodes and their leases in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Follows the benchmark's pods as an informer does: a watch that ends (the server drops
+/// one that falls behind) is opened again from the last resourceVersion seen, and one whose
+/// revision is compacted away (an ERROR event) lists the pods again. At most 1,000 watches.
+async fn watch_pods(client: Client, mut rv: String, mut note: impl FnMut(&Value)) -> Result<()> {
+    for _ in 0..1_000 {
+        let path = format!("/api/v1/namespaces/{NS}/pods?watch=1&resourceVersion={rv}&allowWatchBookmarks=true");
+        let Ok(watch) = client.stream(Method::GET, &path).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut expired = false;
+        let _ = Client::each_event(watch, |event| {
+            if event["type"] == "ERROR" {
+                expired = true;
+                return;
+            }
+            if let Some(v) = event.pointer("/object/metadata/resourceVersion").and_then(Value::as_str) {
+                rv = v.to_string();
+            }
+            if event["type"] != "BOOKMARK" {
+                note(&event["object"]);
+            }
+        })
+        .await;
+        if expired {
+            let list = client.ok(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), None, JSON).await?;
+            let list: Value = serde_json::from_slice(&list)?;
+            for pod in list["items"].as_array().into_iter().flatten() {
+                note(pod);
+            }
+            rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("0").to_string();
+        }
+    }
     Ok(())
 }
 
