@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use corral_api::meta::{self, Minter};
+use corral_api::net::Cidr;
 use corral_api::{ApiError, FieldError, Resource};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -22,8 +23,7 @@ pub const PORT_CLAIMS: &str = "/registry/corral/nodeports/";
 /// The ranges addresses come from.
 #[derive(Clone, Debug)]
 pub struct Ranges {
-    network: u32,
-    prefix: u8,
+    network: Cidr,
     pub node_ports: (u16, u16),
 }
 
@@ -36,14 +36,10 @@ impl Default for Ranges {
 impl Ranges {
     /// `cidr` as `a.b.c.d/n` (IPv4), `ports` as `first-last`.
     pub fn parse(cidr: &str, ports: &str) -> Result<Ranges, String> {
-        let (ip, len) = cidr.split_once('/').ok_or_else(|| format!("{cidr}: a service CIDR is written a.b.c.d/n"))?;
-        let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{cidr}: {e}"))?;
-        let prefix: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| (8..=30).contains(l))
-            .ok_or_else(|| format!("{cidr}: the prefix length must be between 8 and 30"))?;
-        let mask = u32::MAX << (32 - prefix);
+        let (network, _) = Cidr::network_of(cidr)?;
+        if !(8..=30).contains(&network.prefix) {
+            return Err(format!("{cidr}: the prefix length must be between 8 and 30"));
+        }
         let (first, last) =
             ports.split_once('-').ok_or_else(|| format!("{ports}: a port range is written first-last"))?;
         let parse_port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{ports}: {e}"));
@@ -51,17 +47,17 @@ impl Ranges {
         if node_ports.0 == 0 || node_ports.0 > node_ports.1 {
             return Err(format!("{ports}: the first port must be at least 1 and not above the last"));
         }
-        Ok(Ranges { network: u32::from(ip) & mask, prefix, node_ports })
+        Ok(Ranges { network, node_ports })
     }
 
     pub fn cidr(&self) -> String {
-        format!("{}/{}", Ipv4Addr::from(self.network), self.prefix)
+        self.network.to_string()
     }
 
     /// Usable addresses: not the network's own nor its broadcast address.
     fn ip_span(&self) -> (u32, u32) {
-        let size = 1u32 << (32 - self.prefix);
-        (self.network + 1, self.network + size - 2)
+        let size = 1u32 << (32 - self.network.prefix);
+        (self.network.base + 1, self.network.base + size - 2)
     }
 
     /// The first address, which the `kubernetes` Service in `default` holds.

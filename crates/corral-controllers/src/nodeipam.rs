@@ -7,7 +7,6 @@
 //! a warning, as a node whose CIDR lies outside the cluster CIDR is.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,42 +18,10 @@ use crate::cluster::{Cluster, ClusterError, now_seconds, text};
 use crate::informer::Informers;
 use crate::scheduling::flush_events;
 
-/// An IPv4 network: address and prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub base: u32,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// `a.b.c.d/n`, with no host bits set.
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = text.split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR (a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{text:?}: bad prefix"))?;
-        let base = u32::from(addr);
-        if base & !mask(prefix) != 0 {
-            return Err(format!("{text:?} has host bits set"));
-        }
-        Ok(Cidr { base, prefix })
-    }
-
-    fn contains(&self, other: &Cidr) -> bool {
-        other.prefix >= self.prefix && other.base & mask(self.prefix) == self.base
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.prefix)
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
-}
+pub use corral_api::net::Cidr;
 
 /// The subnets of `cluster` with prefix `size`, by index.
+#[derive(Clone, Copy, Debug)]
 pub struct Allocator {
     cluster: Cidr,
     size: u8,

@@ -6,6 +6,7 @@
 //! never counts a node's room twice.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -231,19 +232,8 @@ const EVENT_CONCURRENCY: usize = 32;
 /// pending for the next pass).
 pub async fn flush_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) {
     let batch = events.lock().expect("not poisoned").peek(1024);
-    let mut written = Vec::new();
-    let mut in_flight = futures::stream::FuturesUnordered::new();
-    for event in batch {
-        if in_flight.len() >= EVENT_CONCURRENCY
-            && let Some(done) = in_flight.next().await
-        {
-            written.extend(done);
-        }
-        in_flight.push(put_event(cluster, event));
-    }
-    while let Some(done) = in_flight.next().await {
-        written.extend(done);
-    }
+    let calls: Vec<_> = batch.into_iter().map(|event| put_event(cluster, event)).collect();
+    let written = at_most(EVENT_CONCURRENCY, calls).await;
     events.lock().expect("not poisoned").written(&written);
 }
 
@@ -264,20 +254,29 @@ async fn bind_all<C: Cluster>(
     binds: &[(Arc<Value>, String)],
     events: &Mutex<Recorder>,
 ) -> Vec<(String, String)> {
-    let mut done = Vec::new();
+    // Collected first: an iterator's closure held across the awaits trips rustc's
+    // higher-ranked lifetime check when the loop is spawned.
+    let calls: Vec<_> = binds.iter().map(|(pod, node)| bind_one(cluster, events, pod, node)).collect();
+    at_most(BIND_CONCURRENCY, calls).await
+}
+
+/// Runs the futures with at most `width` of them in flight; the outputs that are Some, in the
+/// order they finished.
+async fn at_most<T, F: Future<Output = Option<T>>>(width: usize, futures: impl IntoIterator<Item = F>) -> Vec<T> {
+    let mut out = Vec::new();
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    for (pod, node) in binds {
-        if in_flight.len() >= BIND_CONCURRENCY
-            && let Some(bound) = in_flight.next().await
+    for f in futures {
+        if in_flight.len() >= width
+            && let Some(done) = in_flight.next().await
         {
-            done.extend(bound);
+            out.extend(done);
         }
-        in_flight.push(bind_one(cluster, events, pod, node));
+        in_flight.push(f);
     }
-    while let Some(bound) = in_flight.next().await {
-        done.extend(bound);
+    while let Some(done) = in_flight.next().await {
+        out.extend(done);
     }
-    done
+    out
 }
 
 async fn bind_one<C: Cluster>(

@@ -294,10 +294,11 @@ async fn start_api(
     let cluster = Arc::new(corral_apiserver::local::LocalCluster { api: api.clone() });
     let name = args.name.clone();
     let grace = args.node_monitor_grace_period;
-    let cluster_cidr = corral_controllers::nodeipam::Cidr::parse(&args.cluster_cidr)
-        .and_then(|c| corral_controllers::nodeipam::Allocator::new(c, args.node_cidr_mask_size).map(|_| c))
+    // Node IPAM's ranges, checked at start; None when agents bring their own (--pod-cidr).
+    let allocator = corral_controllers::nodeipam::Cidr::parse(&args.cluster_cidr)
+        .and_then(|c| corral_controllers::nodeipam::Allocator::new(c, args.node_cidr_mask_size))
         .map_err(|e| anyhow::anyhow!("{e}: fix --cluster-cidr or --node-cidr-mask-size"))?;
-    let (node_cidr_size, allocate_cidrs) = (args.node_cidr_mask_size, args.allocate_node_cidrs);
+    let allocator = args.allocate_node_cidrs.then_some(allocator);
     let leader_store = store.clone();
     let term_runtime = corral_controllers::leader::control_runtime().context("starting the controllers' runtime")?;
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
@@ -317,9 +318,7 @@ async fn start_api(
             term_runtime.spawn(corral_controllers::gc::run(cluster.clone(), informers.clone())),
             term_runtime.spawn(corral_apiserver::namespaces::run_controller(leader_store.clone())),
         ];
-        if allocate_cidrs {
-            let allocator =
-                corral_controllers::nodeipam::Allocator::new(cluster_cidr, node_cidr_size).expect("checked at start");
+        if let Some(allocator) = allocator {
             tasks.push(term_runtime.spawn(corral_controllers::nodeipam::run(
                 cluster.clone(),
                 informers.clone(),
