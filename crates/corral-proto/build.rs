@@ -1,7 +1,11 @@
 //! Compiles proto/ with protox (pure Rust, no protoc on the machine).
 
 fn main() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // The manifest directory of this build, read when the script runs: `env!` would bake in
+    // the path of whichever clone first compiled the script, and a target directory shared
+    // between clones would then compile that clone's protos.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = std::path::Path::new(&manifest).join("../../proto");
     let includes = [root.join("etcd"), root.join("corral"), root.join("cri")];
     let files = [
         root.join("etcd/kv.proto"),

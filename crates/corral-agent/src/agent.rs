@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::cri::Runtime;
 use crate::gc::{self, GcPolicy};
 use crate::link::{Link, LinkError};
+use crate::metrics;
 use crate::node::{self, Facts};
 use crate::spec::str_at;
 use crate::sync::PodView;
@@ -23,6 +24,7 @@ use crate::worker::{Lookup, Worker, grace_period};
 
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 const LEASE_EVERY: Duration = Duration::from_secs(10);
+const METRICS_EVERY: Duration = Duration::from_secs(corral_api::metrics::RESOLUTION_S as u64);
 /// The Node's status goes out when it changes, and at least this often.
 const NODE_EVERY: Duration = Duration::from_secs(60);
 /// A pod watch silent this long (servers send progress every 5 s) is given up.
@@ -336,9 +338,19 @@ impl<R: Runtime> Agent<R> {
         let mut last_lease: Option<Instant> = None;
         let mut last_node: Option<(Instant, Value)> = None;
         let mut failing_since: Option<Instant> = None;
+        let mut sampler = metrics::Sampler::default();
+        let mut last_sample: Option<Instant> = None;
         loop {
             let _ = tokio::time::timeout(SYNC_EVERY, self.outgoing.notified()).await;
             let lease_due = last_lease.is_none_or(|t| t.elapsed() >= LEASE_EVERY);
+            // A sample is taken every resolution period and sent with that round's report
+            // only: a lost one is replaced by the next.
+            let sample = if last_sample.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
+                last_sample = Some(Instant::now());
+                self.sample(&mut sampler).await
+            } else {
+                None
+            };
             let node = lease_due.then(|| self.node_report(last_node.as_ref()));
             let (statuses, terminated) = {
                 let outbox = self.outbox.lock().expect("not poisoned");
@@ -351,7 +363,7 @@ impl<R: Runtime> Agent<R> {
                 (statuses, outbox.terminated.clone())
             };
             let events = self.worker.events().lock().expect("not poisoned").peek(EVENTS_PER_REPORT);
-            if !lease_due && statuses.is_empty() && terminated.is_empty() && events.is_empty() {
+            if !lease_due && statuses.is_empty() && terminated.is_empty() && events.is_empty() && sample.is_none() {
                 continue;
             }
             let report = proto::Report {
@@ -366,6 +378,7 @@ impl<R: Runtime> Agent<R> {
                     .collect(),
                 terminated: terminated.values().cloned().collect(),
                 events: events.iter().map(|e| serde_json::to_vec(e).expect("JSON")).collect(),
+                metrics: sample.as_ref().map(|s| serde_json::to_vec(s).expect("JSON")).unwrap_or_default(),
             };
             let request = AgentRequest { kind: Some(agent_request::Kind::Report(report)) };
             match self.link.request(request).await {
@@ -413,6 +426,46 @@ impl<R: Runtime> Agent<R> {
                 }
             }
         }
+    }
+
+    /// The node's usage and its pods' now, or None when the runtime cannot say.
+    async fn sample(&self, sampler: &mut metrics::Sampler) -> Option<corral_api::metrics::NodeSample> {
+        let runtime = self.worker.runtime();
+        let (stats, containers) = match tokio::try_join!(runtime.list_container_stats(), runtime.list_containers()) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "no container stats this period");
+                return None;
+            }
+        };
+        let running: HashSet<String> = containers
+            .into_iter()
+            .filter(|c| c.state == corral_proto::cri::ContainerState::ContainerRunning as i32)
+            .map(|c| c.id)
+            .collect();
+        let pods: HashMap<String, metrics::PodInfo> = {
+            let desired = self.desired.lock().expect("not poisoned");
+            desired
+                .pods
+                .iter()
+                .map(|(uid, pod)| {
+                    let labels = pod
+                        .pointer("/metadata/labels")
+                        .and_then(Value::as_object)
+                        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                        .unwrap_or_default();
+                    let info = metrics::PodInfo {
+                        namespace: str_at(pod, "/metadata/namespace").to_string(),
+                        name: str_at(pod, "/metadata/name").to_string(),
+                        labels,
+                    };
+                    (uid.clone(), info)
+                })
+                .collect()
+        };
+        let node = self.facts.lock().expect("not poisoned").node_name.clone();
+        let now = crate::sync::now_ns();
+        Some(sampler.sample(&node, &stats, &running, &pods, metrics::read_host(now), now))
     }
 
     /// The Node to send with a heartbeat, and whether its heartbeat times were refreshed (a

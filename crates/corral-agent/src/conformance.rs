@@ -134,10 +134,52 @@ async fn scenario<R: Runtime>(
             format!("container {id} listed with its sandbox and labels"),
         )?;
     }
+    usage(rt, sb, sandbox, labels, &sleeps).await?;
     rt.stop_container(&sleeps, Duration::from_secs(1)).await.map_err(cri_err("stop"))?;
     wait_for(rt, &sleeps, cri::ContainerState::ContainerExited).await?;
     rt.remove_container(&sleeps).await.map_err(cri_err("remove"))?;
     check(matches!(rt.container_status(&sleeps).await, Err(CriError::NotFound(_))), "a removed container is not found")
+}
+
+/// Cumulative CPU time of each container, by id.
+async fn cpu_times<R: Runtime>(rt: &R) -> Result<HashMap<String, (i64, u64)>, Failure> {
+    let stats = rt.list_container_stats().await.map_err(cri_err("container stats"))?;
+    Ok(stats
+        .into_iter()
+        .filter_map(|s| {
+            let cpu = s.cpu?;
+            Some((s.attributes?.id, (cpu.timestamp, cpu.usage_core_nano_seconds?.value)))
+        })
+        .collect())
+}
+
+/// A busy loop shows as CPU time in the stats (a fifth of a core at least, on a loaded
+/// machine), a sleeping container as next to none.
+async fn usage<R: Runtime>(
+    rt: &R,
+    sb: &str,
+    sandbox: &cri::PodSandboxConfig,
+    labels: &HashMap<String, String>,
+    sleeps: &str,
+) -> Result<(), Failure> {
+    let busy = rt
+        .create_container(sb, container("busy", &["sh", "-c", "while :; do :; done"], labels), sandbox.clone())
+        .await
+        .map_err(cri_err("create"))?;
+    rt.start_container(&busy).await.map_err(cri_err("start"))?;
+    wait_for(rt, &busy, cri::ContainerState::ContainerRunning).await?;
+    let before = cpu_times(rt).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = cpu_times(rt).await?;
+    let cores = |id: &str| -> Option<f64> {
+        let ((t0, c0), (t1, c1)) = (before.get(id)?, after.get(id)?);
+        Some(c1.saturating_sub(*c0) as f64 / (t1 - t0).max(1) as f64)
+    };
+    let (busy_cores, idle_cores) = (cores(&busy), cores(sleeps));
+    rt.stop_container(&busy, Duration::from_secs(1)).await.map_err(cri_err("stop"))?;
+    rt.remove_container(&busy).await.map_err(cri_err("remove"))?;
+    check(busy_cores.is_some_and(|c| c >= 0.2), format!("a busy loop uses CPU: {busy_cores:?} cores"))?;
+    check(idle_cores.is_some_and(|c| c < 0.05), format!("a sleeping container does not: {idle_cores:?} cores"))
 }
 
 /// `run_in` with a temporary log directory.

@@ -85,6 +85,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn image_fs_mountpoint(&self) -> impl Future<Output = CriResult<PathBuf>> + Send;
     /// Whether the runtime and its network are ready.
     fn status(&self) -> impl Future<Output = CriResult<cri::RuntimeStatus>> + Send;
+    /// Resource usage of every container: cumulative CPU and the memory working set.
+    fn list_container_stats(&self) -> impl Future<Output = CriResult<Vec<cri::ContainerStats>>> + Send;
 }
 
 /// What a streaming session is for.
@@ -206,6 +208,11 @@ impl Runtime for CriClient {
     async fn list_containers(&self) -> CriResult<Vec<cri::Container>> {
         let req = cri::ListContainersRequest::default();
         Ok(self.runtime.clone().list_containers(req).await?.into_inner().containers)
+    }
+
+    async fn list_container_stats(&self) -> CriResult<Vec<cri::ContainerStats>> {
+        let req = cri::ListContainerStatsRequest::default();
+        Ok(self.runtime.clone().list_container_stats(req).await?.into_inner().stats)
     }
 
     async fn container_status(&self, id: &str) -> CriResult<cri::ContainerStatus> {

@@ -1,7 +1,8 @@
 //! An in-process container runtime for unit and scale tests. It models what pod sync relies
 //! on: images present or pullable, sandboxes with an IP, containers whose command decides how
 //! they run (`exit N` exits with N, `sleep N` runs N seconds, anything else runs until
-//! stopped), stop and removal, and exec of `echo`. `conformance::run` holds it and containerd
+//! stopped; a `while` loop without `sleep` keeps one core busy, as a shell busy loop would),
+//! stop and removal, exec of `echo`, and usage stats. `conformance::run` holds it and containerd
 //! to the same behaviour.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -38,7 +39,12 @@ struct Container {
     /// Set once stopped (or when its behaviour ends): (finished_at, exit code).
     stopped: Option<(i64, i32)>,
     behaviour: Behaviour,
+    /// Uses a whole core while it runs.
+    busy: bool,
 }
+
+/// Memory a running fake container uses.
+const FAKE_WORKING_SET: u64 = 1 << 20;
 
 #[derive(Default)]
 struct State {
@@ -214,6 +220,8 @@ impl Runtime for FakeRuntime {
         s.next_id += 1;
         let id = format!("container-{:06}", s.next_id);
         let behaviour = behaviour(&config);
+        let words = config.command.iter().chain(config.args.iter()).cloned().collect::<Vec<_>>().join(" ");
+        let busy = words.contains("while") && !words.contains("sleep");
         s.containers.insert(
             id.clone(),
             Container {
@@ -224,6 +232,7 @@ impl Runtime for FakeRuntime {
                 started_at: 0,
                 stopped: None,
                 behaviour,
+                busy,
             },
         );
         Ok(id)
@@ -362,6 +371,38 @@ impl Runtime for FakeRuntime {
     async fn status(&self) -> CriResult<cri::RuntimeStatus> {
         let ready = |kind: &str| cri::RuntimeCondition { r#type: kind.into(), status: true, ..Default::default() };
         Ok(cri::RuntimeStatus { conditions: vec![ready("RuntimeReady"), ready("NetworkReady")] })
+    }
+
+    async fn list_container_stats(&self) -> CriResult<Vec<cri::ContainerStats>> {
+        let s = self.lock();
+        let now = now_ns();
+        Ok(s.containers
+            .iter()
+            .map(|(id, c)| {
+                let running = c.started_at > 0 && c.stopped.is_none();
+                let end = c.stopped.map_or(now, |(at, _)| at);
+                let cpu = if c.busy && c.started_at > 0 { (end - c.started_at).max(0) as u64 } else { 0 };
+                cri::ContainerStats {
+                    attributes: Some(cri::ContainerAttributes {
+                        id: id.clone(),
+                        metadata: c.config.metadata.clone(),
+                        labels: c.config.labels.clone(),
+                        annotations: c.config.annotations.clone(),
+                    }),
+                    cpu: Some(cri::CpuUsage {
+                        timestamp: now,
+                        usage_core_nano_seconds: Some(cri::UInt64Value { value: cpu }),
+                        usage_nano_cores: None,
+                    }),
+                    memory: Some(cri::MemoryUsage {
+                        timestamp: now,
+                        working_set_bytes: Some(cri::UInt64Value { value: if running { FAKE_WORKING_SET } else { 0 } }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect())
     }
 }
 

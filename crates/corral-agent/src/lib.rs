@@ -1,6 +1,7 @@
 //! Corral's agent: the kubelet of a worker node. It joins the cluster and keeps a QUIC link
 //! to the servers (`link`), runs the pods bound to its node through the container runtime's
-//! CRI (`worker`, `sync`, `cri`), and reports them and the node (`agent`, `node`).
+//! CRI (`worker`, `sync`, `cri`), and reports them, the node and their resource usage
+//! (`agent`, `node`, `metrics`).
 
 pub mod agent;
 pub mod conformance;
@@ -10,6 +11,7 @@ pub mod fake;
 pub mod gc;
 pub mod link;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod probe;
 pub mod spdy;

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod deletion;
 pub mod events;
 pub mod meta;
+pub mod metrics;
 pub mod net;
 pub mod openapi;
 pub mod patch;

@@ -78,6 +78,14 @@ impl Quantity {
     }
 }
 
+impl std::ops::Add for Quantity {
+    type Output = Quantity;
+
+    fn add(self, other: Quantity) -> Quantity {
+        Quantity(self.0 + other.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,11 @@ pub struct Resource {
 }
 
 pub const VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+/// The verbs of a resource computed on read rather than stored (metrics).
+pub const READ_VERBS: &[&str] = &["get", "list"];
+/// The resource metrics API (`kubectl top`, the HorizontalPodAutoscaler): served from what
+/// agents report, never written by clients.
+pub const METRICS_GROUP: &str = "metrics.k8s.io";
 const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
 
 const fn status(kind: &'static str) -> Subresource {
@@ -112,6 +117,10 @@ pub static RESOURCES: &[Resource] = &[
         true, short: &["hpa"], categories: ALL, status: true, sub: &[status("HorizontalPodAutoscaler")]),
     resource!("policy", "v1", "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true,
         short: &["pdb"], categories: NONE, status: true, sub: &[status("PodDisruptionBudget")]),
+    resource!(METRICS_GROUP, "v1beta1", "nodes", "", "NodeMetrics", false, short: NONE, categories: NONE,
+        status: false, sub: &[]),
+    resource!(METRICS_GROUP, "v1beta1", "pods", "", "PodMetrics", true, short: NONE, categories: NONE,
+        status: false, sub: &[]),
 ];
 
 /// The resource named by group and plural.
@@ -167,6 +176,16 @@ impl Resource {
         }
     }
 
+    /// Whether objects of this resource live in the store (metrics are computed on read).
+    pub fn stored(&self) -> bool {
+        self.group != METRICS_GROUP
+    }
+
+    /// What clients may do with it, as discovery lists it.
+    pub fn verbs(&self) -> &'static [&'static str] {
+        if self.stored() { VERBS } else { READ_VERBS }
+    }
+
     pub fn subresource(&self, name: &str) -> Option<&'static Subresource>
     where
         Self: 'static,
@@ -181,8 +200,9 @@ mod tests {
 
     #[test]
     fn every_resource_is_unique_and_keys_nest_by_namespace() {
-        for (i, a) in RESOURCES.iter().enumerate() {
-            for b in &RESOURCES[i + 1..] {
+        let stored: Vec<&Resource> = RESOURCES.iter().filter(|r| r.stored()).collect();
+        for (i, a) in stored.iter().enumerate() {
+            for b in &stored[i + 1..] {
                 assert!(a.plural != b.plural, "{} twice: store keys would collide", a.plural);
             }
         }

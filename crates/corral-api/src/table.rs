@@ -161,8 +161,46 @@ fn columns(r: &Resource) -> Vec<Column> {
             ("Selector", s, 1),
         ],
         ("coordination.k8s.io", "leases") => vec![("Name", s, 0), ("Holder", s, 0), ("Age", s, 0)],
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            ("Name", s, 0),
+            ("Reference", s, 0),
+            ("Targets", s, 0),
+            ("MinPods", s, 0),
+            ("MaxPods", i, 0),
+            ("Replicas", i, 0),
+            ("Age", s, 0),
+        ],
         _ => vec![("Name", s, 0), ("Age", s, 0)],
     }
+}
+
+/// An HPA's resource metrics as kubectl prints them: `cpu: 250%/50%`, `<unknown>` for a
+/// current value not measured yet; the spec's order, comma-separated.
+fn hpa_targets(hpa: &Value) -> String {
+    let specs = hpa.pointer("/spec/metrics").and_then(Value::as_array).cloned().unwrap_or_default();
+    let current = hpa.pointer("/status/currentMetrics").and_then(Value::as_array).cloned().unwrap_or_default();
+    let parts: Vec<String> = specs
+        .iter()
+        .filter(|m| m["type"] == "Resource")
+        .map(|m| {
+            let resource = str_at(m, "/resource/name");
+            let now = current.iter().find(|c| c["type"] == "Resource" && str_at(c, "/resource/name") == resource);
+            let (have, want) = match str_at(m, "/resource/target/type") {
+                "Utilization" => (
+                    now.and_then(|c| c.pointer("/resource/current/averageUtilization"))
+                        .and_then(Value::as_i64)
+                        .map(|u| format!("{u}%")),
+                    format!("{}%", int_at(m, "/resource/target/averageUtilization")),
+                ),
+                _ => (
+                    now.map(|c| str_at(c, "/resource/current/averageValue").to_string()).filter(|v| !v.is_empty()),
+                    str_at(m, "/resource/target/averageValue").to_string(),
+                ),
+            };
+            format!("{resource}: {}/{want}", have.unwrap_or_else(|| "<unknown>".into()))
+        })
+        .collect();
+    if parts.is_empty() { "<none>".into() } else { parts.join(", ") }
 }
 
 fn int_at(obj: &Value, pointer: &str) -> i64 {
@@ -294,6 +332,21 @@ fn cells(r: &Resource, obj: &Value, now: i64) -> Vec<Value> {
             ]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(str_at(obj, "/spec/holderIdentity")), age],
+        ("autoscaling", "horizontalpodautoscalers") => {
+            let reference =
+                format!("{}/{}", str_at(obj, "/spec/scaleTargetRef/kind"), str_at(obj, "/spec/scaleTargetRef/name"));
+            let min =
+                obj.pointer("/spec/minReplicas").and_then(Value::as_i64).map_or("<unset>".into(), |m| m.to_string());
+            vec![
+                name,
+                json!(reference),
+                json!(hpa_targets(obj)),
+                json!(min),
+                json!(int_at(obj, "/spec/maxReplicas")),
+                json!(int_at(obj, "/status/currentReplicas")),
+                age,
+            ]
+        }
         _ => vec![name, age],
     }
 }
@@ -638,6 +691,23 @@ mod tests {
         ] {
             assert_eq!(human_duration(secs), text);
         }
+    }
+
+    #[test]
+    fn autoscaler_rows_show_each_metric_against_its_target() {
+        let hpa = json!({
+            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "minReplicas": 1, "maxReplicas": 5,
+                     "metrics": [
+                         {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}}},
+                         {"type": "Resource", "resource": {"name": "memory", "target": {"type": "AverageValue", "averageValue": "64Mi"}}}]},
+            "status": {"currentReplicas": 3, "currentMetrics": [
+                {"type": "Resource", "resource": {"name": "cpu", "current": {"averageUtilization": 250, "averageValue": "250m"}}}]},
+        });
+        assert_eq!(hpa_targets(&hpa), "cpu: 250%/50%, memory: <unknown>/64Mi");
+        let r = resources::find("autoscaling", "horizontalpodautoscalers").unwrap();
+        let row = cells(r, &hpa, 0);
+        assert_eq!(row[1], "Deployment/web");
+        assert_eq!((row[3].as_str(), &row[4], &row[5]), (Some("1"), &json!(5), &json!(3)));
     }
 
     #[test]

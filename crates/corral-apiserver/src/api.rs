@@ -189,6 +189,9 @@ impl Api {
 
     pub async fn get(&self, route: &ObjectRoute, name: &str, q: &Query, out: Output) -> Result<Reply, ApiError> {
         let r = route.resource;
+        if !r.stored() {
+            return self.metrics_get(route, name).await;
+        }
         let key = r.key(route.namespace.as_deref(), name);
         let any = q.get("resourceVersion") == Some("0");
         let found = self.store.get(&key, any).await?.ok_or_else(|| ApiError::not_found(r, name))?;
@@ -200,6 +203,9 @@ impl Api {
 
     pub async fn list(&self, route: &ObjectRoute, q: &Query, out: Output) -> Result<Reply, ApiError> {
         let r = route.resource;
+        if !r.stored() {
+            return self.metrics_list(route, q).await;
+        }
         let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or_default())?;
         let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or_default(), r)?;
         let limit: i64 = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);

@@ -1,7 +1,7 @@
 //! Discovery documents: `/version`, `/api`, `/apis`, the resource lists, and the OpenAPI v3
 //! index kubectl reads before it applies.
 
-use corral_api::resources::{self, RESOURCES, VERBS};
+use corral_api::resources::{self, RESOURCES};
 use serde_json::{Value, json};
 
 /// The Kubernetes version Corral's API answers as.
@@ -67,7 +67,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": VERBS,
+            "verbs": r.verbs(),
         });
         add_names(&mut entry, r);
         entries.push(entry);
@@ -143,7 +143,7 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                         "responseKind": {"group": g, "version": v, "kind": r.kind},
                         "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
                         "singularResource": r.singular,
-                        "verbs": VERBS,
+                        "verbs": r.verbs(),
                     });
                     add_names(&mut entry, r);
                     if !subresources.is_empty() {
@@ -218,7 +218,12 @@ pub fn openapi_v3_group(path: &str) -> Option<Value> {
             "application/merge-patch+json": {"schema": {"type": "object"}},
             "application/apply-patch+yaml": {"schema": {"type": "object"}},
         }});
-        paths.insert(item, json!({"get": op("get"), "put": op("put"), "patch": patch, "delete": op("delete")}));
+        let ops = if r.stored() {
+            json!({"get": op("get"), "put": op("put"), "patch": patch, "delete": op("delete")})
+        } else {
+            json!({"get": op("get")})
+        };
+        paths.insert(item, ops);
     }
     if paths.is_empty() {
         return None;

@@ -321,6 +321,11 @@ async fn object(
     if route.namespace.is_some() && !route.resource.namespaced {
         return Err(ApiError::NoRoute);
     }
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if !route.resource.stored() && (method != Method::GET || watch) {
+        // Metrics are computed on read: get and list only, as metrics-server.
+        return Err(ApiError::MethodNotAllowed);
+    }
     let name = route.name.clone();
     if let (Some(sub @ ("log" | "exec" | "attach" | "portforward")), Some(name)) =
         (route.sub.as_deref(), name.as_deref())
@@ -336,14 +341,9 @@ async fn object(
         };
     }
     let reply = match (method, name.as_deref()) {
-        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            api.watch(&route, &q, out).await?
-        }
+        (Method::GET, None) if watch => api.watch(&route, &q, out).await?,
         (Method::GET, None) => api.list(&route, &q, out).await?,
-        (Method::GET, Some(name)) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            let _ = name;
-            api.watch(&route, &q, out).await?
-        }
+        (Method::GET, Some(_)) if watch => api.watch(&route, &q, out).await?,
         (Method::GET, Some(name)) => api.get(&route, name, &q, out).await?,
         (Method::POST, None) => {
             let (body, _) = read_body(req).await?;

@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod http;
 pub mod local;
+mod metrics;
 pub mod namespaces;
 mod node_streams;
 pub mod route;

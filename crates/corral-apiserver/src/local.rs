@@ -68,6 +68,14 @@ impl corral_controllers::Cluster for LocalCluster {
         Ok(events)
     }
 
+    async fn list(&self, plural: &str, namespace: &str, labels: &str) -> ClusterResult<Vec<Value>> {
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        let route = object_route(plural, ns, None);
+        let q = Query([("labelSelector".to_string(), labels.to_string())].into_iter().collect());
+        let list = object(self.api.list(&route, &q, Output::default()).await.map_err(error)?);
+        Ok(list.get("items").and_then(Value::as_array).cloned().unwrap_or_default())
+    }
+
     async fn get(&self, plural: &str, namespace: &str, name: &str) -> ClusterResult<Value> {
         let ns = (!namespace.is_empty()).then_some(namespace);
         let route = object_route(plural, ns, None);

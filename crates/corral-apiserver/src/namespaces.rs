@@ -73,7 +73,7 @@ pub async fn run_controller(store: ObjectStore) {
 /// that passed the Terminating check just before it was set) is caught by the next one.
 async fn cleanup(store: &ObjectStore, namespace: &str) -> Result<bool, corral_api::ApiError> {
     let mut left = 0;
-    for r in RESOURCES.iter().filter(|r| r.namespaced) {
+    for r in RESOURCES.iter().filter(|r| r.namespaced && r.stored()) {
         let page = store.list(&r.prefix(Some(namespace)), None, 0, 0, false).await?;
         for item in page.items {
             let finalizers = item.value.pointer("/metadata/finalizers").and_then(|f| f.as_array()).map_or(0, Vec::len);

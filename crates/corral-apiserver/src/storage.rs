@@ -2,6 +2,7 @@
 //! compare-and-swap on the key's revision, through this server's Raft.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use corral_api::ApiError;
 use corral_proto::etcdserverpb::{
@@ -37,15 +38,50 @@ pub struct Page {
 #[derive(Clone)]
 pub struct ObjectStore {
     node: Arc<StoreNode>,
-    /// The lease Events are written with, and when it was granted.
-    event_lease: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
+    /// The lease Events are written with.
+    events: Arc<SharedLease>,
+    /// The lease metrics samples are written with.
+    metrics: Arc<SharedLease>,
 }
 
 /// Events expire this long after their last write, as kube-apiserver's `--event-ttl` default.
-pub const EVENT_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-/// One lease serves the Events written within this long (kube-apiserver reuses its leases
-/// for a minute too), so an Event lives between one TTL and one TTL plus this.
-const EVENT_LEASE_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
+pub const EVENT_TTL: Duration = Duration::from_secs(3600);
+/// A metrics sample expires this long after its last write: its node stopped reporting.
+pub const METRICS_TTL: Duration = Duration::from_secs(corral_api::metrics::STALE_AFTER_S as u64);
+/// One lease serves the keys written within this long (kube-apiserver reuses its leases for
+/// a minute too), so a key lives between one TTL and one TTL plus this after its last write.
+const LEASE_REUSE: Duration = Duration::from_secs(60);
+
+/// One lease many keys are written with, granted with the TTL plus the reuse time and
+/// replaced once it has served its minute (so it cannot expire while in use).
+struct SharedLease {
+    ttl: Duration,
+    current: std::sync::Mutex<Option<(i64, Instant)>>,
+}
+
+impl SharedLease {
+    fn new(ttl: Duration) -> Arc<Self> {
+        Arc::new(Self { ttl, current: std::sync::Mutex::new(None) })
+    }
+
+    async fn id(&self, node: &StoreNode) -> Result<i64, ApiError> {
+        {
+            let current = self.current.lock().expect("not poisoned");
+            if let Some((id, at)) = *current
+                && at.elapsed() < LEASE_REUSE
+            {
+                return Ok(id);
+            }
+        }
+        let ttl = (self.ttl + LEASE_REUSE).as_secs() as i64;
+        let granted = node
+            .lease_grant(corral_proto::etcdserverpb::LeaseGrantRequest { ttl, id: 0 })
+            .await
+            .map_err(store_error)?;
+        *self.current.lock().expect("not poisoned") = Some((granted.id, Instant::now()));
+        Ok(granted.id)
+    }
+}
 
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
@@ -131,28 +167,24 @@ pub struct Side {
 
 impl ObjectStore {
     pub fn new(node: Arc<StoreNode>) -> Self {
-        Self { node, event_lease: Arc::new(std::sync::Mutex::new(None)) }
+        Self { node, events: SharedLease::new(EVENT_TTL), metrics: SharedLease::new(METRICS_TTL) }
     }
 
-    /// The lease to attach an Event to: granted with the TTL plus the reuse time, and
-    /// replaced once it has served its minute (so it cannot expire while in use).
+    /// The lease to attach an Event to.
     pub async fn event_lease(&self) -> Result<i64, ApiError> {
-        {
-            let current = self.event_lease.lock().expect("not poisoned");
-            if let Some((id, at)) = *current
-                && at.elapsed() < EVENT_LEASE_REUSE
-            {
-                return Ok(id);
-            }
+        self.events.id(&self.node).await
+    }
+
+    /// Writes a metrics sample under `key`, whatever was there: samples are replaced, never
+    /// merged, and expire with their lease when their node stops reporting.
+    pub async fn put_metrics(&self, key: &str, value: &Value) -> Result<(), ApiError> {
+        let lease = self.metrics.id(&self.node).await?;
+        let put = PutRequest { key: key.as_bytes().to_vec(), value: encode(value)?, lease, ..Default::default() };
+        let result = self.node.propose(Command { op: Some(command::Op::Put(put)) }).await.map_err(store_error)?;
+        if result.error_code != 0 {
+            return Err(ApiError::Internal(result.error_message));
         }
-        let ttl = (EVENT_TTL + EVENT_LEASE_REUSE).as_secs() as i64;
-        let granted = self
-            .node
-            .lease_grant(corral_proto::etcdserverpb::LeaseGrantRequest { ttl, id: 0 })
-            .await
-            .map_err(store_error)?;
-        *self.event_lease.lock().expect("not poisoned") = Some((granted.id, std::time::Instant::now()));
-        Ok(granted.id)
+        Ok(())
     }
 
     /// Reads one object; linearizable unless `any` (resourceVersion=0).

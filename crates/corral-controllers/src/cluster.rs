@@ -53,6 +53,14 @@ pub trait Cluster: Send + Sync + 'static {
         plural: &str,
         after: &str,
     ) -> impl Future<Output = ClusterResult<mpsc::Receiver<WatchEvent>>> + Send;
+    /// The objects of a namespace ("": every namespace) matching a label selector ("":
+    /// all), as one list.
+    fn list(
+        &self,
+        plural: &str,
+        namespace: &str,
+        labels: &str,
+    ) -> impl Future<Output = ClusterResult<Vec<Value>>> + Send;
     /// One object, read through a quorum (to confirm what an informer may not show yet).
     fn get(&self, plural: &str, namespace: &str, name: &str) -> impl Future<Output = ClusterResult<Value>> + Send;
     fn create(&self, plural: &str, namespace: &str, object: Value)

@@ -12,7 +12,7 @@
 //!    and 4 pods per 15 s; down: 100% per 15 s) against the changes already made in their
 //!    periods; then `minReplicas` and `maxReplicas`.
 //!
-//! Wiring it to a loop waits for the agents' CPU usage (CRI stats) to reach the servers.
+//! `podautoscaler` runs it against the cluster.
 
 use std::collections::VecDeque;
 

@@ -14,6 +14,7 @@ pub mod informer;
 pub mod leader;
 pub mod nodeipam;
 pub mod nodelifecycle;
+pub mod podautoscaler;
 pub mod replicaset;
 pub mod scheduling;
 pub mod volumes;

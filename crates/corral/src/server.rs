@@ -316,6 +316,11 @@ async fn start_api(
             term_runtime.spawn(corral_controllers::endpoints::run(cluster.clone(), informers.clone())),
             term_runtime.spawn(corral_controllers::volumes::run(cluster.clone(), informers.clone())),
             term_runtime.spawn(corral_controllers::gc::run(cluster.clone(), informers.clone())),
+            term_runtime.spawn(corral_controllers::podautoscaler::run(
+                cluster.clone(),
+                informers.clone(),
+                name.clone(),
+            )),
             term_runtime.spawn(corral_apiserver::namespaces::run_controller(leader_store.clone())),
         ];
         if let Some(allocator) = allocator {

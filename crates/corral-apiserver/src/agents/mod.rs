@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use corral_api::metrics::NodeSample;
 use corral_api::{ApiError, meta};
 use corral_proto::agent::{
     AgentRequest, AgentResponse, Found, Join, Joined, Lookup, PodEvent, PodRef, Refused, Report, Reported,
@@ -334,6 +335,18 @@ impl AgentEndpoint {
             let Ok(event) = serde_json::from_slice::<Value>(&event) else { continue };
             if let Err(e) = self.write_event(node, event).await {
                 tracing::debug!(node, error = %e, "an event from the agent was not written");
+            }
+        }
+        if !report.metrics.is_empty() {
+            // Best effort, as Events: the next sample comes in 15 s.
+            match serde_json::from_slice::<NodeSample>(&report.metrics) {
+                Ok(sample) if sample.node == node => {
+                    if let Err(e) = self.api.record_metrics(&sample).await {
+                        tracing::debug!(node, error = %e, "a metrics sample was not written");
+                    }
+                }
+                Ok(sample) => tracing::warn!(node, other = %sample.node, "an agent reported another node's metrics"),
+                Err(e) => tracing::warn!(node, error = %e, "a metrics sample did not parse"),
             }
         }
         AgentResponse { kind: Some(agent_response::Kind::Reported(Reported { rejected })) }
