@@ -331,6 +331,22 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// `corral down`: everything the cluster made goes (again at drop: down is idempotent).
+    pub fn down(&self) -> Result<()> {
+        let status = Command::new(corral_bin())
+            .arg("down")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("corral down failed: {status}");
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.dir.is_none() {
@@ -339,12 +355,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        let _ = Command::new(corral_bin())
-            .arg("down")
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .stdout(Stdio::null())
-            .status();
+        let _ = self.down();
     }
 }
 

@@ -128,55 +128,17 @@ impl<R: Runtime> Agent<R> {
     /// Keeps `desired` equal to the pods bound to this node, resuming from the last
     /// revision seen on whichever server answers.
     async fn watch_pods(self: Arc<Self>) {
-        let mut broken_at: Option<Instant> = None;
-        loop {
+        let request = || {
             let from = self.desired.lock().expect("not poisoned").revision;
-            let request =
-                AgentRequest { kind: Some(agent_request::Kind::WatchPods(proto::WatchPods { from_revision: from })) };
-            let (conn, mut recv) = match self.link.open(request).await {
-                Ok(opened) => opened,
-                Err(e) => {
-                    tracing::debug!(error = %e, "pod watch not open");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-            };
-            let mut first = true;
-            loop {
-                let event = match tokio::time::timeout(WATCH_SILENCE, frame::read::<proto::AgentResponse, _>(&mut recv))
-                    .await
-                {
-                    Ok(Ok(Some(proto::AgentResponse { kind: Some(agent_response::Kind::PodEvent(e)) }))) => e,
-                    Ok(Ok(Some(other))) => {
-                        tracing::warn!(?other, "the pod watch was refused");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        break;
-                    }
-                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                        self.link.abandon(&conn);
-                        break;
-                    }
-                };
-                if first {
-                    first = false;
-                    let server = self.link.server().unwrap_or_default();
-                    match broken_at.take() {
-                        Some(t) => tracing::info!(
-                            server = %server, from, after_ms = t.elapsed().as_millis() as u64,
-                            "pod watch resumed"
-                        ),
-                        None => tracing::info!(server = %server, from, "pod watch started"),
-                    }
-                }
-                if self.apply(event) {
-                    self.changed.notify_one();
-                }
+            let watch = proto::WatchPods { from_revision: from };
+            (from, AgentRequest { kind: Some(agent_request::Kind::WatchPods(watch)) })
+        };
+        follow(&self.link, "pod watch", request, |event| {
+            if self.apply(event) {
+                self.changed.notify_one();
             }
-            if broken_at.is_none() {
-                broken_at = Some(Instant::now());
-                tracing::warn!("pod watch broke; trying the servers again");
-            }
-        }
+        })
+        .await
     }
 
     /// Applies a pod event; true when the agent has something new to do (not for progress,
@@ -483,6 +445,62 @@ impl<R: Runtime> Agent<R> {
         let due = last.is_none_or(|(t, _)| t.elapsed() >= NODE_EVERY);
         node::stabilize(last.map(|(_, n)| n), &mut node, due);
         (node, due)
+    }
+}
+
+/// Follows one watch the servers serve (the node's pods, Services, EndpointSlices) for
+/// good: opened with the request `request` makes (from the last revision seen) on whichever
+/// server answers, each event handed to `apply`, opened again when it breaks, is refused or
+/// falls silent. `what` names it in the log.
+pub async fn follow(
+    link: &Link,
+    what: &str,
+    request: impl Fn() -> (i64, AgentRequest),
+    mut apply: impl FnMut(proto::PodEvent),
+) {
+    let mut broken_at: Option<Instant> = None;
+    loop {
+        let (from, request) = request();
+        let (conn, mut recv) = match link.open(request).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::debug!(error = %e, "{what} not open");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let mut first = true;
+        loop {
+            let event =
+                match tokio::time::timeout(WATCH_SILENCE, frame::read::<proto::AgentResponse, _>(&mut recv)).await {
+                    Ok(Ok(Some(proto::AgentResponse { kind: Some(agent_response::Kind::PodEvent(e)) }))) => e,
+                    Ok(Ok(Some(other))) => {
+                        tracing::warn!(?other, "the {what} was refused");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                        link.abandon(&conn);
+                        break;
+                    }
+                };
+            if first {
+                first = false;
+                let server = link.server().unwrap_or_default();
+                match broken_at.take() {
+                    Some(t) => {
+                        let after_ms = t.elapsed().as_millis() as u64;
+                        tracing::info!(server = %server, from, after_ms, "{what} resumed")
+                    }
+                    None => tracing::info!(server = %server, from, "{what} started"),
+                }
+            }
+            apply(event);
+        }
+        if broken_at.is_none() {
+            broken_at = Some(Instant::now());
+            tracing::warn!("{what} broke; trying the servers again");
+        }
     }
 }
 

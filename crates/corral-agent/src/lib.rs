@@ -14,6 +14,8 @@ pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod probe;
+pub mod proxy;
+pub mod services;
 pub mod spdy;
 pub mod spec;
 pub mod streams;

@@ -13,6 +13,8 @@ use corral_agent::containerd::{self, Layout};
 use corral_agent::cri::{CriClient, Runtime};
 use corral_agent::link::{self, Credentials, Handler, Link};
 use corral_agent::node::Facts;
+use corral_agent::proxy::Nft;
+use corral_agent::services::{self, ServiceView};
 use corral_agent::streams::Streams;
 use corral_agent::worker::{NodeConfig, Worker};
 
@@ -58,6 +60,13 @@ pub struct AgentArgs {
     /// Extra labels for the Node: key=value, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub node_labels: Vec<String>,
+    /// The nftables table (family ip) the service proxy keeps: cluster IPs and node ports
+    /// DNATed to ready endpoints.
+    #[arg(long, default_value = "corral")]
+    pub proxy_table: String,
+    /// Run no service proxy (another one keeps the rules).
+    #[arg(long)]
+    pub disable_proxy: bool,
 }
 
 fn host_name() -> String {
@@ -147,13 +156,23 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;
         facts.labels.push((k.to_string(), v.to_string()));
     }
+    let proxy = (!args.disable_proxy).then(|| {
+        let view = Arc::new(ServiceView::default());
+        [
+            tokio::spawn(view.clone().follow(link.clone())),
+            tokio::spawn(services::run_proxy(view, Nft, args.proxy_table.clone())),
+        ]
+    });
     let agent = Agent::new(worker, link, facts, &kubelet_version);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(agent.run(stop_rx));
     println!("corral agent {node_name} running ({runtime_version})");
     crate::server::wait_for_signal().await;
-    tracing::info!("stopping; pods keep running");
+    tracing::info!("stopping; pods and service rules stay");
     let _ = stop_tx.send(true);
+    for t in proxy.into_iter().flatten() {
+        t.abort();
+    }
     let _ = task.await;
     Ok(())
 }

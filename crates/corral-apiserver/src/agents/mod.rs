@@ -15,6 +15,7 @@ use corral_api::{ApiError, meta};
 use corral_proto::agent::{
     AgentRequest, AgentResponse, Found, Join, Joined, Lookup, PodEvent, PodRef, Refused, Report, Reported,
     ServerRequest, StreamReply, agent_request, agent_response, pod_event::Type,
+    watch_services::Resource as WatchResource,
 };
 use corral_transport::{CertificateAuthority, JoinToken, frame, quic};
 use serde_json::{Value, json};
@@ -173,8 +174,31 @@ impl AgentEndpoint {
             (Some(Kind::Join(join)), _) => self.join(join).await,
             (_, None) => refused("join first: this connection has no node certificate"),
             (Some(Kind::WatchPods(w)), Some(node)) => {
-                if let Err(e) = self.watch_pods(&node, w.from_revision, &mut send).await {
+                let prefix = route("pods", None, None).resource.prefix(None);
+                let mine = |pod: &Value| rules::node_name(pod) == node;
+                let event = |obj: Option<&Value>, prev: Option<&Value>| rules::pod_event(obj, prev, &node);
+                if let Err(e) = self.watch(&prefix, w.from_revision, &mut send, mine, event).await {
                     tracing::debug!(error = %e, "pod watch ended");
+                }
+                let _ = send.finish();
+                return;
+            }
+            (Some(Kind::WatchServices(w)), Some(_)) => {
+                let plural = match WatchResource::try_from(w.resource) {
+                    Ok(WatchResource::Services) => "services",
+                    Ok(WatchResource::EndpointSlices) => "discovery.k8s.io/endpointslices",
+                    _ => {
+                        let reply = refused("watch services or endpoint slices");
+                        if frame::write(&mut send, &reply).await.is_ok() {
+                            let _ = send.finish();
+                        }
+                        return;
+                    }
+                };
+                let prefix = route(plural, None, None).resource.prefix(None);
+                let watched = self.watch(&prefix, w.from_revision, &mut send, |_| true, rules::object_event).await;
+                if let Err(e) = watched {
+                    tracing::debug!(error = %e, plural, "service watch ended");
                 }
                 let _ = send.finish();
                 return;
@@ -225,10 +249,18 @@ impl AgentEndpoint {
         }
     }
 
-    /// Streams the node's pods: a snapshot first when starting from 0 or from a revision
+    /// Streams the objects under `prefix` that are the agent's (`mine`; `event` says what a
+    /// change means to it): a snapshot first when starting from 0 or from a revision
     /// compacted away, then every change in revision order, with progress when idle.
-    async fn watch_pods(&self, node: &str, from: i64, send: &mut Send) -> Result<(), String> {
-        let prefix = route("pods", None, None).resource.prefix(None);
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: i64,
+        send: &mut Send,
+        mine: impl Fn(&Value) -> bool,
+        event: impl Fn(Option<&Value>, Option<&Value>) -> Option<(Type, Value)>,
+    ) -> Result<(), String> {
+        let prefix = prefix.to_string();
         let store = &self.api.store;
         let resumed = if from > 0 { store.watch(&prefix, from).ok() } else { None };
         let mut stream = match resumed {
@@ -239,16 +271,16 @@ impl AgentEndpoint {
             }
             None => {
                 let page = store.list(&prefix, None, 0, 0, false).await.map_err(|e| e.to_string())?;
-                let pods: Vec<Value> = page
+                let objects: Vec<Value> = page
                     .items
                     .into_iter()
-                    .filter(|s| rules::node_name(&s.value) == node)
+                    .filter(|s| mine(&s.value))
                     .map(|mut s| {
                         meta::set_resource_version(&mut s.value, s.rev);
                         s.value
                     })
                     .collect();
-                let raw = serde_json::to_vec(&pods).expect("JSON");
+                let raw = serde_json::to_vec(&objects).expect("JSON");
                 self.send_event(send, Type::Snapshot, page.rev, raw).await?;
                 store.watch(&prefix, page.rev).map_err(|e| e.to_string())?
             }
@@ -266,9 +298,9 @@ impl AgentEndpoint {
                 }
             };
             for change in events.iter().filter_map(Change::from_event) {
-                if let Some((kind, mut pod)) = rules::pod_event(change.obj.as_ref(), change.prev.as_ref(), node) {
-                    meta::set_resource_version(&mut pod, change.rev);
-                    self.send_event(send, kind, change.rev, serde_json::to_vec(&pod).expect("JSON")).await?;
+                if let Some((kind, mut obj)) = event(change.obj.as_ref(), change.prev.as_ref()) {
+                    meta::set_resource_version(&mut obj, change.rev);
+                    self.send_event(send, kind, change.rev, serde_json::to_vec(&obj).expect("JSON")).await?;
                 }
             }
         }

@@ -92,6 +92,16 @@ pub fn pod_event(obj: Option<&Value>, prev: Option<&Value>, node: &str) -> Optio
     }
 }
 
+/// What a change to a Service or EndpointSlice means to an agent: every one is its
+/// business (as kube-proxy's).
+pub fn object_event(obj: Option<&Value>, prev: Option<&Value>) -> Option<(Type, Value)> {
+    match (obj, prev) {
+        (Some(o), _) => Some((Type::Put, o.clone())),
+        (None, Some(p)) => Some((Type::Delete, p.clone())),
+        (None, None) => None,
+    }
+}
+
 /// The stored Node after an agent's report: the agent owns the status and its own labels
 /// and annotations; the spec (pod CIDR, taints, cordon) belongs to the cluster.
 pub fn merge_node(stored: Option<&Value>, reported: &Value) -> Value {

@@ -1,0 +1,202 @@
+//! The service proxy on a 3-server cluster with a real agent and containerd: a pod that asks
+//! a Service's cluster IP again and again is answered by all three replicas; the host
+//! reaches it too, and through its node port; endpoints follow the pods within a second or
+//! two; a Service without endpoints refuses at once; ClientIP affinity keeps a client on one
+//! replica; and the rules go with `corral down`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use corral_e2e::{Cluster, init_tracing};
+use tracing::info;
+
+const BASE_PORT: u16 = 25800;
+
+/// Three busybox web servers, each answering with its own pod name.
+const ECHO: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: echo}
+  template:
+    metadata:
+      labels: {app: echo}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: busybox
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [{containerPort: 8080}]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: sh
+    image: busybox
+    command: ["sleep", "3600"]
+"#;
+
+/// Who answered `n` requests to `addr` (ip:port) from the client pod. (busybox nc: Debian's
+/// static busybox wget crashes.)
+fn answers_from_pod(c: &Cluster, addr: &str, n: usize) -> Result<Vec<String>> {
+    let (ip, port) = addr.split_once(':').context("ip:port")?;
+    let script = format!(
+        "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
+         echo \"${{r:-FAILED}}\"; done"
+    );
+    let out = c.kube(&["exec", "client", "--", "sh", "-c", &script])?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+/// Who answered `n` requests to `addr` from the host.
+fn answers_from_host(addr: &str, n: usize) -> Vec<String> {
+    (0..n).map(|_| http_get(addr).unwrap_or_else(|| "FAILED".into())).collect()
+}
+
+/// The last line of the body at `http://addr/`.
+fn http_get(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
+}
+
+fn distinct(answers: &[String]) -> BTreeSet<&str> {
+    answers.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.250.0.0/16"])?;
+    let minute = Duration::from_secs(60);
+
+    info!("three replicas behind kubectl expose, and a client pod");
+    c.kube_stdin(&["apply", "-f", "-"], ECHO)?;
+    c.kube_until(&["get", "deployment", "echo", "-o", "jsonpath={.status.readyReplicas}"], minute, |o| o == "3")?;
+    c.kube_until(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
+    c.kube(&["expose", "deployment", "echo", "--port=80", "--target-port=8080"])?;
+    let ip = c.kube(&["get", "service", "echo", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let pods: BTreeSet<String> = c
+        .kube(&["get", "pods", "-l", "app=echo", "-o", "jsonpath={.items[*].metadata.name}"])?
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(pods.len(), 3);
+
+    info!(%ip, "a pod asking the cluster IP again and again is answered by all three");
+    let url = format!("{ip}:80");
+    let answered = Instant::now();
+    let mut first = answers_from_pod(&c, &url, 1)?;
+    while !pods.contains(&first[0]) && answered.elapsed() < minute {
+        first = answers_from_pod(&c, &url, 1)?;
+    }
+    info!(after = ?answered.elapsed(), ?first, "the service answers");
+    // The Endpoints controller may list the replicas over more than one write.
+    c.kube_until(&["get", "endpoints", "echo", "-o", "jsonpath={.subsets[*].addresses[*].ip}"], minute, |o| {
+        o.split_whitespace().count() == 3
+    })?;
+    let mut answers = answers_from_pod(&c, &url, 30)?;
+    for _ in 0..5 {
+        if distinct(&answers).len() == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        answers = answers_from_pod(&c, &url, 30)?;
+    }
+    assert_eq!(distinct(&answers).len(), 3, "{answers:?}");
+    // Once every replica has answered, the rules are complete: a batch of its own is
+    // spread over all three (a replica left out of 30 random picks: p = 3 * (2/3)^30).
+    let answers = answers_from_pod(&c, &url, 30)?;
+    let seen = distinct(&answers);
+    assert_eq!(seen.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(), pods, "{answers:?}");
+    info!(spread = ?pods.iter().map(|p| answers.iter().filter(|a| *a == p).count()).collect::<Vec<_>>(), "30 requests");
+
+    info!("the host reaches the cluster IP, and the node port on the node's bridge address");
+    let from_host = answers_from_host(&url, 10);
+    assert!(from_host.iter().all(|a| pods.contains(a)), "{from_host:?}");
+    c.kube(&["expose", "deployment", "echo", "--name=echo-np", "--type=NodePort", "--port=80", "--target-port=8080"])?;
+    let node_port = c.kube(&["get", "service", "echo-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])?;
+    let cidr = c.kube(&["get", "node", "a1", "-o", "jsonpath={.spec.podCIDR}"])?;
+    let gateway = gateway_of(&cidr).context("the node's bridge address")?;
+    let np_url = format!("{gateway}:{node_port}");
+    let deadline = Instant::now() + minute;
+    let mut through_node_port = answers_from_host(&np_url, 1);
+    while !pods.contains(&through_node_port[0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        through_node_port = answers_from_host(&np_url, 1);
+    }
+    assert!(pods.contains(&through_node_port[0]), "{np_url}: {through_node_port:?}");
+
+    info!("endpoints follow the pods: scaled to one, only that one answers");
+    c.kube(&["scale", "deployment", "echo", "--replicas=1"])?;
+    let scaled = Instant::now();
+    c.kube_until(&["get", "endpoints", "echo", "-o", "jsonpath={.subsets[*].addresses[*].ip}"], minute, |o| {
+        o.split_whitespace().count() == 1
+    })?;
+    let mut answers = answers_from_pod(&c, &url, 10)?;
+    while distinct(&answers).len() > 1 && scaled.elapsed() < minute {
+        answers = answers_from_pod(&c, &url, 10)?;
+    }
+    info!(after = ?scaled.elapsed(), "one endpoint left");
+    assert_eq!(distinct(&answers).len(), 1, "{answers:?}");
+    assert!(!answers.iter().any(|a| a == "FAILED"), "{answers:?}");
+
+    info!("a Service without endpoints refuses at once; affinity keeps a client on one pod");
+    c.kube_stdin(&["apply", "-f", "-"], "apiVersion: v1\nkind: Service\nmetadata: {name: nothing}\nspec:\n  selector: {app: none}\n  ports: [{port: 80}]\n")?;
+    let nothing = c.kube(&["get", "service", "nothing", "-o", "jsonpath={.spec.clusterIP}"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let refused =
+        c.kube(&["exec", "client", "--", "sh", "-c", &format!("nc -w 5 {nothing} 80 </dev/null 2>&1; echo done")])?;
+    assert!(refused.contains("refused") && started.elapsed() < Duration::from_secs(4), "{refused}");
+    c.kube(&["scale", "deployment", "echo", "--replicas=3"])?;
+    c.kube_until(&["get", "endpoints", "echo", "-o", "jsonpath={.subsets[*].addresses[*].ip}"], minute, |o| {
+        o.split_whitespace().count() == 3
+    })?;
+    c.kube(&["patch", "service", "echo", "-p", r#"{"spec":{"sessionAffinity":"ClientIP"}}"#])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let sticky = answers_from_pod(&c, &url, 15)?;
+    assert_eq!(distinct(&sticky).len(), 1, "{sticky:?}");
+
+    info!("corral down removes the rules");
+    let table = nft_tables()?.into_iter().find(|t| t.starts_with("cr")).context("the agent's table")?;
+    c.down()?;
+    assert!(!nft_tables()?.contains(&table), "{table} left behind");
+    Ok(())
+}
+
+/// The first address of a CIDR: the node's bridge.
+fn gateway_of(cidr: &str) -> Option<String> {
+    let (net, _) = cidr.split_once('/')?;
+    let mut octets: Vec<u8> = net.split('.').map(|o| o.parse().ok()).collect::<Option<_>>()?;
+    *octets.last_mut()? += 1;
+    Some(octets.iter().map(u8::to_string).collect::<Vec<_>>().join("."))
+}
+
+/// The machine's `ip` family nftables tables.
+fn nft_tables() -> Result<Vec<String>> {
+    let out = std::process::Command::new("nft").args(["list", "tables", "ip"]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table ip "))
+        .map(String::from)
+        .collect())
+}
