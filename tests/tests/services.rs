@@ -1,7 +1,7 @@
 //! The service proxy on a 3-server cluster with a real agent and containerd: a pod that asks
 //! a Service's cluster IP again and again is answered by all three replicas; the host
-//! reaches it too, and through its node port; endpoints follow the pods within a second or
-//! two; a Service without endpoints refuses at once; ClientIP affinity keeps a client on one
+//! reaches it too, and through its node port; the node's DNS names it; endpoints follow the
+//! pods within a second or two; a Service without endpoints refuses at once; ClientIP affinity keeps a client on one
 //! replica; and the rules go with `corral down`.
 
 use std::collections::BTreeSet;
@@ -128,6 +128,19 @@ fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> 
     let seen = distinct(&answers);
     assert_eq!(seen.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(), pods, "{answers:?}");
     info!(spread = ?pods.iter().map(|p| answers.iter().filter(|a| *a == p).count()).collect::<Vec<_>>(), "30 requests");
+
+    info!("the node's DNS names the Service: in full, and through the pod's search path");
+    let resolved = c.kube(&["exec", "client", "--", "nslookup", "echo.default.svc.cluster.local"])?;
+    assert!(resolved.contains(&ip), "{resolved}");
+    for short in ["echo", "echo.default"] {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {short} 80 | tail -n 1");
+        let by_name = c.kube(&["exec", "client", "--", "sh", "-c", &script])?;
+        assert!(pods.contains(by_name.trim()), "{short}: {by_name}");
+    }
+    let missing = c.kube_fails(&["exec", "client", "--", "nslookup", "nothing.default.svc.cluster.local"])?;
+    info!(%missing, "an unknown name");
+    let resolv = c.kube(&["exec", "client", "--", "cat", "/etc/resolv.conf"])?;
+    assert!(resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"), "{resolv}");
 
     info!("the host reaches the cluster IP, and the node port on the node's bridge address");
     let from_host = answers_from_host(&url, 10);

@@ -115,6 +115,31 @@ pub fn cni_bridge_config(bridge: &str, subnet: &str, ip_masq: bool, data_dir: &P
     .to_string()
 }
 
+/// Makes the node's bridge with its gateway address (`10.244.1.1/24`) if it is not there,
+/// before any pod: the node's DNS answers on that address from the start. The CNI bridge
+/// plugin takes the bridge as it finds it.
+pub fn ensure_bridge(bridge: &str, gateway_cidr: &str) -> Result<(), ContainerdError> {
+    let ip = |args: &[&str]| -> Result<std::process::Output, ContainerdError> {
+        std::process::Command::new("ip").args(args).output().map_err(|e| ContainerdError::Io("running ip".into(), e))
+    };
+    let exists = ip(&["link", "show", bridge])?.status.success();
+    if !exists {
+        let out = ip(&["link", "add", bridge, "type", "bridge"])?;
+        if !out.status.success() && !ip(&["link", "show", bridge])?.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(ContainerdError::Io(format!("creating bridge {bridge}"), std::io::Error::other(why)));
+        }
+    }
+    for args in [["addr", "replace", gateway_cidr, "dev", bridge].as_slice(), &["link", "set", bridge, "up"]] {
+        let out = ip(args)?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(ContainerdError::Io(format!("ip {}", args.join(" ")), std::io::Error::other(why)));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
     #[error("{0}: {1}")]

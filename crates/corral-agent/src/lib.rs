@@ -7,6 +7,7 @@ pub mod agent;
 pub mod conformance;
 pub mod containerd;
 pub mod cri;
+pub mod dns;
 pub mod fake;
 pub mod gc;
 pub mod link;

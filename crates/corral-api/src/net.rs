@@ -30,6 +30,11 @@ impl Cidr {
         Ok((Cidr { base: addr & mask(prefix), prefix }, addr))
     }
 
+    /// The network's first address: a node's bridge (its pods' gateway) on its pod CIDR.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 1)
+    }
+
     /// Whether `other` lies within this network.
     pub fn contains(&self, other: &Cidr) -> bool {
         other.prefix >= self.prefix && other.base & mask(self.prefix) == self.base

@@ -11,6 +11,7 @@ use clap::Args;
 use corral_agent::agent::{Agent, LinkLookup};
 use corral_agent::containerd::{self, Layout};
 use corral_agent::cri::{CriClient, Runtime};
+use corral_agent::dns;
 use corral_agent::link::{self, Credentials, Handler, Link};
 use corral_agent::node::Facts;
 use corral_agent::proxy::Nft;
@@ -52,7 +53,8 @@ pub struct AgentArgs {
     /// OCI image archives imported at start (default: DATA_DIR/images).
     #[arg(long)]
     pub images_dir: Option<PathBuf>,
-    /// The cluster DNS server pods resolve through, and its search domain.
+    /// The cluster DNS server pods resolve through (default: this node's own, on its
+    /// bridge's address), and its search domain.
     #[arg(long)]
     pub cluster_dns: Option<String>,
     #[arg(long, default_value = "cluster.local")]
@@ -118,6 +120,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     };
 
+    // The node's own bridge and DNS, unless it uses a containerd (and network) of its own.
+    let local_dns = match &args.containerd_socket {
+        Some(_) => None,
+        None => {
+            let cidr = corral_api::net::Cidr::parse(&pod_cidr).map_err(|e| anyhow::anyhow!("pod CIDR: {e}"))?;
+            let gateway = cidr.gateway();
+            containerd::ensure_bridge(&args.bridge, &format!("{gateway}/{}", cidr.prefix))?;
+            Some(std::net::SocketAddr::new(gateway.into(), 53))
+        }
+    };
+    let cluster_dns = args.cluster_dns.clone().or_else(|| local_dns.map(|a| a.ip().to_string()));
+
     // Images the node was given are never garbage-collected: no registry could restore them.
     let mut pinned_images = vec![corral_image::PAUSE_IMAGE.to_string()];
     let runtime = match &args.containerd_socket {
@@ -144,7 +158,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         cgroup_root: format!("/corral/{node_name}"),
         log_root: data_dir.join("logs"),
         pods_root: data_dir.join("pods"),
-        cluster_dns: args.cluster_dns.clone().map(|ip| (ip, args.cluster_domain.clone())),
+        cluster_dns: cluster_dns.map(|ip| (ip, args.cluster_domain.clone())),
         pinned_images,
     };
     let worker = Arc::new(Worker::new(Arc::new(runtime), Arc::new(LinkLookup(link.clone())), node));
@@ -156,13 +170,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let (k, v) = label.split_once('=').with_context(|| format!("--node-labels {label}: want key=value"))?;
         facts.labels.push((k.to_string(), v.to_string()));
     }
-    let proxy = (!args.disable_proxy).then(|| {
-        let view = Arc::new(ServiceView::default());
-        [
-            tokio::spawn(view.clone().follow(link.clone())),
-            tokio::spawn(services::run_proxy(view, Nft, args.proxy_table.clone())),
-        ]
-    });
+    // The Services as this node knows them, for its proxy and its DNS.
+    let view = Arc::new(ServiceView::default());
+    let mut network = vec![tokio::spawn(view.clone().follow(link.clone()))];
+    if !args.disable_proxy {
+        network.push(tokio::spawn(services::run_proxy(view.clone(), Nft, args.proxy_table.clone())));
+    }
+    if let Some(listen) = local_dns {
+        let (view, domain) = (view.clone(), args.cluster_domain.clone());
+        network.push(tokio::spawn(async move {
+            if let Err(e) = dns::serve(listen, view, domain).await {
+                tracing::error!(%listen, error = %e, "cluster DNS could not start: is another DNS server bound to port 53?");
+            }
+        }));
+    }
     let agent = Agent::new(worker, link, facts, &kubelet_version);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(agent.run(stop_rx));
@@ -170,7 +191,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     crate::server::wait_for_signal().await;
     tracing::info!("stopping; pods and service rules stay");
     let _ = stop_tx.send(true);
-    for t in proxy.into_iter().flatten() {
+    for t in network {
         t.abort();
     }
     let _ = task.await;
