@@ -47,6 +47,13 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent(_)) {
+        // An agent's heap is small (a few MiB), but mimalloc advises huge pages for its
+        // arenas: each touched region then costs 2 MiB, 20 MiB of RSS for 300 KiB in use.
+        // Servers keep huge pages (their heaps are large and hot).
+        // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Server(args) => {
