@@ -2,7 +2,8 @@
 //! a Service's cluster IP again and again is answered by all three replicas; the host
 //! reaches it too, and through its node port; the node's DNS names it; endpoints follow the
 //! pods within a second or two; a Service without endpoints refuses at once; ClientIP affinity keeps a client on one
-//! replica; and the rules go with `corral down`.
+//! replica; after `kill -9` of the leader the rules follow a change made through a survivor;
+//! and the rules go with `corral down`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -52,12 +53,18 @@ spec:
 /// Who answered `n` requests to `addr` (ip:port) from the client pod. (busybox nc: Debian's
 /// static busybox wget crashes.)
 fn answers_from_pod(c: &Cluster, addr: &str, n: usize) -> Result<Vec<String>> {
+    answers_from_pod_via(c, &[], addr, n)
+}
+
+/// `answers_from_pod`, with kubectl's extra arguments (`--server`).
+fn answers_from_pod_via(c: &Cluster, via: &[&str], addr: &str, n: usize) -> Result<Vec<String>> {
     let (ip, port) = addr.split_once(':').context("ip:port")?;
     let script = format!(
         "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
          echo \"${{r:-FAILED}}\"; done"
     );
-    let out = c.kube(&["exec", "client", "--", "sh", "-c", &script])?;
+    let args: Vec<&str> = via.iter().copied().chain(["exec", "client", "--", "sh", "-c", &script]).collect();
+    let out = c.kube(&args)?;
     Ok(out.lines().map(str::to_string).collect())
 }
 
@@ -121,10 +128,6 @@ fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> 
         std::thread::sleep(Duration::from_millis(500));
         answers = answers_from_pod(&c, &url, 30)?;
     }
-    assert_eq!(distinct(&answers).len(), 3, "{answers:?}");
-    // Once every replica has answered, the rules are complete: a batch of its own is
-    // spread over all three (a replica left out of 30 random picks: p = 3 * (2/3)^30).
-    let answers = answers_from_pod(&c, &url, 30)?;
     let seen = distinct(&answers);
     assert_eq!(seen.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(), pods, "{answers:?}");
     info!(spread = ?pods.iter().map(|p| answers.iter().filter(|a| *a == p).count()).collect::<Vec<_>>(), "30 requests");
@@ -188,6 +191,40 @@ fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> 
     std::thread::sleep(Duration::from_secs(2));
     let sticky = answers_from_pod(&c, &url, 15)?;
     assert_eq!(distinct(&sticky).len(), 1, "{sticky:?}");
+
+    info!("kill -9 the leader: a change made through a survivor reaches the rules");
+    let leader = c.leader()?;
+    let index: usize = leader.name.trim_start_matches('s').parse::<usize>()? - 1;
+    let other = c.api_url((index + 1) % 3);
+    let via = ["--server", other.as_str()];
+    c.kill(&leader.name)?;
+    let killed = Instant::now();
+    let scale: Vec<&str> = via.iter().copied().chain(["scale", "deployment", "echo", "--replicas=2"]).collect();
+    let mut scaled = c.kube(&scale);
+    while scaled.is_err() && killed.elapsed() < minute {
+        std::thread::sleep(Duration::from_millis(200));
+        scaled = c.kube(&scale);
+    }
+    scaled?;
+    let unstick: Vec<&str> = via
+        .iter()
+        .copied()
+        .chain(["patch", "service", "echo", "-p", r#"{"spec":{"sessionAffinity":"None"}}"#])
+        .collect();
+    c.kube(&unstick)?;
+    let endpoints: Vec<&str> = via
+        .iter()
+        .copied()
+        .chain(["get", "endpoints", "echo", "-o", "jsonpath={.subsets[*].addresses[*].ip}"])
+        .collect();
+    c.kube_until(&endpoints, minute, |o| o.split_whitespace().count() == 2)?;
+    let mut answers = answers_from_pod_via(&c, &via, &url, 20)?;
+    while distinct(&answers).len() != 2 && killed.elapsed() < minute {
+        answers = answers_from_pod_via(&c, &via, &url, 20)?;
+    }
+    info!(after = ?killed.elapsed(), "two replicas answer, through the new leader's Endpoints");
+    assert_eq!(distinct(&answers).len(), 2, "{answers:?}");
+    assert!(!answers.iter().any(|a| a == "FAILED"), "{answers:?}");
 
     info!("corral down removes the rules");
     let table = nft_tables()?.into_iter().find(|t| t.starts_with("cr")).context("the agent's table")?;

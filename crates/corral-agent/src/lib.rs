@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod probe;
 pub mod proxy;
+pub mod routes;
 pub mod services;
 pub mod spdy;
 pub mod spec;

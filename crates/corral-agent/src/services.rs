@@ -1,6 +1,7 @@
-//! The node's view of the cluster's Services and EndpointSlices, kept by two watches on the
-//! servers (resumed from the last revision, as the pod watch), and the loop that keeps the
-//! service proxy's rules equal to it (`proxy`).
+//! The node's view of the cluster's Services, EndpointSlices and Nodes, kept by watches on
+//! the servers (resumed from the last revision, as the pod watch), and the loops that keep
+//! the service proxy's rules (`proxy`) and the routes to other nodes' pods (`routes`) equal
+//! to it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,12 +14,15 @@ use tokio::sync::Notify;
 use crate::agent::follow;
 use crate::link::Link;
 use crate::proxy::{self, Firewall};
+use crate::routes::{self, IpRoutes};
 use crate::spec::str_at;
 
 /// Changes closer together than this go out as one rule update.
 const SETTLE: Duration = Duration::from_millis(100);
 /// How long a refused rule update waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Routes are checked this often even when no Node changed.
+const ROUTES_RESYNC: Duration = Duration::from_secs(30);
 
 /// The objects of one watched resource, by `namespace/name`.
 #[derive(Debug, Default)]
@@ -36,12 +40,17 @@ fn key(obj: &Value) -> String {
 impl Objects {
     /// Applies one event; true when the objects changed.
     pub fn apply(&mut self, event: &proto::PodEvent) -> bool {
+        self.apply_kept(event, |o| o)
+    }
+
+    /// Applies one event, keeping of each object what `keep` returns.
+    pub fn apply_kept(&mut self, event: &proto::PodEvent, keep: impl Fn(Value) -> Value) -> bool {
         self.revision = self.revision.max(event.revision);
-        let object = || serde_json::from_slice::<Value>(&event.object).ok();
+        let object = || serde_json::from_slice::<Value>(&event.object).ok().map(&keep);
         match Type::try_from(event.r#type).unwrap_or(Type::Unspecified) {
             Type::Snapshot => {
                 let all: Vec<Value> = serde_json::from_slice(&event.object).unwrap_or_default();
-                self.by_key = all.into_iter().map(|o| (key(&o), o)).collect();
+                self.by_key = all.into_iter().map(&keep).map(|o| (key(&o), o)).collect();
                 self.known = true;
                 true
             }
@@ -56,36 +65,53 @@ impl Objects {
     }
 }
 
-/// Services and EndpointSlices as this node last heard of them.
+/// Services, EndpointSlices and Nodes as this node last heard of them.
 #[derive(Default)]
 pub struct ServiceView {
     pub services: Mutex<Objects>,
     pub slices: Mutex<Objects>,
+    pub nodes: Mutex<Objects>,
     changed: Notify,
+    nodes_changed: Notify,
 }
 
 impl ServiceView {
     /// Keeps the view current, for good.
     pub async fn follow(self: Arc<Self>, link: Arc<Link>) {
         let services = tokio::spawn(self.clone().follow_one(link.clone(), Resource::Services));
-        let slices = tokio::spawn(self.clone().follow_one(link, Resource::EndpointSlices));
-        let _ = tokio::join!(services, slices);
+        let slices = tokio::spawn(self.clone().follow_one(link.clone(), Resource::EndpointSlices));
+        let nodes = tokio::spawn(self.clone().follow_one(link, Resource::Nodes));
+        let _ = tokio::join!(services, slices, nodes);
     }
 
     fn objects(&self, resource: Resource) -> &Mutex<Objects> {
-        if resource == Resource::Services { &self.services } else { &self.slices }
+        match resource {
+            Resource::Services => &self.services,
+            Resource::Nodes => &self.nodes,
+            _ => &self.slices,
+        }
     }
 
     async fn follow_one(self: Arc<Self>, link: Arc<Link>, resource: Resource) {
-        let what = if resource == Resource::Services { "service watch" } else { "endpoint slice watch" };
+        let what = match resource {
+            Resource::Services => "service watch",
+            Resource::Nodes => "node watch",
+            _ => "endpoint slice watch",
+        };
         let request = || {
             let from = self.objects(resource).lock().expect("not poisoned").revision;
             let watch = proto::WatchServices { resource: resource as i32, from_revision: from };
             (from, AgentRequest { kind: Some(agent_request::Kind::WatchServices(watch)) })
         };
+        // Of a Node only what routes need: a Node carries its images and more.
+        let keep = move |o: Value| if resource == Resource::Nodes { routes::routing_fields(o) } else { o };
         follow(&link, what, request, |event| {
-            if self.objects(resource).lock().expect("not poisoned").apply(&event) {
-                self.changed.notify_one();
+            if self.objects(resource).lock().expect("not poisoned").apply_kept(&event, keep) {
+                if resource == Resource::Nodes {
+                    self.nodes_changed.notify_one();
+                } else {
+                    self.changed.notify_one();
+                }
             }
         })
         .await
@@ -115,7 +141,9 @@ pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: 
             let started = std::time::Instant::now();
             match firewall.apply(&script).await {
                 Ok(()) => {
-                    tracing::info!(table = %table, ports = ports.len(), ms = started.elapsed().as_millis() as u64, "service rules written");
+                    let endpoints: usize = ports.iter().map(|p| p.backends.len()).sum();
+                    let ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(table = %table, ports = ports.len(), endpoints, ms, "service rules written");
                     applied = Some(script);
                 }
                 Err(e) => {
@@ -126,6 +154,28 @@ pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: 
             }
         }
         view.changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+    }
+}
+
+/// Keeps this machine's routes to the other nodes' pod CIDRs equal to what the Nodes say,
+/// for good; checked again every `ROUTES_RESYNC` in case someone removed one.
+pub async fn run_routes(view: Arc<ServiceView>, routes: IpRoutes, me: String) {
+    loop {
+        let desired = {
+            let nodes = view.nodes.lock().expect("not poisoned");
+            nodes.known.then(|| routes::plan(nodes.by_key.values(), &me))
+        };
+        if let Some(desired) = desired {
+            match routes.reconcile(&desired).await {
+                Ok((0, 0)) => {}
+                Ok((set, removed)) => {
+                    tracing::info!(set, removed, routes = desired.len(), "routes to other nodes' pods")
+                }
+                Err(e) => tracing::warn!(error = %e, "routes to other nodes' pods not written; retrying"),
+            }
+        }
+        let _ = tokio::time::timeout(ROUTES_RESYNC, view.nodes_changed.notified()).await;
         tokio::time::sleep(SETTLE).await;
     }
 }

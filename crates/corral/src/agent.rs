@@ -15,6 +15,7 @@ use corral_agent::dns;
 use corral_agent::link::{self, Credentials, Handler, Link};
 use corral_agent::node::Facts;
 use corral_agent::proxy::Nft;
+use corral_agent::routes::IpRoutes;
 use corral_agent::services::{self, ServiceView};
 use corral_agent::streams::Streams;
 use corral_agent::worker::{NodeConfig, Worker};
@@ -176,6 +177,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     if !args.disable_proxy {
         network.push(tokio::spawn(services::run_proxy(view.clone(), Nft, args.proxy_table.clone())));
     }
+    network.push(tokio::spawn(services::run_routes(view.clone(), IpRoutes { netns: None }, node_name.clone())));
     if let Some(listen) = local_dns {
         let (view, domain) = (view.clone(), args.cluster_domain.clone());
         network.push(tokio::spawn(async move {

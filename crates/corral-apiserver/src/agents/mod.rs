@@ -187,8 +187,9 @@ impl AgentEndpoint {
                 let plural = match WatchResource::try_from(w.resource) {
                     Ok(WatchResource::Services) => "services",
                     Ok(WatchResource::EndpointSlices) => "discovery.k8s.io/endpointslices",
+                    Ok(WatchResource::Nodes) => "nodes",
                     _ => {
-                        let reply = refused("watch services or endpoint slices");
+                        let reply = refused("watch services, endpoint slices or nodes");
                         if frame::write(&mut send, &reply).await.is_ok() {
                             let _ = send.finish();
                         }
