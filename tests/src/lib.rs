@@ -364,6 +364,18 @@ fn is_zombie(pid: u32) -> bool {
     stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'))
 }
 
+/// The whole response (headers and body) to `GET /` at `addr` (ip:port), over HTTP/1.0.
+pub fn http_get(addr: &str, timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
 /// Runs a command to completion with an optional stdin; its stdout if it succeeded.
 pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
     use std::io::Write;

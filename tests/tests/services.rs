@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use corral_e2e::{Cluster, init_tracing};
+use corral_e2e::{Cluster, http_get, init_tracing};
 use tracing::info;
 
 const BASE_PORT: u16 = 25800;
@@ -70,19 +70,12 @@ fn answers_from_pod_via(c: &Cluster, via: &[&str], addr: &str, n: usize) -> Resu
 
 /// Who answered `n` requests to `addr` from the host.
 fn answers_from_host(addr: &str, n: usize) -> Vec<String> {
-    (0..n).map(|_| http_get(addr).unwrap_or_else(|| "FAILED".into())).collect()
-}
-
-/// The last line of the body at `http://addr/`.
-fn http_get(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = addr.parse().ok()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
+    (0..n)
+        .map(|_| {
+            let response = http_get(addr, Duration::from_secs(2));
+            response.and_then(|r| r.lines().last().map(|l| l.trim().to_string())).unwrap_or_else(|| "FAILED".into())
+        })
+        .collect()
 }
 
 fn distinct(answers: &[String]) -> BTreeSet<&str> {

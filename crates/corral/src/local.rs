@@ -9,6 +9,7 @@
 //! DIR/etcdctl.env           ETCDCTL_* for etcdctl
 //! ```
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use corral_transport::{CertificateAuthority, Usage};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
 
+use crate::nodenet::{self, NodeNetwork};
 use crate::tls;
 
 #[derive(Args, Debug)]
@@ -65,6 +67,10 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// Give each agent a network namespace of its own on a host bridge (its own address,
+    /// containerd, pod bridge, service rules and DNS), as separate machines would have.
+    #[arg(long)]
+    pub netns: bool,
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +96,9 @@ pub struct ClusterRecord {
     pub server_flags: Vec<String>,
     #[serde(default)]
     pub agents: Vec<AgentRecord>,
+    /// The node network, when agents have namespaces of their own (`--netns`).
+    #[serde(default)]
+    pub network: Option<NodeNetwork>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +188,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
         );
     }
 
+    // Bridges and namespaces are named after the state directory, so two local clusters
+    // never share one.
+    let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
+    let net = NodeNetwork::for_tag(tag as u32);
     progress.start("certificates");
     let pki = dir.join("pki");
     if pki.join("ca.crt").exists() {
@@ -186,7 +199,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     } else {
         std::fs::create_dir_all(&pki)?;
         let ca = CertificateAuthority::generate("corral-ca")?;
-        let sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        // The node network's host address too: agents in namespaces reach the servers there.
+        let sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), net.host_ip.to_string()];
         ca.issue("corral-server", &["corral:servers"], &sans, Usage::ServerAndClient)?.write(&pki, "server")?;
         ca.issue("admin", &["system:masters"], &[], Usage::Client)?.write(&pki, "admin")?;
         ca.write(&pki)?;
@@ -209,7 +223,17 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .collect(),
         server_flags: Vec::new(),
         agents: Vec::new(),
+        network: None,
     });
+    if args.netns && record.network.is_none() {
+        if record.servers.iter().any(|s| s.pid.is_some_and(|pid| is_our_server(pid, dir))) {
+            bail!("--netns: the cluster in {} runs without node namespaces; `corral down` it first", dir.display());
+        }
+        record.network = Some(net.clone());
+    }
+    if let Some(net) = &record.network {
+        nodenet::ensure_host(net).context("making the node network's host bridge")?;
+    }
     let mut flags = Vec::new();
     if let Some(n) = args.snapshot_count {
         flags.extend(["--snapshot-count".to_string(), n.to_string()]);
@@ -249,7 +273,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
             continue;
         }
-        server.pid = Some(spawn_server(dir, server, &initial_cluster, &record.server_flags)?);
+        server.pid = Some(spawn_server(dir, server, &initial_cluster, &record.server_flags, record.network.as_ref())?);
         started += 1;
     }
     record.save(dir)?;
@@ -277,9 +301,21 @@ pub async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra: &[String]) -> Result<u32> {
+fn spawn_server(
+    dir: &Path,
+    server: &ServerRecord,
+    initial_cluster: &str,
+    extra: &[String],
+    network: Option<&NodeNetwork>,
+) -> Result<u32> {
     let server_dir = dir.join("servers").join(&server.name);
-    let mut cmd = corral_command("server", &server_dir.join("server.log"))?;
+    let mut cmd = corral_command(None, "server", &server_dir.join("server.log"))?;
+    if let Some(net) = network {
+        // Agents in their namespaces reach the servers through the host bridge.
+        let port = server.api_url.rsplit(':').next().unwrap_or_default();
+        cmd.args(["--listen-agent-addr", &format!("0.0.0.0:{port}")])
+            .args(["--advertise-agent-addr", &format!("{}:{port}", net.host_ip)]);
+    }
     cmd.args(["--name", &server.name])
         .arg("--data-dir")
         .arg(server_dir.join("data"))
@@ -295,14 +331,23 @@ fn spawn_server(dir: &Path, server: &ServerRecord, initial_cluster: &str, extra:
 
 /// `corral <sub>` appending to `log`, in a session of its own: it outlives `corral up` and
 /// its terminal.
-fn corral_command(sub: &str, log: &Path) -> Result<std::process::Command> {
+fn corral_command(netns: Option<&str>, sub: &str, log: &Path) -> Result<std::process::Command> {
     use std::os::unix::process::CommandExt;
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let exe = std::env::current_exe().context("locating the corral binary")?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = match netns {
+        // nsenter enters the network namespace only (not a mount namespace, as `ip netns
+        // exec` would) and execs corral: the pid stays the one recorded.
+        Some(ns) => {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
     cmd.arg(sub).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; it only detaches the child from our session.
     unsafe {
@@ -334,7 +379,6 @@ fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
 async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, progress: &mut Progress) -> Result<()> {
     let count = args.agents;
     let timeout = Duration::from_secs(args.timeout_s);
-    // Bridges are named after the state directory, so two local clusters never share one.
     let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
     progress.start("images");
     let images = dir.join("images");
@@ -361,28 +405,72 @@ async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, pro
             .map(|i| AgentRecord { name: format!("a{}", i + 1), bridge: format!("cr{tag:04x}-a{}", i + 1), pid: None })
             .collect();
     }
-    let servers: Vec<String> =
-        record.servers.iter().map(|s| s.api_url.trim_start_matches("https://").to_string()).collect();
+    let servers: Vec<String> = record
+        .servers
+        .iter()
+        .map(|s| {
+            let addr = s.api_url.trim_start_matches("https://");
+            match &record.network {
+                Some(net) => format!("{}:{}", net.host_ip, addr.rsplit(':').next().unwrap_or_default()),
+                None => addr.to_string(),
+            }
+        })
+        .collect();
     let mut started = 0;
-    for agent in &mut record.agents {
+    let network = record.network.clone();
+    for (i, agent) in record.agents.iter_mut().enumerate() {
         if agent.pid.is_some_and(|pid| is_ours(pid, dir, "agent")) {
             continue;
         }
-        agent.pid = Some(spawn_agent(dir, agent, &servers, &token_file, &images)?);
+        let node = match &network {
+            Some(net) => {
+                nodenet::ensure_node(net, &agent.name, i)
+                    .with_context(|| format!("making node {}'s namespace", agent.name))?;
+                Some((net.netns(&agent.name), net.node_ip(i)))
+            }
+            None => None,
+        };
+        agent.pid = Some(spawn_agent(dir, agent, &servers, &token_file, &images, node)?);
         started += 1;
     }
     record.save(dir)?;
     progress.done(&format!("{started} started"));
     progress.start("waiting for the nodes to be Ready");
     let names: Vec<String> = record.agents.iter().map(|a| a.name.clone()).collect();
-    wait_nodes_ready(dir, &record.servers[0].api_url, &names, timeout).await?;
+    let nodes = wait_nodes_ready(dir, &record.servers[0].api_url, &names, timeout).await?;
     progress.done("Ready");
+    if record.network.is_some() {
+        // The host reaches every node's pods through the node.
+        for node in &nodes {
+            let (Some(cidr), Some(ip)) = (
+                node.pointer("/spec/podCIDR").and_then(|v| v.as_str()),
+                node.pointer("/status/addresses")
+                    .and_then(|a| a.as_array())
+                    .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+                    .and_then(|a| a["address"].as_str()),
+            ) else {
+                continue;
+            };
+            nodenet::route_pods(cidr, ip)?;
+        }
+    }
     Ok(())
 }
 
-fn spawn_agent(dir: &Path, agent: &AgentRecord, servers: &[String], token: &Path, images: &Path) -> Result<u32> {
+/// Starts an agent; `node` is its namespace and address when it has its own.
+fn spawn_agent(
+    dir: &Path,
+    agent: &AgentRecord,
+    servers: &[String],
+    token: &Path,
+    images: &Path,
+    node: Option<(String, Ipv4Addr)>,
+) -> Result<u32> {
     let data = agent.data_dir(dir);
-    let mut cmd = corral_command("agent", &data.join("agent.log"))?;
+    let mut cmd = corral_command(node.as_ref().map(|(ns, _)| ns.as_str()), "agent", &data.join("agent.log"))?;
+    if let Some((_, ip)) = &node {
+        cmd.args(["--node-ip", &ip.to_string()]);
+    }
     cmd.args(["--node-name", &agent.name])
         .arg("--data-dir")
         .arg(&data)
@@ -414,7 +502,13 @@ fn remove_proxy_table(table: &str) {
     }
 }
 
-async fn wait_nodes_ready(dir: &Path, api_url: &str, names: &[String], timeout: Duration) -> Result<()> {
+/// Waits until the nodes are Ready; the Node objects then.
+async fn wait_nodes_ready(
+    dir: &Path,
+    api_url: &str,
+    names: &[String],
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>> {
     let client = crate::kube::Client::connect(&dir.join("pki"), api_url, 1).await?;
     let deadline = Instant::now() + timeout;
     let mut missing = names.to_vec();
@@ -441,7 +535,7 @@ async fn wait_nodes_ready(dir: &Path, api_url: &str, names: &[String], timeout: 
                 .collect();
             missing = names.iter().filter(|n| !ready.contains(&n.as_str())).cloned().collect();
             if missing.is_empty() {
-                return Ok(());
+                return Ok(list["items"].as_array().cloned().unwrap_or_default());
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -569,6 +663,12 @@ pub async fn down(args: DownArgs) -> Result<()> {
         if let Some(pid) = agent.pid.filter(|pid| is_ours(*pid, dir, "agent")) {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
+            nodenet::remove_node(net, &agent.name);
+        }
+    }
+    if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
+        nodenet::remove_host(net);
     }
     progress.done("stopped");
     progress.start(&format!("stopping {} servers", pids.len()));

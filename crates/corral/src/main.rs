@@ -5,6 +5,7 @@ mod bench;
 mod image;
 mod kube;
 mod local;
+mod nodenet;
 mod server;
 mod tls;
 mod token;

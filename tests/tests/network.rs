@@ -1,0 +1,136 @@
+//! Pod and Service networking across nodes on `corral up --netns`: 3 servers and 2 agents,
+//! each agent in a network namespace of its own on a host bridge (made and removed by corral
+//! up and down). The seed's deployment.yml gives three nginx pods on both nodes; a pod on one
+//! node reaches every one of them by IP, through the Service's cluster IP and by its DNS
+//! name; the host reaches them through a node port on either node and by pod IP; nothing of
+//! the namespaces, links and routes is left after `corral down`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use corral_e2e::{Cluster, http_get, init_tracing};
+use tracing::info;
+
+const BASE_PORT: u16 = 25900;
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/deployment.yml");
+
+/// A client pod on node a1.
+const CLIENT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+spec:
+  nodeName: a1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: sh
+    image: busybox
+    command: ["sleep", "3600"]
+"#;
+
+/// The nginx welcome page's title, from `addr` (ip:port) asked from the client pod.
+fn title_from_client(c: &Cluster, host: &str, port: u16) -> Result<String> {
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port} | grep -o '<title>[^<]*'");
+    c.kube(&["exec", "client", "--", "sh", "-c", &script]).map(|o| o.trim().to_string())
+}
+
+/// The same from the host.
+fn title_from_host(addr: &str) -> Option<String> {
+    let body = http_get(addr, Duration::from_secs(3))?;
+    let rest = &body[body.find("<title>")?..];
+    Some(rest[..rest[1..].find('<')? + 1].to_string())
+}
+
+fn network_leftovers(tag: &str) -> Result<Vec<String>> {
+    let netns = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output()?.stdout)?;
+    let links = String::from_utf8(std::process::Command::new("ip").args(["-o", "link", "show"]).output()?.stdout)?;
+    let routes =
+        String::from_utf8(std::process::Command::new("ip").args(["route", "show", "proto", "250"]).output()?.stdout)?;
+    Ok(netns.lines().chain(links.lines()).chain(routes.lines()).filter(|l| l.contains(tag)).map(String::from).collect())
+}
+
+#[test]
+fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "2", "--netns", "--cluster-cidr", "10.253.0.0/16"])?;
+    let minute = Duration::from_secs(60);
+
+    info!("two nodes, each on an address of its own");
+    let ips =
+        c.kube(&["get", "nodes", "-o", "jsonpath={.items[*].status.addresses[?(@.type==\"InternalIP\")].address}"])?;
+    let ips: Vec<&str> = ips.split_whitespace().collect();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(ips.iter().all(|ip| ip.starts_with("10.2") && !ip.starts_with("127.")), "{ips:?}");
+
+    info!("the seed's deployment.yml: three nginx pods, on both nodes");
+    c.kube(&["apply", "-f", SEED])?;
+    c.kube_stdin(&["apply", "-f", "-"], CLIENT)?;
+    c.kube_until(&["get", "deployment", "my-deployment", "-o", "jsonpath={.status.availableReplicas}"], minute, |o| {
+        o == "3"
+    })?;
+    c.kube_until(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
+    let placed = c.kube(&[
+        "get",
+        "pods",
+        "-l",
+        "app=myapp",
+        "-o",
+        "jsonpath={range .items[*]}{.status.podIP}={.spec.nodeName} {end}",
+    ])?;
+    let pods: Vec<(&str, &str)> = placed.split_whitespace().filter_map(|p| p.split_once('=')).collect();
+    let nodes: BTreeSet<&str> = pods.iter().map(|(_, n)| *n).collect();
+    info!(?pods, "placed");
+    assert_eq!(nodes.len(), 2, "the replicas spread over both nodes: {pods:?}");
+
+    info!("pod to pod across nodes, by IP");
+    for (ip, node) in &pods {
+        let title = title_from_client(&c, ip, 80).with_context(|| format!("{ip} on {node}"))?;
+        assert_eq!(title, "<title>Welcome to nginx!", "{ip} on {node}");
+    }
+
+    info!("pod to Service, by cluster IP and by DNS name");
+    c.kube(&["expose", "deployment", "my-deployment", "--port=80"])?;
+    let cluster_ip = c.kube(&["get", "service", "my-deployment", "-o", "jsonpath={.spec.clusterIP}"])?;
+    c.kube_until(
+        &["exec", "client", "--", "sh", "-c", &format!("nc -w 2 {cluster_ip} 80 </dev/null; echo rc=$?")],
+        minute,
+        |o| o.contains("rc=0"),
+    )?;
+    assert_eq!(title_from_client(&c, &cluster_ip, 80)?, "<title>Welcome to nginx!");
+    for name in ["my-deployment", "my-deployment.default", "my-deployment.default.svc.cluster.local"] {
+        assert_eq!(title_from_client(&c, name, 80)?, "<title>Welcome to nginx!", "{name}");
+    }
+
+    info!("the host: a node port on either node, and pod IPs through the nodes");
+    c.kube(&["expose", "deployment", "my-deployment", "--name=web-np", "--type=NodePort", "--port=80"])?;
+    let node_port = c.kube(&["get", "service", "web-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])?;
+    for ip in &ips {
+        let addr = format!("{ip}:{node_port}");
+        let mut title = title_from_host(&addr);
+        for _ in 0..50 {
+            if title.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            title = title_from_host(&addr);
+        }
+        assert_eq!(title.as_deref(), Some("<title>Welcome to nginx!"), "node port {addr}");
+    }
+    for (ip, _) in &pods {
+        assert_eq!(title_from_host(&format!("{ip}:80")).as_deref(), Some("<title>Welcome to nginx!"), "{ip}");
+    }
+
+    info!("corral down leaves no namespace, link or route behind");
+    let bridge = std::fs::read_to_string(c.state_dir().join("cluster.json"))
+        .ok()
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
+        .and_then(|v| v["network"]["bridge"].as_str().map(String::from))
+        .context("the node network in cluster.json")?;
+    assert!(!network_leftovers(&bridge)?.is_empty(), "the network is there before");
+    c.down()?;
+    let left = network_leftovers(&bridge)?;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
