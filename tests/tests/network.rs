@@ -2,8 +2,9 @@
 //! each agent in a network namespace of its own on a host bridge (made and removed by corral
 //! up and down). The seed's deployment.yml gives three nginx pods on both nodes; a pod on one
 //! node reaches every one of them by IP, through the Service's cluster IP and by its DNS
-//! name; the host reaches them through a node port on either node and by pod IP; nothing of
-//! the namespaces, links and routes is left after `corral down`.
+//! name; the host reaches them through a node port on either node and by pod IP; the seed's
+//! hostPath volume is pinned to the node pod1 writes on and pod2 reads `Hello Students` there;
+//! nothing of the namespaces, links and routes is left after `corral down`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -14,6 +15,9 @@ use tracing::info;
 
 const BASE_PORT: u16 = 25900;
 const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/deployment.yml");
+const PV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/pv-pvc.yml");
+const POD1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/pod1.yml");
+const POD2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seed/pod2.yml");
 
 /// A client pod on node a1.
 const CLIENT: &str = r#"
@@ -121,6 +125,19 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     for (ip, _) in &pods {
         assert_eq!(title_from_host(&format!("{ip}:80")).as_deref(), Some("<title>Welcome to nginx!"), "{ip}");
     }
+
+    info!("the seed's volume: pinned to the node pod1 wrote on, where pod2 then reads it");
+    c.kube(&["apply", "-f", PV])?;
+    c.kube(&["apply", "-f", POD1])?;
+    c.kube_until(&["get", "pod", "pod1", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Succeeded")?;
+    let writer = c.kube(&["get", "pod", "pod1", "-o", "jsonpath={.spec.nodeName}"])?;
+    let affinity = "jsonpath={.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}";
+    assert_eq!(c.kube(&["get", "pv", "pv-demo", "-o", affinity])?, writer, "pinned to its first node");
+    c.kube(&["delete", "pod", "pod1"])?;
+    c.kube(&["apply", "-f", POD2])?;
+    c.kube_until(&["get", "pod", "pod2", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
+    assert_eq!(c.kube(&["get", "pod", "pod2", "-o", "jsonpath={.spec.nodeName}"])?, writer);
+    c.kube_until(&["logs", "pod2"], minute, |o| o.trim() == "Hello Students")?;
 
     info!("corral down leaves no namespace, link or route behind");
     let bridge = std::fs::read_to_string(c.state_dir().join("cluster.json"))

@@ -14,6 +14,8 @@ use crate::spec::{ConfigError, secret_data, str_at, string_map};
 /// their own name).
 #[derive(Clone, Debug, Default)]
 pub struct VolumeSources {
+    /// The node mounting them.
+    pub node: String,
     pub config_maps: HashMap<String, Value>,
     pub secrets: HashMap<String, Value>,
     pub claims: HashMap<String, Value>,
@@ -87,11 +89,37 @@ fn claim_path(claim: &str, sources: &VolumeSources) -> Result<PathBuf, ConfigErr
     }
     let pv =
         sources.volumes.get(volume).ok_or_else(|| ConfigError(format!("persistentvolume \"{volume}\" not found")))?;
+    if let Some(nodes) = pinned_elsewhere(pv, &sources.node) {
+        return Err(ConfigError(format!(
+            "persistentvolume \"{volume}\" is pinned to node {nodes} (its data is there), not {}",
+            sources.node
+        )));
+    }
     let path = match (pv.pointer("/spec/hostPath/path"), pv.pointer("/spec/local/path")) {
         (Some(Value::String(p)), _) | (None, Some(Value::String(p))) => p.clone(),
         _ => return Err(ConfigError(format!("persistentvolume \"{volume}\" is neither hostPath nor local"))),
     };
     host_path(&path, str_at(pv, "/spec/hostPath/type"))
+}
+
+/// The nodes a volume's required `kubernetes.io/hostname` affinity names, when `node` is not
+/// one of them.
+fn pinned_elsewhere(pv: &Value, node: &str) -> Option<String> {
+    let terms = pv.pointer("/spec/nodeAffinity/required/nodeSelectorTerms")?.as_array()?;
+    let mut named = Vec::new();
+    for term in terms {
+        for e in term.get("matchExpressions").and_then(Value::as_array).into_iter().flatten() {
+            if e["key"] == "kubernetes.io/hostname" && e["operator"] == "In" {
+                let values: Vec<&str> =
+                    e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                if values.contains(&node) {
+                    return None;
+                }
+                named.extend(values);
+            }
+        }
+    }
+    (!named.is_empty()).then(|| named.join(", "))
 }
 
 /// A hostPath checked against its type, created for the `...OrCreate` types.
@@ -184,6 +212,7 @@ mod tests {
             ]},
         });
         let sources = VolumeSources {
+            node: "a1".into(),
             config_maps: HashMap::from([("settings".into(), json!({"data": {"mode": "fast", "other": "x"}}))]),
             secrets: HashMap::from([("creds".into(), json!({"data": {"user": "YWRtaW4="}}))]),
             claims: HashMap::from([(
@@ -209,6 +238,15 @@ mod tests {
         cleanup(&root.path().join("pods"), "u1").unwrap();
         assert!(!dirs["scratch"].exists());
         assert!(host.is_dir(), "a hostPath is never removed");
+
+        // A volume pinned to another node (its data is there) is not mounted here.
+        let pinned = json!({"spec": {"hostPath": {"path": host.to_str().unwrap()}, "nodeAffinity": {"required": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["a2"]}]}]}}}});
+        let elsewhere = VolumeSources { volumes: HashMap::from([("pv-demo".into(), pinned)]), ..sources.clone() };
+        let err = prepare(&pod, &root.path().join("pods"), &elsewhere).unwrap_err().0;
+        assert_eq!(err, "persistentvolume \"pv-demo\" is pinned to node a2 (its data is there), not a1");
+        let here = VolumeSources { node: "a2".into(), ..elsewhere };
+        assert_eq!(prepare(&pod, &root.path().join("pods"), &here).unwrap()["data"], host);
     }
 
     #[test]

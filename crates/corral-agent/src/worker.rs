@@ -556,7 +556,7 @@ impl<R: Runtime, L: Lookup> Worker<R, L> {
 
     async fn volume_sources(&self, pod: &Value) -> VolumeSources {
         let namespace = str_at(pod, "/metadata/namespace");
-        let mut sources = VolumeSources::default();
+        let mut sources = VolumeSources { node: self.node.node_name.clone(), ..VolumeSources::default() };
         for v in pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
             if let Some(n) = v.pointer("/configMap/name").and_then(Value::as_str)
                 && let Some(o) = self.lookup.get("configmaps", namespace, n).await

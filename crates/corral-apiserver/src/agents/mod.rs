@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::api::{Api, Output, Query, Reply};
 use crate::cache::Change;
-use crate::storage::WriteOutcome;
+use crate::storage::{Stored, WriteOutcome};
 
 /// How often an idle pod watch tells the agent how far it has got.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -509,6 +509,10 @@ impl AgentEndpoint {
             }
             Err(e) => return refused(format!("reading the pods of node {node}: {e}")),
         }
+        let stored = match stored {
+            Some(s) if r.plural == "persistentvolumes" => Some(self.pin_volume(node, s).await),
+            other => other,
+        };
         let object = match stored {
             Some(mut s) => {
                 meta::set_resource_version(&mut s.value, s.rev);
@@ -518,6 +522,26 @@ impl AgentEndpoint {
             None => Vec::new(),
         };
         AgentResponse { kind: Some(agent_response::Kind::Found(Found { object })) }
+    }
+
+    /// A hostPath volume a node is about to mount, pinned to that node if nothing pinned it
+    /// yet (compare-and-swap: of two nodes racing, one wins and the other reads its pin).
+    async fn pin_volume(&self, node: &str, pv: Stored) -> Stored {
+        let Some(mut pinned) = rules::pin_to_node(&pv.value, node) else { return pv };
+        let r = route("persistentvolumes", None, None);
+        let name = meta::name(&pv.value).to_string();
+        meta::set_resource_version(&mut pinned, pv.rev);
+        match self.api.update(&r, &name, pinned, &Query::default(), Output::default()).await {
+            Ok(Reply::Object(_, value)) => {
+                tracing::info!(node, volume = %name, "hostPath volume pinned to the node that first mounts it");
+                let rev = meta::resource_version(&value).unwrap_or(pv.rev);
+                Stored { value, rev }
+            }
+            _ => match self.api.store.get(&r.resource.key(None, &name), false).await {
+                Ok(Some(now)) => now,
+                _ => pv,
+            },
+        }
     }
 
     /// Whether a pod bound to `node` in `namespace` refers to the object.

@@ -92,6 +92,18 @@ pub fn pod_event(obj: Option<&Value>, prev: Option<&Value>, node: &str) -> Optio
     }
 }
 
+/// A hostPath volume with no node affinity, pinned to `node`, the first to mount it (its
+/// data is on that machine from then on); None when it needs no pinning.
+pub fn pin_to_node(pv: &Value, node: &str) -> Option<Value> {
+    if pv.pointer("/spec/hostPath").is_none() || pv.pointer("/spec/nodeAffinity").is_some() {
+        return None;
+    }
+    let mut pinned = pv.clone();
+    pinned["spec"]["nodeAffinity"] = json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}});
+    Some(pinned)
+}
+
 /// What a change to a Service or EndpointSlice means to an agent: every one is its
 /// business (as kube-proxy's).
 pub fn object_event(obj: Option<&Value>, prev: Option<&Value>) -> Option<(Type, Value)> {
@@ -214,6 +226,17 @@ pub fn agent_event(node: &str, mut event: Value) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_path_volume_is_pinned_to_its_first_node_once() {
+        let pv = json!({"metadata": {"name": "pv"}, "spec": {"hostPath": {"path": "/mnt/data"}}});
+        let pinned = pin_to_node(&pv, "a2").unwrap();
+        let term = &pinned["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0];
+        assert_eq!(term, &json!({"key": "kubernetes.io/hostname", "operator": "In", "values": ["a2"]}));
+        assert_eq!(pin_to_node(&pinned, "a1"), None, "pinned once, by the first");
+        let local = json!({"spec": {"local": {"path": "/mnt/ssd"}}});
+        assert_eq!(pin_to_node(&local, "a1"), None, "local volumes name their node themselves");
+    }
 
     #[test]
     fn a_join_needs_this_clusters_ca_and_a_live_matching_token() {
