@@ -139,6 +139,18 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     assert_eq!(c.kube(&["get", "pod", "pod2", "-o", "jsonpath={.spec.nodeName}"])?, writer);
     c.kube_until(&["logs", "pod2"], minute, |o| o.trim() == "Hello Students")?;
 
+    info!("corral status: the servers with the leader, the agents with their server and address");
+    let status = std::process::Command::new(corral_e2e::corral_bin())
+        .args(["status", "--state-dir"])
+        .arg(c.state_dir())
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert_eq!(status.lines().filter(|l| l.contains(" leader ")).count(), 1, "{status}");
+    for (i, ip) in ips.iter().enumerate() {
+        let line = status.lines().find(|l| l.starts_with(&format!("a{} ", i + 1))).unwrap_or_default();
+        assert!(line.contains(ip) && line.contains(" s") && line.contains("True"), "{status}");
+    }
+
     info!("corral down leaves no namespace, link or route behind");
     let bridge = std::fs::read_to_string(c.state_dir().join("cluster.json"))
         .ok()

@@ -74,6 +74,12 @@ pub struct UpArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "/var/lib/corral/local")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct DownArgs {
     #[arg(long, default_value = "/var/lib/corral/local")]
     pub state_dir: PathBuf,
@@ -609,6 +615,106 @@ pub async fn status(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Resul
     let resp = MaintenanceClient::new(channel).status(StatusRequest {}).await?.into_inner();
     let member = resp.header.map(|h| h.member_id).unwrap_or(0);
     Ok((resp.leader, member))
+}
+
+/// One server as `corral status` sees it.
+struct ServerState {
+    leader: bool,
+    term: u64,
+    index: u64,
+}
+
+async fn server_state(url: &str, tls: &tonic::transport::ClientTlsConfig) -> Result<ServerState> {
+    let channel = tokio::time::timeout(Duration::from_secs(2), connect(url, tls)).await??;
+    let mut client = MaintenanceClient::new(channel);
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.status(StatusRequest {})).await??.into_inner();
+    let member = resp.header.map(|h| h.member_id).unwrap_or(0);
+    Ok(ServerState { leader: resp.leader == member && member != 0, term: resp.raft_term, index: resp.raft_index })
+}
+
+/// A table with aligned columns.
+fn print_table(rows: &[Vec<String>]) {
+    let widths: Vec<usize> =
+        (0..rows.first().map_or(0, Vec::len)).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}
+
+/// `corral status`: the servers (leader, term, Raft index, health), the agents (the server
+/// each reports through) and the nodes' conditions.
+pub async fn status_command(args: StatusArgs) -> Result<()> {
+    let dir = &args.state_dir;
+    let Some(record) = ClusterRecord::load(dir)? else {
+        bail!("{} holds no cluster: start one with `corral up --state-dir {}`", dir.display(), dir.display());
+    };
+    let dir = &dir.canonicalize()?;
+    let tls = tls::client_config(&dir.join("pki"), "admin")?;
+    let mut rows =
+        vec![["SERVER", "PID", "HEALTH", "ROLE", "TERM", "RAFT INDEX", "CLIENT URL"].map(String::from).to_vec()];
+    let mut api_url = None;
+    for s in &record.servers {
+        let pid = s.pid.filter(|pid| is_our_server(*pid, dir));
+        let state = server_state(&s.client_url, &tls).await;
+        let (health, role, term, index) = match &state {
+            Ok(st) => {
+                api_url.get_or_insert(s.api_url.clone());
+                ("ok", if st.leader { "leader" } else { "follower" }, st.term.to_string(), st.index.to_string())
+            }
+            Err(_) if pid.is_none() => ("stopped", "-", "-".into(), "-".into()),
+            Err(_) => ("not answering", "-", "-".into(), "-".into()),
+        };
+        let pid = pid.map_or("-".to_string(), |p| p.to_string());
+        rows.push(vec![s.name.clone(), pid, health.into(), role.into(), term, index, s.client_url.clone()]);
+    }
+    print_table(&rows);
+    if record.agents.is_empty() {
+        return Ok(());
+    }
+    let nodes: Vec<serde_json::Value> = match &api_url {
+        Some(url) => {
+            let client = crate::kube::Client::connect(&dir.join("pki"), url, 1).await?;
+            let body = client.ok(hyper::Method::GET, "/api/v1/nodes", None, "application/json").await?;
+            let list: serde_json::Value = serde_json::from_slice(&body)?;
+            list["items"].as_array().cloned().unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    println!();
+    let mut rows = vec![["AGENT", "PID", "REPORTS TO", "ADDRESS", "READY", "CONDITIONS"].map(String::from).to_vec()];
+    for a in &record.agents {
+        let pid = a.pid.filter(|pid| is_ours(*pid, dir, "agent")).map_or("-".to_string(), |p| p.to_string());
+        let node = nodes.iter().find(|n| n["metadata"]["name"] == a.name.as_str());
+        let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_string();
+        let conditions: Vec<&serde_json::Value> = node
+            .and_then(|n| n.pointer("/status/conditions"))
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .collect();
+        let ready = conditions.iter().find(|c| c["type"] == "Ready").map(|c| text(c.get("status")));
+        let others: Vec<String> = conditions
+            .iter()
+            .filter(|c| c["type"] != "Ready")
+            .map(|c| format!("{}={}", text(c.get("type")), text(c.get("status"))))
+            .collect();
+        let address = node
+            .and_then(|n| n.pointer("/status/addresses"))
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+            .map(|a| text(a.get("address")));
+        rows.push(vec![
+            a.name.clone(),
+            pid,
+            text(node.and_then(|n| n.pointer("/metadata/annotations/corral.dev~1reporting-server"))),
+            address.unwrap_or_else(|| "-".into()),
+            ready.unwrap_or_else(|| "-".into()),
+            if others.is_empty() { "-".into() } else { others.join(" ") },
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
 }
 
 fn write_client_files(dir: &Path, record: &ClusterRecord) -> Result<()> {

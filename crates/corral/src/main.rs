@@ -38,6 +38,8 @@ enum Command {
     Up(local::UpArgs),
     /// Stop a local cluster and remove everything it made.
     Down(local::DownArgs),
+    /// A local cluster's servers, agents and nodes.
+    Status(local::StatusArgs),
     /// Benchmarks that print figures, run the same way against Corral and etcd.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +70,7 @@ fn main() -> Result<()> {
         Command::Token(cmd) => runtime.block_on(token::run(cmd)),
         Command::Up(args) => runtime.block_on(local::up(args)),
         Command::Down(args) => runtime.block_on(local::down(args)),
+        Command::Status(args) => runtime.block_on(local::status_command(args)),
         Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
         Command::Image(cmd) => image::run(cmd),
     }

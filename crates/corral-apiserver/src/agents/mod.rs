@@ -31,6 +31,9 @@ const LEASE_SECONDS: i64 = 40;
 /// Where each server records its agent address, for agents to fail over to.
 const SERVERS_PREFIX: &str = "/registry/corral/servers/";
 
+/// The Node annotation naming the server a node's agent reports through.
+pub const REPORTING_SERVER: &str = "corral.dev/reporting-server";
+
 pub struct AgentEndpoint {
     api: Arc<Api>,
     ca: CertificateAuthority,
@@ -407,6 +410,9 @@ impl AgentEndpoint {
             return Ok(());
         };
         let mut merged = rules::merge_node(Some(&stored.value), reported);
+        // Which server the node reports through (`corral status` shows it).
+        let annotations = meta::metadata_mut(&mut merged).entry("annotations").or_insert_with(|| json!({}));
+        annotations[REPORTING_SERVER] = json!(self.server_name);
         meta::set_resource_version(&mut merged, stored.rev);
         if merged.get("metadata") != stored.value.get("metadata") {
             let updated = object(self.api.update(&main, node, merged.clone(), &q, Output::default()).await?);
