@@ -1,4 +1,4 @@
-//! Pod and Service networking across nodes on `corral up --netns`: 3 servers and 2 agents,
+//! Pod and Service networking across nodes on `corral up`: 3 servers and 2 agents,
 //! each agent in a network namespace of its own on a host bridge (made and removed by corral
 //! up and down). The seed's deployment.yml gives three nginx pods on both nodes; a pod on one
 //! node reaches every one of them by IP, through the Service's cluster IP and by its DNS
@@ -58,7 +58,7 @@ fn network_leftovers(tag: &str) -> Result<Vec<String>> {
 #[test]
 fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(3, BASE_PORT, &["--agents", "2", "--netns", "--cluster-cidr", "10.253.0.0/16"])?;
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "2", "--cluster-cidr", "10.253.0.0/16"])?;
     let minute = Duration::from_secs(60);
 
     info!("two nodes, each on an address of its own");

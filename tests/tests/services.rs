@@ -1,6 +1,6 @@
 //! The service proxy on a 3-server cluster with a real agent and containerd: a pod that asks
-//! a Service's cluster IP again and again is answered by all three replicas; the host
-//! reaches it too, and through its node port; the node's DNS names it; endpoints follow the
+//! a Service's cluster IP again and again is answered by all three replicas; the node reaches
+//! it too, and the host through its node port; the node's DNS names it; endpoints follow the
 //! pods within a second or two; a Service without endpoints refuses at once; ClientIP affinity keeps a client on one
 //! replica; after `kill -9` of the leader the rules follow a change made through a survivor;
 //! and the rules go with `corral down`.
@@ -83,7 +83,7 @@ fn distinct(answers: &[String]) -> BTreeSet<&str> {
 }
 
 #[test]
-fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> {
+fn services_balance_over_ready_endpoints_from_pods_nodes_and_the_host() -> Result<()> {
     init_tracing();
     let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.250.0.0/16"])?;
     let minute = Duration::from_secs(60);
@@ -138,14 +138,15 @@ fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> 
     let resolv = c.kube(&["exec", "client", "--", "cat", "/etc/resolv.conf"])?;
     assert!(resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"), "{resolv}");
 
-    info!("the host reaches the cluster IP, and the node port on the node's bridge address");
-    let from_host = answers_from_host(&url, 10);
-    assert!(from_host.iter().all(|a| pods.contains(a)), "{from_host:?}");
+    info!("the node reaches the cluster IP (from its namespace), the host its node port");
+    let netns = node_netns(&c, "a1")?;
+    let from_node = answers_from_node(&netns, &url, 10)?;
+    assert!(from_node.iter().all(|a| pods.contains(a)), "{from_node:?}");
     c.kube(&["expose", "deployment", "echo", "--name=echo-np", "--type=NodePort", "--port=80", "--target-port=8080"])?;
     let node_port = c.kube(&["get", "service", "echo-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])?;
-    let cidr = c.kube(&["get", "node", "a1", "-o", "jsonpath={.spec.podCIDR}"])?;
-    let gateway = gateway_of(&cidr).context("the node's bridge address")?;
-    let np_url = format!("{gateway}:{node_port}");
+    let node_ip =
+        c.kube(&["get", "node", "a1", "-o", "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}"])?;
+    let np_url = format!("{node_ip}:{node_port}");
     let deadline = Instant::now() + minute;
     let mut through_node_port = answers_from_host(&np_url, 1);
     while !pods.contains(&through_node_port[0]) && Instant::now() < deadline {
@@ -219,27 +220,33 @@ fn services_balance_over_ready_endpoints_from_pods_and_the_host() -> Result<()> 
     assert_eq!(distinct(&answers).len(), 2, "{answers:?}");
     assert!(!answers.iter().any(|a| a == "FAILED"), "{answers:?}");
 
-    info!("corral down removes the rules");
-    let table = nft_tables()?.into_iter().find(|t| t.starts_with("cr")).context("the agent's table")?;
+    info!("corral down removes the node's namespace, and its rules with it");
+    let tables =
+        std::process::Command::new("ip").args(["netns", "exec", &netns, "nft", "list", "tables", "ip"]).output()?;
+    assert!(String::from_utf8_lossy(&tables.stdout).contains("table ip cr"), "the agent's table is in its namespace");
     c.down()?;
-    assert!(!nft_tables()?.contains(&table), "{table} left behind");
+    assert!(!std::path::Path::new(&format!("/run/netns/{netns}")).exists(), "{netns} left behind");
     Ok(())
 }
 
-/// The first address of a CIDR: the node's bridge.
-fn gateway_of(cidr: &str) -> Option<String> {
-    let (net, _) = cidr.split_once('/')?;
-    let mut octets: Vec<u8> = net.split('.').map(|o| o.parse().ok()).collect::<Option<_>>()?;
-    *octets.last_mut()? += 1;
-    Some(octets.iter().map(u8::to_string).collect::<Vec<_>>().join("."))
+/// The network namespace of a node of the cluster.
+fn node_netns(c: &Cluster, node: &str) -> Result<String> {
+    let raw = std::fs::read_to_string(c.state_dir().join("cluster.json"))?;
+    let record: serde_json::Value = serde_json::from_str(&raw)?;
+    let bridge = record["network"]["bridge"].as_str().context("the cluster's node network")?;
+    Ok(format!("{bridge}-{node}"))
 }
 
-/// The machine's `ip` family nftables tables.
-fn nft_tables() -> Result<Vec<String>> {
-    let out = std::process::Command::new("nft").args(["list", "tables", "ip"]).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("table ip "))
-        .map(String::from)
-        .collect())
+/// Who answered `n` requests to `addr` (ip:port) from a node's namespace.
+fn answers_from_node(netns: &str, addr: &str, n: usize) -> Result<Vec<String>> {
+    let (ip, port) = addr.split_once(':').context("ip:port")?;
+    let script = format!(
+        "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
+         echo \"${{r:-FAILED}}\"; done"
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["busybox", "sh", "-c", &script])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
 }

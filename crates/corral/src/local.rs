@@ -32,7 +32,7 @@ pub struct UpArgs {
     /// Control-plane servers (odd: 1, 3, 5, 7).
     #[arg(long, default_value_t = 3)]
     pub servers: usize,
-    /// Worker agents, each with its own containerd (on this host's network for now).
+    /// Worker agents, each with its own containerd and network namespace.
     #[arg(long, default_value_t = 0)]
     pub agents: usize,
     /// Where the cluster keeps everything.
@@ -67,10 +67,11 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
-    /// Give each agent a network namespace of its own on a host bridge (its own address,
-    /// containerd, pod bridge, service rules and DNS), as separate machines would have.
+    /// Run the agents in this host's network namespace (each with its own pod bridge and
+    /// rules) instead of giving each a namespace of its own on a host bridge (its own
+    /// address, containerd, pod bridge, service rules and DNS, as separate machines have).
     #[arg(long)]
-    pub netns: bool,
+    pub host_network: bool,
 }
 
 #[derive(Args, Debug)]
@@ -102,7 +103,7 @@ pub struct ClusterRecord {
     pub server_flags: Vec<String>,
     #[serde(default)]
     pub agents: Vec<AgentRecord>,
-    /// The node network, when agents have namespaces of their own (`--netns`).
+    /// The node network, when agents have namespaces of their own (not `--host-network`).
     #[serde(default)]
     pub network: Option<NodeNetwork>,
 }
@@ -231,11 +232,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         agents: Vec::new(),
         network: None,
     });
-    if args.netns && record.network.is_none() {
+    if args.agents > 0 && !args.host_network && record.network.is_none() {
         if record.servers.iter().any(|s| s.pid.is_some_and(|pid| is_our_server(pid, dir))) {
-            bail!("--netns: the cluster in {} runs without node namespaces; `corral down` it first", dir.display());
+            // Its servers were started without a node network to listen on.
+            println!("note: the servers in {} run without a node network: agents share this host's", dir.display());
+        } else {
+            record.network = Some(net.clone());
         }
-        record.network = Some(net.clone());
     }
     if let Some(net) = &record.network {
         nodenet::ensure_host(net).context("making the node network's host bridge")?;

@@ -1,9 +1,10 @@
-//! A network namespace per node for `corral up --netns`, as minikube's nodes have a machine
+//! A network namespace per node for `corral up` (unless `--host-network`), as minikube's nodes have a machine
 //! each: a host bridge (`cr<tag>`, the node network's first address, which the servers
 //! listen on for agents), and per agent a namespace (`cr<tag>-a<i>`) joined to it by a veth
 //! pair, with its own address, its default route through the host, and inside it the
 //! agent, its containerd, pod bridge, service rules and DNS. The host routes each node's pod
-//! CIDR through the node, so tests and users reach pods from the host. Everything here is
+//! CIDR through the node, so tests and users reach pods from the host, and masquerades what
+//! the nodes send beyond the bridge. Everything here is
 //! found again by name, so `corral down` removes it even after a crash halfway through.
 
 use std::net::Ipv4Addr;
@@ -30,6 +31,12 @@ impl NodeNetwork {
             bridge: format!("cr{tag:04x}"),
             host_ip: Ipv4Addr::new(10, 200 + (n >> 8) as u8, (n & 0xff) as u8, 1),
         }
+    }
+
+    /// The node network's address (its /24).
+    pub fn network(&self) -> Ipv4Addr {
+        let o = self.host_ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 0)
     }
 
     /// Node `i`'s (0-based) address.
@@ -67,8 +74,32 @@ pub fn ensure_host(net: &NodeNetwork) -> Result<()> {
     }
     ip(&["addr", "replace", &format!("{}/24", net.host_ip), "dev", &net.bridge])?;
     ip(&["link", "set", &net.bridge, "up"])?;
-    // The host forwards between the nodes and to their pods.
+    // The host forwards between the nodes and to their pods, and masquerades what the nodes
+    // send elsewhere (containerd resolving a registry, pods reaching out), as a home router.
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+    nft(&format!(
+        "table ip {b} {{}}\ndelete table ip {b}\ntable ip {b} {{\n  chain postrouting {{\n    \
+         type nat hook postrouting priority srcnat; policy accept;\n    \
+         ip saddr {net}/24 oifname != \"{b}\" masquerade\n  }}\n}}\n",
+        b = net.bridge,
+        net = net.network(),
+    ))
+}
+
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (install nftables)")?;
+    child.stdin.take().context("nft's stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft refused the node network's rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     Ok(())
 }
 
@@ -100,9 +131,10 @@ pub fn remove_node(net: &NodeNetwork, agent: &str) {
     let _ = Command::new("ip").args(["netns", "del", &net.netns(agent)]).stderr(Stdio::null()).status();
 }
 
-/// Removes the host bridge (the routes through it go with it).
+/// Removes the host bridge (the routes through it go with it) and its masquerade table.
 pub fn remove_host(net: &NodeNetwork) {
     let _ = Command::new("ip").args(["link", "del", &net.bridge]).stderr(Stdio::null()).status();
+    let _ = nft(&format!("table ip {b} {{}}\ndelete table ip {b}\n", b = net.bridge));
 }
 
 #[cfg(test)]
