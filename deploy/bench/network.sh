@@ -2,8 +2,8 @@
 # Cluster and Service figures (docs/benchmarks.md): the time from `corral up` to every node
 # Ready, from `kubectl apply` of the seed's deployment.yml to three available replicas, and
 # HTTP throughput and latency to the Service's cluster IP against one pod's IP directly (wrk,
-# from the host, through the node's service rules), alternated so the machine's noise falls
-# on both. Usage: deploy/bench/network.sh [OUT_DIR]. Bounded: fixed-length loads; the cluster
+# run in node a1's network namespace, through its service rules), alternated so the
+# machine's noise falls on both. Usage: deploy/bench/network.sh [OUT_DIR]. Bounded: fixed-length loads; the cluster
 # is taken down at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,13 +31,15 @@ echo "kubectl apply -f deployment.yml to 3 available replicas: $(since "$t") s"
 kubectl expose deployment my-deployment --port=80 >/dev/null
 service=$(kubectl get service my-deployment -o jsonpath='{.spec.clusterIP}')
 pod=$(kubectl get pods -l app=myapp -o jsonpath='{.items[0].status.podIP}')
-until wrk -t1 -c1 -d1s "http://$service/" >/dev/null 2>&1; do sleep 0.2; done
-echo "wrk -t2 -c32 -d10s, from the host (pod $pod, service $service)"
+netns=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['network']['bridge'] + '-a1')" "$out/cluster.json")
+in_node() { nsenter --net="/run/netns/$netns" "$@"; }
+until in_node wrk -t1 -c1 -d1s "http://$service/" >/dev/null 2>&1; do sleep 0.2; done
+echo "wrk -t2 -c32 -d10s, from node a1's namespace (pod $pod, service $service)"
 echo "target   req/s     p50      p99"
 for round in 1 2; do
   for target in pod service; do
     ip=$pod; [ $target = service ] && ip=$service
-    wrk -t2 -c32 -d10s --latency "http://$ip/" |
+    in_node wrk -t2 -c32 -d10s --latency "http://$ip/" |
       awk -v t=$target '/^Requests\/sec/ {rps=$2} / 50%/ {p50=$2} / 99%/ {p99=$2} END {printf "%-8s %-9s %-8s %s\n", t, rps, p50, p99}'
   done
 done
