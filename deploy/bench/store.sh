@@ -15,7 +15,7 @@ cleanup() {
   "$corral" bench etcd down --state-dir "$out/etcd" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-"$corral" up --servers 3 --state-dir "$out/corral" --base-port 26790 >/dev/null
+"$corral" up --servers 3 --agents 0 --state-dir "$out/corral" --base-port 26790 >/dev/null
 "$corral" bench etcd up --state-dir "$out/etcd" --base-port 27790 >/dev/null
 
 echo "## put throughput and latency (256-byte values)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up a local Corral cluster on a fresh machine: installs what it needs, builds corral,
-# and starts the servers and one agent. Usage: deploy/local/up.sh [corral up flags...]
+# and starts 3 servers and 2 agents (each agent in a network namespace of its own).
+# Usage: deploy/local/up.sh [corral up flags...]
 # Default state directory: /tmp/corral (its etcdctl.env and kubeconfig are printed at the end).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,8 +12,5 @@ cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p corral
 args=("$@")
 if [[ " ${args[*]-} " != *" --state-dir "* ]]; then
   args+=(--state-dir /tmp/corral)
-fi
-if [[ " ${args[*]-} " != *" --agents "* ]]; then
-  args+=(--agents 1)
 fi
 exec "$CARGO_TARGET_DIR/release/corral" up "${args[@]}"

@@ -50,13 +50,18 @@ impl Cluster {
     }
 
     fn run_up(&self, servers: usize, extra: &[&str]) -> Result<()> {
-        let out = Command::new(corral_bin())
-            .args(["up", "--servers", &servers.to_string(), "--base-port", &self.base_port.to_string()])
+        let mut cmd = Command::new(corral_bin());
+        cmd.args(["up", "--servers", &servers.to_string(), "--base-port", &self.base_port.to_string()])
             .arg("--state-dir")
             .arg(self.state_dir())
-            .args(extra)
-            .output()
-            .context("running corral up")?;
+            .args(extra);
+        // Servers only unless a test asks for agents (a new cluster would get two; an existing
+        // one keeps its count).
+        let new = !self.state_dir().join("cluster.json").exists();
+        if new && !extra.contains(&"--agents") && !extra.contains(&"--etcd-only") {
+            cmd.args(["--agents", "0"]);
+        }
+        let out = cmd.output().context("running corral up")?;
         if !out.status.success() {
             bail!("corral up failed:\n{}{}\n{}", text(&out.stdout), text(&out.stderr), self.logs());
         }

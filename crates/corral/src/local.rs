@@ -32,9 +32,10 @@ pub struct UpArgs {
     /// Control-plane servers (odd: 1, 3, 5, 7).
     #[arg(long, default_value_t = 3)]
     pub servers: usize,
-    /// Worker agents, each with its own containerd and network namespace.
-    #[arg(long, default_value_t = 0)]
-    pub agents: usize,
+    /// Worker agents, each with its own containerd and network namespace (default: 2 for a
+    /// new cluster, none with --etcd-only; an existing cluster keeps its count).
+    #[arg(long)]
+    pub agents: Option<usize>,
     /// Where the cluster keeps everything.
     #[arg(long, default_value = "/var/lib/corral/local")]
     pub state_dir: PathBuf,
@@ -174,15 +175,24 @@ pub async fn up(args: UpArgs) -> Result<()> {
             args.servers + 1
         );
     }
-    if args.agents > 50 {
-        bail!("--agents {}: want at most 50", args.agents);
+    if let Some(n) = args.agents.filter(|n| *n > 50) {
+        bail!("--agents {n}: want at most 50");
     }
     let dir = &args.state_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = &dir.canonicalize()?;
-    let mut progress = Progress::new(if args.agents > 0 { 8 } else { 4 });
-
     let existing = ClusterRecord::load(dir)?;
+    let agents = match (args.agents, &existing) {
+        (Some(n), _) => n,
+        (None, Some(record)) => record.agents.len(),
+        (None, None) if args.etcd_only => 0,
+        (None, None) => 2,
+    };
+    if agents > 0 && args.etcd_only {
+        bail!("--agents {agents} with --etcd-only: an etcd has no nodes; drop one of them");
+    }
+    let mut progress = Progress::new(if agents > 0 { 8 } else { 4 });
+
     if let Some(record) = &existing
         && record.servers.len() != args.servers
     {
@@ -232,7 +242,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         agents: Vec::new(),
         network: None,
     });
-    if args.agents > 0 && !args.host_network && record.network.is_none() {
+    if agents > 0 && !args.host_network && record.network.is_none() {
         if record.servers.iter().any(|s| s.pid.is_some_and(|pid| is_our_server(pid, dir))) {
             // Its servers were started without a node network to listen on.
             println!("note: the servers in {} run without a node network: agents share this host's", dir.display());
@@ -299,8 +309,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     progress.start("writing kubeconfig and etcdctl.env");
     write_client_files(dir, &record)?;
     progress.done("done");
-    if args.agents > 0 {
-        start_agents(dir, &mut record, &args, &mut progress).await?;
+    if agents > 0 {
+        start_agents(dir, &mut record, agents, &args, &mut progress).await?;
     }
     println!();
     println!("Cluster is up. Try:");
@@ -385,8 +395,13 @@ fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
 
 /// Builds the images and a join token (once), starts every agent that is not running, and
 /// waits until every node is Ready.
-async fn start_agents(dir: &Path, record: &mut ClusterRecord, args: &UpArgs, progress: &mut Progress) -> Result<()> {
-    let count = args.agents;
+async fn start_agents(
+    dir: &Path,
+    record: &mut ClusterRecord,
+    count: usize,
+    args: &UpArgs,
+    progress: &mut Progress,
+) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_s);
     let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
     progress.start("images");
