@@ -59,7 +59,7 @@ impl Cluster {
         // one keeps its count).
         let new = !self.state_dir().join("cluster.json").exists();
         if new && !extra.contains(&"--agents") && !extra.contains(&"--etcd-only") {
-            cmd.args(["--agents", "0"]);
+            cmd.args(["--agents", "0", "--dedicated-servers"]);
         }
         let out = cmd.output().context("running corral up")?;
         if !out.status.success() {

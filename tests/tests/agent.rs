@@ -79,7 +79,7 @@ fn connected_server(c: &Cluster) -> Option<String> {
 #[test]
 fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.251.0.0/16"])?;
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--dedicated-servers", "--cluster-cidr", "10.251.0.0/16"])?;
     let s1 = c.api_url(0);
 
     info!("the node registered itself Ready, with its runtime, capacity and a Lease");
@@ -194,7 +194,7 @@ fn an_agent_runs_pods_survives_its_own_death_and_fails_over() -> Result<()> {
     // SAFETY: the pid is the agent `corral up` started for this test's cluster.
     unsafe { libc::kill(agent as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_secs(2));
-    c.up_again(3, &["--agents", "1", "--cluster-cidr", "10.251.0.0/16"])?;
+    c.up_again(3, &["--agents", "1", "--dedicated-servers", "--cluster-cidr", "10.251.0.0/16"])?;
     assert_ne!(c.agent_pid("a1")?, agent, "a new agent");
     std::thread::sleep(Duration::from_secs(3));
     let after = c.kube(&[
@@ -321,7 +321,7 @@ fn events_of(c: &Cluster, pod: &str) -> Result<String> {
 #[test]
 fn failing_pods_are_reported_as_kubelet_does_and_probes_act() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(1, FAILING_PORT, &["--agents", "1", "--cluster-cidr", "10.250.0.0/16"])?;
+    let c = Cluster::up(1, FAILING_PORT, &["--agents", "1", "--dedicated-servers", "--cluster-cidr", "10.250.0.0/16"])?;
     let s1 = c.api_url(0);
     let agent = c.agent_pid("a1")?;
     c.kube_stdin(&["apply", "-f", "-"], FAILING)?;

@@ -92,7 +92,7 @@ fn words(s: &str) -> Vec<&str> {
 #[test]
 fn deployments_heal_roll_back_scale_and_survive_the_leaders_death() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.248.0.0/16"])?;
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--dedicated-servers", "--cluster-cidr", "10.248.0.0/16"])?;
     let minute = Duration::from_secs(60);
     let first = c.api_url(0);
 
@@ -288,6 +288,7 @@ fn a_lost_node_goes_not_ready_and_its_pods_are_replaced_elsewhere() -> Result<()
     let flags = [
         "--agents",
         "2",
+        "--dedicated-servers",
         "--cluster-cidr",
         "10.247.0.0/16",
         "--node-monitor-grace-period",

@@ -33,7 +33,7 @@ spec:
 #[test]
 fn the_leaders_scheduler_places_pods_and_explains_the_ones_it_cannot() -> Result<()> {
     init_tracing();
-    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--cluster-cidr", "10.249.0.0/16"])?;
+    let c = Cluster::up(3, BASE_PORT, &["--agents", "1", "--dedicated-servers", "--cluster-cidr", "10.249.0.0/16"])?;
     let minute = Duration::from_secs(60);
 
     info!("a pod with no node is scheduled to the agent's node and runs");

@@ -68,6 +68,10 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// Servers run no agent for their own node (by default each does, as k3s servers do:
+    /// nodes s1, s2, ... with the control-plane role, schedulable).
+    #[arg(long)]
+    pub dedicated_servers: bool,
     /// Run the agents in this host's network namespace (each with its own pod bridge and
     /// rules) instead of giving each a namespace of its own on a host bridge (its own
     /// address, containerd, pod bridge, service rules and DNS, as separate machines have).
@@ -114,6 +118,9 @@ pub struct AgentRecord {
     pub name: String,
     pub bridge: String,
     pub pid: Option<u32>,
+    /// A server's own node (named after it, with the control-plane role).
+    #[serde(default)]
+    pub control_plane: bool,
 }
 
 impl AgentRecord {
@@ -184,14 +191,21 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let existing = ClusterRecord::load(dir)?;
     let agents = match (args.agents, &existing) {
         (Some(n), _) => n,
-        (None, Some(record)) => record.agents.len(),
+        (None, Some(record)) => record.agents.iter().filter(|a| !a.control_plane).count(),
         (None, None) if args.etcd_only => 0,
         (None, None) => 2,
     };
     if agents > 0 && args.etcd_only {
         bail!("--agents {agents} with --etcd-only: an etcd has no nodes; drop one of them");
     }
-    let mut progress = Progress::new(if agents > 0 { 8 } else { 4 });
+    // Whether servers run an agent for their own node: as the cluster was made, else unless
+    // told not to.
+    let server_nodes = match &existing {
+        Some(record) if !record.agents.is_empty() => record.agents.iter().any(|a| a.control_plane),
+        _ => !args.dedicated_servers && !args.etcd_only,
+    };
+    let nodes = agents + if server_nodes { args.servers } else { 0 };
+    let mut progress = Progress::new(if nodes > 0 { 8 } else { 4 });
 
     if let Some(record) = &existing
         && record.servers.len() != args.servers
@@ -242,7 +256,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         agents: Vec::new(),
         network: None,
     });
-    if agents > 0 && !args.host_network && record.network.is_none() {
+    if nodes > 0 && !args.host_network && record.network.is_none() {
         if record.servers.iter().any(|s| s.pid.is_some_and(|pid| is_our_server(pid, dir))) {
             // Its servers were started without a node network to listen on.
             println!("note: the servers in {} run without a node network: agents share this host's", dir.display());
@@ -309,8 +323,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     progress.start("writing kubeconfig and etcdctl.env");
     write_client_files(dir, &record)?;
     progress.done("done");
-    if agents > 0 {
-        start_agents(dir, &mut record, agents, &args, &mut progress).await?;
+    if nodes > 0 {
+        start_agents(dir, &mut record, agents, server_nodes, &args, &mut progress).await?;
     }
     println!();
     println!("Cluster is up. Try:");
@@ -399,6 +413,7 @@ async fn start_agents(
     dir: &Path,
     record: &mut ClusterRecord,
     count: usize,
+    server_nodes: bool,
     args: &UpArgs,
     progress: &mut Progress,
 ) -> Result<()> {
@@ -423,12 +438,23 @@ async fn start_agents(
         std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         progress.done(&format!("{}", token_file.display()));
     }
-    progress.start(&format!("starting {count} agents"));
-    if record.agents.len() != count {
-        record.agents = (0..count)
-            .map(|i| AgentRecord { name: format!("a{}", i + 1), bridge: format!("cr{tag:04x}-a{}", i + 1), pid: None })
-            .collect();
+    // The servers' own nodes first (s1, s2, ...), then the workers (a1, a2, ...).
+    let record_of = |name: String, control_plane: bool| AgentRecord {
+        bridge: format!("cr{tag:04x}-{name}"),
+        name,
+        pid: None,
+        control_plane,
+    };
+    let mut wanted: Vec<AgentRecord> = Vec::new();
+    if server_nodes {
+        wanted.extend(record.servers.iter().map(|s| record_of(s.name.clone(), true)));
     }
+    wanted.extend((0..count).map(|i| record_of(format!("a{}", i + 1), false)));
+    let names = |list: &[AgentRecord]| list.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+    if names(&record.agents) != names(&wanted) {
+        record.agents = wanted;
+    }
+    progress.start(&format!("starting {} agents", record.agents.len()));
     let servers: Vec<String> = record
         .servers
         .iter()
@@ -494,6 +520,9 @@ fn spawn_agent(
     let mut cmd = corral_command(node.as_ref().map(|(ns, _)| ns.as_str()), "agent", &data.join("agent.log"))?;
     if let Some((_, ip)) = &node {
         cmd.args(["--node-ip", &ip.to_string()]);
+    }
+    if agent.control_plane {
+        cmd.args(["--node-labels", "node-role.kubernetes.io/control-plane="]);
     }
     cmd.args(["--node-name", &agent.name])
         .arg("--data-dir")
