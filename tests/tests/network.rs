@@ -1,8 +1,8 @@
 //! Pod and Service networking across nodes on `corral up`'s defaults: 3 servers, each with
 //! its own node (control-plane), and 2 agents, every node in a network namespace of its own
-//! on a host bridge (made and removed by corral up and down). The seed's deployment.yml gives three nginx pods on both nodes; a pod on one
-//! node reaches every one of them by IP, through the Service's cluster IP and by its DNS
-//! name; the host reaches them through a node port on either node and by pod IP; the seed's
+//! on a host bridge (made and removed by corral up and down). The seed's deployment.yml gives
+//! three nginx pods over the nodes; a deleted one is replaced; a pod on one node reaches every
+//! one of them by IP, through the Service's cluster IP and by its DNS name; the host reaches them through a node port on either node and by pod IP; the seed's
 //! hostPath volume is pinned to the node pod1 writes on and pod2 reads `Hello Students` there;
 //! nothing of the namespaces, links and routes is left after `corral down`.
 
@@ -94,6 +94,48 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     let nodes: BTreeSet<&str> = pods.iter().map(|(_, n)| *n).collect();
     info!(?pods, "placed");
     assert!(nodes.len() >= 2, "the replicas spread over the nodes: {pods:?}");
+
+    info!("auto-healing: a deleted pod is replaced");
+    let victim = pods[0].0.to_string();
+    let names = |c: &Cluster| -> Result<BTreeSet<String>> {
+        let running = "jsonpath={range .items[?(@.status.phase==\"Running\")]}{.metadata.name} {end}";
+        Ok(c.kube(&["get", "pods", "-l", "app=myapp", "-o", running])?.split_whitespace().map(String::from).collect())
+    };
+    let before = names(&c)?;
+    let victim_name = c.kube(&[
+        "get",
+        "pods",
+        "-l",
+        "app=myapp",
+        "-o",
+        &format!("jsonpath={{.items[?(@.status.podIP==\"{victim}\")].metadata.name}}"),
+    ])?;
+    c.kube(&["delete", "pod", &victim_name, "--wait=false"])?;
+    let deadline = std::time::Instant::now() + minute;
+    let mut after = names(&c)?;
+    while (after.len() != 3 || after.contains(&victim_name)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = names(&c)?;
+    }
+    assert!(after.len() == 3 && !after.contains(&victim_name) && after != before, "{before:?} -> {after:?}");
+    // The replicas now: the victim may still be terminating.
+    let placed = c.kube(&[
+        "get",
+        "pods",
+        "-l",
+        "app=myapp",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.spec.nodeName} {end}",
+    ])?;
+    let pods: Vec<(&str, &str)> = placed
+        .split_whitespace()
+        .filter_map(|p| {
+            let mut f = p.split('=');
+            let (name, ip, node) = (f.next()?, f.next()?, f.next()?);
+            after.contains(name).then_some((ip, node))
+        })
+        .collect();
+    assert_eq!(pods.len(), 3, "{placed}");
 
     info!("pod to pod across nodes, by IP");
     for (ip, node) in &pods {
