@@ -40,6 +40,19 @@ fn title_from_client(c: &Cluster, host: &str, port: u16) -> Result<String> {
     c.kube(&["exec", "client", "--", "sh", "-c", &script]).map(|o| o.trim().to_string())
 }
 
+/// The seed's replicas: (name, pod IP, node).
+fn placement(c: &Cluster) -> Result<Vec<(String, String, String)>> {
+    let template = "jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.spec.nodeName} {end}";
+    let out = c.kube(&["get", "pods", "-l", "app=myapp", "-o", template])?;
+    Ok(out
+        .split_whitespace()
+        .filter_map(|p| {
+            let mut f = p.split('=');
+            Some((f.next()?.to_string(), f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect())
+}
+
 /// The same from the host.
 fn title_from_host(addr: &str) -> Option<String> {
     let body = http_get(addr, Duration::from_secs(3))?;
@@ -82,16 +95,8 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
         o == "3"
     })?;
     c.kube_until(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
-    let placed = c.kube(&[
-        "get",
-        "pods",
-        "-l",
-        "app=myapp",
-        "-o",
-        "jsonpath={range .items[*]}{.status.podIP}={.spec.nodeName} {end}",
-    ])?;
-    let pods: Vec<(&str, &str)> = placed.split_whitespace().filter_map(|p| p.split_once('=')).collect();
-    let nodes: BTreeSet<&str> = pods.iter().map(|(_, n)| *n).collect();
+    let pods: Vec<(String, String)> = placement(&c)?.into_iter().map(|(_, ip, node)| (ip, node)).collect();
+    let nodes: BTreeSet<&str> = pods.iter().map(|(_, n)| n.as_str()).collect();
     info!(?pods, "placed");
     assert!(nodes.len() >= 2, "the replicas spread over the nodes: {pods:?}");
 
@@ -119,23 +124,13 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     }
     assert!(after.len() == 3 && !after.contains(&victim_name) && after != before, "{before:?} -> {after:?}");
     // The replicas now: the victim may still be terminating.
-    let placed = c.kube(&[
-        "get",
-        "pods",
-        "-l",
-        "app=myapp",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}={.status.podIP}={.spec.nodeName} {end}",
-    ])?;
-    let pods: Vec<(&str, &str)> = placed
-        .split_whitespace()
-        .filter_map(|p| {
-            let mut f = p.split('=');
-            let (name, ip, node) = (f.next()?, f.next()?, f.next()?);
-            after.contains(name).then_some((ip, node))
-        })
+    let now = placement(&c)?;
+    let pods: Vec<(String, String)> = now
+        .iter()
+        .filter(|(name, _, _)| after.contains(name))
+        .map(|(_, ip, node)| (ip.clone(), node.clone()))
         .collect();
-    assert_eq!(pods.len(), 3, "{placed}");
+    assert_eq!(pods.len(), 3, "{now:?}");
 
     info!("pod to pod across nodes, by IP");
     for (ip, node) in &pods {
