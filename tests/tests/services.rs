@@ -50,19 +50,14 @@ spec:
     command: ["sleep", "3600"]
 "#;
 
-/// Who answered `n` requests to `addr` (ip:port) from the client pod. (busybox nc: Debian's
-/// static busybox wget crashes.)
+/// Who answered `n` requests to `addr` (ip:port) from the client pod.
 fn answers_from_pod(c: &Cluster, addr: &str, n: usize) -> Result<Vec<String>> {
     answers_from_pod_via(c, &[], addr, n)
 }
 
 /// `answers_from_pod`, with kubectl's extra arguments (`--server`).
 fn answers_from_pod_via(c: &Cluster, via: &[&str], addr: &str, n: usize) -> Result<Vec<String>> {
-    let (ip, port) = addr.split_once(':').context("ip:port")?;
-    let script = format!(
-        "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
-         echo \"${{r:-FAILED}}\"; done"
-    );
+    let script = requests(addr, n)?;
     let args: Vec<&str> = via.iter().copied().chain(["exec", "client", "--", "sh", "-c", &script]).collect();
     let out = c.kube(&args)?;
     Ok(out.lines().map(str::to_string).collect())
@@ -239,14 +234,19 @@ fn node_netns(c: &Cluster, node: &str) -> Result<String> {
 
 /// Who answered `n` requests to `addr` (ip:port) from a node's namespace.
 fn answers_from_node(netns: &str, addr: &str, n: usize) -> Result<Vec<String>> {
-    let (ip, port) = addr.split_once(':').context("ip:port")?;
-    let script = format!(
-        "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
-         echo \"${{r:-FAILED}}\"; done"
-    );
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
-        .args(["busybox", "sh", "-c", &script])
+        .args(["busybox", "sh", "-c", &requests(addr, n)?])
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+}
+
+/// A busybox shell script making `n` HTTP requests to `addr` (ip:port), printing the last
+/// line of each answer or FAILED. (nc: Debian's static busybox wget crashes.)
+fn requests(addr: &str, n: usize) -> Result<String> {
+    let (ip, port) = addr.split_once(':').context("ip:port")?;
+    Ok(format!(
+        "for i in $(seq {n}); do r=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} {port} 2>&1 | tail -n 1); \
+         echo \"${{r:-FAILED}}\"; done"
+    ))
 }

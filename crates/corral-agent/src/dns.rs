@@ -10,11 +10,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_api::meta::JsonAt;
+use corral_api::meta::{JsonAt, str_at as text};
 use serde_json::Value;
+use tokio::sync::watch;
 
 use crate::services::ServiceView;
 
@@ -91,7 +92,6 @@ impl Names {
     ) -> Names {
         let mut records: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         let fqdn = |ns: &str, name: &str| format!("{name}.{ns}.svc.{domain}");
-        let text = |v: &'a Value, p: &str| -> &'a str { v.at(p).and_then(Value::as_str).unwrap_or("") };
         let mut headless = BTreeSet::new();
         for svc in services {
             let (ns, name) = (text(svc, "/metadata/namespace"), text(svc, "/metadata/name"));
@@ -210,17 +210,33 @@ async fn forward(msg: &[u8], upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
     }
 }
 
-/// The names now, from the view.
-fn names_now(view: &ServiceView, domain: &str) -> Names {
-    let services = view.services.lock().expect("not poisoned");
-    let slices = view.slices.lock().expect("not poisoned");
-    Names::from_view(domain, services.by_key.values(), slices.by_key.values())
+/// The names, built from the view once per change of it rather than per query.
+struct Cache {
+    view: Arc<ServiceView>,
+    domain: String,
+    /// The view's version followed, and the names built at the last one seen.
+    names: Mutex<(watch::Receiver<u64>, Arc<Names>)>,
+    upstream: Option<SocketAddr>,
 }
 
-async fn respond(msg: &[u8], view: &ServiceView, domain: &str, upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
-    match answer(msg, &names_now(view, domain))? {
-        Answer::Reply(r) => Some(r),
-        Answer::Forward => forward(msg, upstream).await,
+impl Cache {
+    fn names(&self) -> Arc<Names> {
+        let mut guard = self.names.lock().expect("not poisoned");
+        let (changes, names) = &mut *guard;
+        if changes.has_changed().unwrap_or(false) {
+            changes.mark_unchanged();
+            let services = self.view.services.lock().expect("not poisoned");
+            let slices = self.view.slices.lock().expect("not poisoned");
+            *names = Arc::new(Names::from_view(&self.domain, services.by_key.values(), slices.by_key.values()));
+        }
+        names.clone()
+    }
+
+    async fn respond(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        match answer(msg, &self.names())? {
+            Answer::Reply(r) => Some(r),
+            Answer::Forward => forward(msg, self.upstream).await,
+        }
     }
 }
 
@@ -230,16 +246,21 @@ pub async fn serve(listen: SocketAddr, view: Arc<ServiceView>, domain: String) -
     let udp = Arc::new(tokio::net::UdpSocket::bind(listen).await?);
     let tcp = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, domain = %domain, upstream = ?upstream, "cluster DNS answering");
-    let (v, d) = (view.clone(), domain.clone());
+    // Built on the first query (the version starts out "changed" for a new receiver).
+    let mut changes = view.services_changes();
+    changes.mark_changed();
+    let names = Mutex::new((changes, Arc::new(Names::default())));
+    let cache = Arc::new(Cache { view, domain, names, upstream });
+    let c = cache.clone();
     let udp_loop = async move {
         let mut buf = vec![0u8; 4096];
         loop {
             let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
             let msg = buf[..n].to_vec();
-            let (udp, v, d) = (udp.clone(), v.clone(), d.clone());
+            let (udp, c) = (udp.clone(), c.clone());
             // Forwarded queries wait on the resolver: one task each, bounded by its timeout.
             tokio::spawn(async move {
-                if let Some(r) = respond(&msg, &v, &d, upstream).await {
+                if let Some(r) = c.respond(&msg).await {
                     let _ = udp.send_to(&r, from).await;
                 }
             });
@@ -248,7 +269,7 @@ pub async fn serve(listen: SocketAddr, view: Arc<ServiceView>, domain: String) -
     let tcp_loop = async move {
         loop {
             let Ok((mut stream, _)) = tcp.accept().await else { continue };
-            let (v, d) = (view.clone(), domain.clone());
+            let c = cache.clone();
             tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let read = async {
@@ -258,7 +279,7 @@ pub async fn serve(listen: SocketAddr, view: Arc<ServiceView>, domain: String) -
                     Some(msg)
                 };
                 let Ok(Some(msg)) = tokio::time::timeout(FORWARD_TIMEOUT, read).await else { return };
-                if let Some(r) = respond(&msg, &v, &d, upstream).await {
+                if let Some(r) = c.respond(&msg).await {
                     let _ = stream.write_u16(r.len() as u16).await;
                     let _ = stream.write_all(&r).await;
                 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
-use corral_api::meta::JsonAt;
+use corral_api::meta::{JsonAt, str_at as text};
 use serde_json::Value;
 
 /// The packet mark of connections to DNAT: masqueraded on their way out, so that replies
@@ -60,10 +60,6 @@ pub struct ServicePort {
 
 /// Endpoints (ip, port) of one Service port.
 type Backends = BTreeSet<(Ipv4Addr, u16)>;
-
-fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.at(pointer).and_then(Value::as_str).unwrap_or("")
-}
 
 /// Every Service port that has a cluster IP, sorted by name, with the ready endpoints of its
 /// EndpointSlices (matched by port name, as kube-proxy matches them).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use corral_proto::agent::{self as proto, AgentRequest, agent_request, pod_event::Type, watch_services::Resource};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use crate::agent::follow;
 use crate::link::Link;
@@ -65,14 +65,27 @@ impl Objects {
     }
 }
 
-/// Services, EndpointSlices and Nodes as this node last heard of them.
-#[derive(Default)]
+/// Services, EndpointSlices and Nodes as this node last heard of them. Each change bumps a
+/// version that any number of readers follow (the proxy and DNS the services', routes the
+/// nodes').
 pub struct ServiceView {
     pub services: Mutex<Objects>,
     pub slices: Mutex<Objects>,
     pub nodes: Mutex<Objects>,
-    changed: Notify,
-    nodes_changed: Notify,
+    services_version: watch::Sender<u64>,
+    nodes_version: watch::Sender<u64>,
+}
+
+impl Default for ServiceView {
+    fn default() -> Self {
+        ServiceView {
+            services: Mutex::default(),
+            slices: Mutex::default(),
+            nodes: Mutex::default(),
+            services_version: watch::channel(0).0,
+            nodes_version: watch::channel(0).0,
+        }
+    }
 }
 
 impl ServiceView {
@@ -107,14 +120,16 @@ impl ServiceView {
         let keep = move |o: Value| if resource == Resource::Nodes { routes::routing_fields(o) } else { o };
         follow(&link, what, request, |event| {
             if self.objects(resource).lock().expect("not poisoned").apply_kept(&event, keep) {
-                if resource == Resource::Nodes {
-                    self.nodes_changed.notify_one();
-                } else {
-                    self.changed.notify_one();
-                }
+                let version = if resource == Resource::Nodes { &self.nodes_version } else { &self.services_version };
+                version.send_modify(|v| *v += 1);
             }
         })
         .await
+    }
+
+    /// Follows the version of the Services and EndpointSlices.
+    pub fn services_changes(&self) -> watch::Receiver<u64> {
+        self.services_version.subscribe()
     }
 
     /// The service ports and their endpoints now; None until both watches have sent their
@@ -131,9 +146,11 @@ impl ServiceView {
 /// better.
 pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: String) {
     let mut applied: Option<String> = None;
+    let mut changes = view.services_changes();
     loop {
+        changes.mark_unchanged();
         let Some(ports) = view.ports() else {
-            view.changed.notified().await;
+            let _ = changes.changed().await;
             continue;
         };
         let script = proxy::render(&table, &ports);
@@ -153,7 +170,7 @@ pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: 
                 }
             }
         }
-        view.changed.notified().await;
+        let _ = changes.changed().await;
         tokio::time::sleep(SETTLE).await;
     }
 }
@@ -161,7 +178,9 @@ pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: 
 /// Keeps this machine's routes to the other nodes' pod CIDRs equal to what the Nodes say,
 /// for good; checked again every `ROUTES_RESYNC` in case someone removed one.
 pub async fn run_routes(view: Arc<ServiceView>, routes: IpRoutes, me: String) {
+    let mut changes = view.nodes_version.subscribe();
     loop {
+        changes.mark_unchanged();
         let desired = {
             let nodes = view.nodes.lock().expect("not poisoned");
             nodes.known.then(|| routes::plan(nodes.by_key.values(), &me))
@@ -175,7 +194,7 @@ pub async fn run_routes(view: Arc<ServiceView>, routes: IpRoutes, me: String) {
                 Err(e) => tracing::warn!(error = %e, "routes to other nodes' pods not written; retrying"),
             }
         }
-        let _ = tokio::time::timeout(ROUTES_RESYNC, view.nodes_changed.notified()).await;
+        let _ = tokio::time::timeout(ROUTES_RESYNC, changes.changed()).await;
         tokio::time::sleep(SETTLE).await;
     }
 }

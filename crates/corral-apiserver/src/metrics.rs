@@ -17,10 +17,6 @@ use crate::route::ObjectRoute;
 /// Where each node's latest sample lives.
 pub const PREFIX: &str = "/registry/corral.dev/metrics/";
 
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 impl Api {
     /// Keeps `sample` as its node's latest.
     pub async fn record_metrics(&self, sample: &NodeSample) -> Result<(), ApiError> {
@@ -31,7 +27,7 @@ impl Api {
     /// Every node's latest sample that is still fresh, by node name.
     async fn samples(&self) -> Result<Vec<NodeSample>, ApiError> {
         let page = self.store.list(PREFIX, None, 0, 0, true).await?;
-        let now = now();
+        let now = self.mint.now();
         Ok(page
             .items
             .into_iter()

@@ -444,10 +444,26 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let live: HashSet<&str> = all.iter().map(|h| text(h, "/metadata/uid")).collect();
         memory.retain(|uid, _| live.contains(uid.as_str()));
         if !all.is_empty() {
+            // Pods and their usage, read once a pass and grouped by namespace.
             let all_pods = pods.list();
+            let mut pods_by_ns: HashMap<&str, Vec<&Value>> = HashMap::new();
+            for p in &all_pods {
+                pods_by_ns.entry(text(p, "/metadata/namespace")).or_default().push(p);
+            }
+            let usage = cluster.list("metrics.k8s.io/pods", "", "").await.unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "no pod metrics");
+                Vec::new()
+            });
+            let mut usage_by_ns: HashMap<&str, HashMap<&str, &Value>> = HashMap::new();
+            for m in &usage {
+                usage_by_ns.entry(text(m, "/metadata/namespace")).or_default().insert(text(m, "/metadata/name"), m);
+            }
+            let none = HashMap::new();
             for h in &all {
+                let ns = text(h, "/metadata/namespace");
                 let mem = memory.entry(text(h, "/metadata/uid").to_string()).or_default();
-                reconcile(cluster.as_ref(), h, &all_pods, mem, &events).await;
+                let in_ns = pods_by_ns.get(ns).map(Vec::as_slice).unwrap_or_default();
+                reconcile(cluster.as_ref(), h, in_ns, usage_by_ns.get(ns).unwrap_or(&none), mem, &events).await;
             }
             flush_events(cluster.as_ref(), &events).await;
         }
@@ -460,10 +476,12 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     }
 }
 
+/// One HPA's pass: `pods` and `metrics` (by pod name) are its namespace's.
 async fn reconcile<C: Cluster>(
     cluster: &C,
     hpa: &Value,
-    all_pods: &[Arc<Value>],
+    pods: &[&Value],
+    metrics: &HashMap<&str, &Value>,
     memory: &mut Memory,
     events: &Mutex<Recorder>,
 ) {
@@ -474,18 +492,7 @@ async fn reconcile<C: Cluster>(
         Err(e) => Err(e),
     };
     let scale = target.as_ref().map_err(Clone::clone).and_then(|(_, t)| scale_of(t));
-    let pods: Vec<&Value> =
-        all_pods.iter().map(|p| p.as_ref()).filter(|p| text(p, "/metadata/namespace") == ns).collect();
-    let pod_metrics = match &scale {
-        // The namespace's: the selected pods are matched by name.
-        Ok(_) => cluster.list("metrics.k8s.io/pods", ns, "").await.unwrap_or_else(|e| {
-            tracing::debug!(namespace = ns, error = %e, "no pod metrics");
-            Vec::new()
-        }),
-        Err(_) => Vec::new(),
-    };
-    let metrics: HashMap<&str, &Value> = pod_metrics.iter().map(|m| (text(m, "/metadata/name"), m)).collect();
-    let mut plan = plan(hpa, scale, &pods, &metrics, memory, now_seconds());
+    let mut plan = plan(hpa, scale, pods, metrics, memory, now_seconds());
     if let (Some(replicas), Ok((plural, target))) = (plan.scale_to, target) {
         let mut updated = target.clone();
         updated["spec"]["replicas"] = json!(replicas);

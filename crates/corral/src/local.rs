@@ -538,23 +538,6 @@ fn spawn_agent(
     Ok(cmd.spawn().context("starting corral agent")?.id())
 }
 
-/// Removes an agent's service rules (its nftables table), if any.
-fn remove_proxy_table(table: &str) {
-    use std::io::Write;
-    let child = std::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    if let Ok(mut child) = child {
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(corral_agent::proxy::remove_script(table).as_bytes());
-        }
-        let _ = child.wait();
-    }
-}
-
 /// Waits until the nodes are Ready; the Node objects then.
 async fn wait_nodes_ready(
     dir: &Path,
@@ -812,7 +795,8 @@ pub async fn down(args: DownArgs) -> Result<()> {
         }
         corral_agent::containerd::teardown(&Layout::new(&agent.data_dir(dir).join("containerd")));
         let _ = std::process::Command::new("ip").args(["link", "del", &agent.bridge]).stderr(Stdio::null()).status();
-        remove_proxy_table(&agent.bridge);
+        // An agent on the host's network kept its table there (best effort: none otherwise).
+        let _ = nodenet::nft(&corral_agent::proxy::remove_script(&agent.bridge));
         if let Some(pid) = agent.pid.filter(|pid| is_ours(*pid, dir, "agent")) {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }

@@ -86,7 +86,8 @@ pub fn ensure_host(net: &NodeNetwork) -> Result<()> {
     ))
 }
 
-fn nft(script: &str) -> Result<()> {
+/// Runs an nftables script.
+pub fn nft(script: &str) -> Result<()> {
     use std::io::Write;
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -98,7 +99,7 @@ fn nft(script: &str) -> Result<()> {
     child.stdin.take().context("nft's stdin")?.write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("nft refused the node network's rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("nft refused the rules: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

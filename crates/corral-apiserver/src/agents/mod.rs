@@ -48,6 +48,16 @@ type Send = quinn::SendStream;
 
 use crate::route::object_route as route;
 
+/// The resource a `WatchServices` names.
+fn watched_plural(resource: i32) -> Option<&'static str> {
+    match WatchResource::try_from(resource).ok()? {
+        WatchResource::Services => Some("services"),
+        WatchResource::EndpointSlices => Some("discovery.k8s.io/endpointslices"),
+        WatchResource::Nodes => Some("nodes"),
+        WatchResource::Unspecified => None,
+    }
+}
+
 fn refused(message: impl Into<String>) -> AgentResponse {
     AgentResponse { kind: Some(agent_response::Kind::Refused(Refused { message: message.into() })) }
 }
@@ -186,19 +196,11 @@ impl AgentEndpoint {
                 let _ = send.finish();
                 return;
             }
+            (Some(Kind::WatchServices(w)), Some(_)) if watched_plural(w.resource).is_none() => {
+                refused("watch services, endpoint slices or nodes")
+            }
             (Some(Kind::WatchServices(w)), Some(_)) => {
-                let plural = match WatchResource::try_from(w.resource) {
-                    Ok(WatchResource::Services) => "services",
-                    Ok(WatchResource::EndpointSlices) => "discovery.k8s.io/endpointslices",
-                    Ok(WatchResource::Nodes) => "nodes",
-                    _ => {
-                        let reply = refused("watch services, endpoint slices or nodes");
-                        if frame::write(&mut send, &reply).await.is_ok() {
-                            let _ = send.finish();
-                        }
-                        return;
-                    }
-                };
+                let plural = watched_plural(w.resource).expect("checked above");
                 let prefix = route(plural, None, None).resource.prefix(None);
                 let watched = self.watch(&prefix, w.from_revision, &mut send, |_| true, rules::object_event).await;
                 if let Err(e) = watched {
