@@ -202,6 +202,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // told not to.
     let server_nodes = match &existing {
         Some(record) if !record.agents.is_empty() => record.agents.iter().any(|a| a.control_plane),
+        // A cluster made without nodes stays so, unless nodes are asked for now (a restart
+        // of its servers must not add any).
+        Some(_) if args.agents.is_none() => false,
         _ => !args.dedicated_servers && !args.etcd_only,
     };
     let nodes = agents + if server_nodes { args.servers } else { 0 };

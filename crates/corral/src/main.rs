@@ -2,6 +2,7 @@
 
 mod agent;
 mod bench;
+mod chaos;
 mod image;
 mod kube;
 mod local;
@@ -43,6 +44,10 @@ enum Command {
     /// Benchmarks that print figures, run the same way against Corral and etcd.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Fault injection under a recorded workload, judged by checkers (linearizability,
+    /// lost writes, watches, convergence).
+    #[command(subcommand)]
+    Chaos(chaos::ChaosCommand),
     /// Container images for machines with no registry.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -72,6 +77,10 @@ fn main() -> Result<()> {
         Command::Down(args) => runtime.block_on(local::down(args)),
         Command::Status(args) => runtime.block_on(local::status_command(args)),
         Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
+        Command::Chaos(cmd) => {
+            init_progress_logging();
+            runtime.block_on(chaos::run(cmd))
+        }
         Command::Image(cmd) => image::run(cmd),
     }
 }
@@ -80,4 +89,17 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}
+
+/// For commands that report progress through tracing: their own info lines, others' warnings.
+fn init_progress_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| EnvFilter::new("warn,corral_chaos=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .without_time()
+        .init();
 }

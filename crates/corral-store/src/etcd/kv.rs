@@ -28,10 +28,6 @@ impl KvService {
         result.result.ok_or_else(|| Status::internal("etcdserver: empty result"))
     }
 
-    fn header(&self) -> Option<corral_proto::etcdserverpb::ResponseHeader> {
-        Some(self.node.header(self.node.mvcc().current_revision()))
-    }
-
     /// The full header for a write's response, keeping the revision the write produced (a
     /// later write may already have moved the store on: clients rely on their own).
     fn stamp(
@@ -97,7 +93,8 @@ impl Kv for KvService {
                 self.node.read_barrier().await?;
             }
             let mut resp = self.node.mvcc().read_only_txn(&req)?;
-            resp.header = self.header();
+            // The revision it read at, not the store's by the time it finished.
+            resp.header = self.stamp(resp.header);
             return Ok(Response::new(resp));
         }
         let R::Txn(mut resp) = self.write(command::Op::Txn(req)).await? else {

@@ -245,7 +245,11 @@ impl Mvcc {
         if rev < self.compact_revision() {
             return Err(StoreError::Compacted { compact_rev: self.compact_revision() });
         }
-        resp.header = Some(header(self.current_revision().max(rev)));
+        // A read of the present reports the revision it read at (a write applied since must
+        // not be claimed: a serializable reader compares the two); a read of the past reports
+        // the store's current revision, as etcd does.
+        let reported = if req.revision <= 0 { rev } else { self.current_revision().max(rev) };
+        resp.header = Some(header(reported));
         Ok(resp)
     }
 

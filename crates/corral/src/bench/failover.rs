@@ -112,7 +112,7 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
             victim.name
         );
         gaps_ms.push(gap_ms);
-        restart(&target, &victim.name).await?;
+        target.restart(&victim.name)?;
     }
     gaps_ms.sort_by(|a, b| a.total_cmp(b));
     let median = gaps_ms[gaps_ms.len() / 2];
@@ -252,33 +252,6 @@ async fn new_leader_after(target: &Target, survivors: &[String], old: u64, kille
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     None
-}
-
-async fn restart(target: &Target, name: &str) -> Result<()> {
-    let dir = target.state_dir.as_ref().context("state dir")?;
-    match target.kind {
-        Kind::Corral => {
-            let servers = target.processes()?.len();
-            let status = std::process::Command::new(std::env::current_exe()?)
-                .args(["up", "--servers", &servers.to_string(), "--state-dir"])
-                .arg(dir)
-                .stdout(std::process::Stdio::null())
-                .status()?;
-            if !status.success() {
-                bail!("corral up could not restart {name}");
-            }
-        }
-        Kind::Etcd => {
-            let mut processes = target.processes()?;
-            for p in processes.iter_mut().filter(|p| p.name == name) {
-                let log = p.log.clone().unwrap_or_else(|| dir.join(format!("{name}.log")));
-                p.pid = super::etcd::spawn(&p.argv, &log)?;
-            }
-            super::etcd::save(dir, &processes)?;
-        }
-        Kind::Remote => unreachable!("checked at start"),
-    }
-    Ok(())
 }
 
 async fn wait_all_healthy(target: &Target) -> Result<()> {

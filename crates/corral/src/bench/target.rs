@@ -93,6 +93,48 @@ impl Target {
         Ok(serde_json::from_value(raw[key].clone())?)
     }
 
+    /// Sends `signal` to a local cluster's member `name`, if its recorded process is still
+    /// the one started for this state directory.
+    pub fn signal(&self, name: &str, signal: i32) -> Result<()> {
+        let dir = self.state_dir.as_ref().context("signals need --state-dir")?;
+        let p = self.processes()?.into_iter().find(|p| p.name == name).with_context(|| format!("no member {name}"))?;
+        if !super::etcd::owns(p.pid, dir) {
+            bail!("{name} (pid {}) is not running", p.pid);
+        }
+        // SAFETY: kill(2) on a pid we started and just checked.
+        unsafe { libc::kill(p.pid as i32, signal) };
+        Ok(())
+    }
+
+    /// Starts a killed member of a local cluster again: `corral up` for Corral (which starts
+    /// every server that is not running), the recorded argv for etcd.
+    pub fn restart(&self, name: &str) -> Result<()> {
+        let dir = self.state_dir.as_ref().context("restarts need --state-dir")?;
+        match self.kind {
+            Kind::Corral => {
+                let servers = self.processes()?.len();
+                let status = std::process::Command::new(std::env::current_exe()?)
+                    .args(["up", "--servers", &servers.to_string(), "--state-dir"])
+                    .arg(dir)
+                    .stdout(std::process::Stdio::null())
+                    .status()?;
+                if !status.success() {
+                    bail!("corral up could not restart {name}");
+                }
+            }
+            Kind::Etcd => {
+                let mut processes = self.processes()?;
+                for p in processes.iter_mut().filter(|p| p.name == name) {
+                    let log = p.log.clone().unwrap_or_else(|| dir.join(format!("{name}.log")));
+                    p.pid = super::etcd::spawn(&p.argv, &log)?;
+                }
+                super::etcd::save(dir, &processes)?;
+            }
+            Kind::Remote => bail!("{name} is remote: only a local cluster's members can be restarted"),
+        }
+        Ok(())
+    }
+
     /// CPU seconds (user and system) used so far by a local cluster's server processes.
     pub fn server_cpu_s(&self) -> Option<f64> {
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;

@@ -1,0 +1,432 @@
+//! A run: the workload against a cluster, the scenario's faults round after round, then heal,
+//! converge, read the store's log and judge the history.
+
+use std::time::{Duration, Instant};
+
+use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use corral_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest, StatusRequest};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::checks::{self, Check};
+use crate::history::{History, Kind, Outcome};
+use crate::scenario::{Fault, Scenario};
+use crate::workload::{self, Workload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Cluster(String),
+    #[error("no leader within {0:?}: the cluster is not healthy")]
+    NoLeader(Duration),
+}
+
+/// What the runner needs from a cluster: its members, their endpoints, and the faults it can
+/// inject. The binary implements it over processes (Corral from `corral up`, or Debian's etcd).
+#[allow(async_fn_in_trait)]
+pub trait Cluster {
+    /// Member names, in the order of [`Cluster::channels`].
+    fn members(&self) -> Vec<String>;
+    /// One etcd-API channel per member (lazy: a dead member's fails per request).
+    fn channels(&self) -> Result<Vec<Channel>, Error>;
+    async fn kill(&self, member: &str) -> Result<(), Error>;
+    /// Starts a killed member again (same data directory).
+    async fn restart(&self, member: &str) -> Result<(), Error>;
+    async fn pause(&self, member: &str) -> Result<(), Error>;
+    async fn resume(&self, member: &str) -> Result<(), Error>;
+}
+
+/// How a run is shaped.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    /// Faults are injected until this much time has passed (the last round completes).
+    pub duration: Duration,
+    pub clients: u32,
+    pub keys: u32,
+    pub watchers: u32,
+    /// Steps the linearizability search may take per key before it answers "undecided".
+    pub search_limit: u64,
+    /// Operations per second the workload must have answered before each fault.
+    pub min_ops_per_s: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            seed: 1,
+            duration: Duration::from_secs(60),
+            clients: 8,
+            keys: 4,
+            watchers: 2,
+            search_limit: 20_000_000,
+            min_ops_per_s: 100.0,
+        }
+    }
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultRecord {
+    pub fault: &'static str,
+    pub victims: Vec<String>,
+    pub at_us: u64,
+    pub healed_us: u64,
+    /// Answered operations per second over the two seconds before the fault.
+    pub ops_per_s_before: f64,
+    /// From the last write acknowledged before the fault to the first after it (leader faults).
+    pub write_unavailable_ms: Option<f64>,
+    /// From healing until every member answered with a leader.
+    pub recovered_ms: Option<f64>,
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub seed: u64,
+    pub faults: Vec<FaultRecord>,
+    pub history: History,
+    pub checks: Vec<Check>,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    /// Write unavailability after leader faults: (median, max) in milliseconds.
+    pub fn unavailability_ms(&self) -> Option<(f64, f64)> {
+        let mut gaps: Vec<f64> = self.faults.iter().filter_map(|f| f.write_unavailable_ms).collect();
+        gaps.sort_by(f64::total_cmp);
+        Some((*gaps.get(gaps.len() / 2)?, *gaps.last()?))
+    }
+
+    /// (answered, failed, unknown) operations.
+    pub fn op_counts(&self) -> (usize, usize, usize) {
+        let count = |o| self.history.ops.iter().filter(|op| op.outcome == o).count();
+        (count(Outcome::Ok), count(Outcome::Failed), count(Outcome::Unknown))
+    }
+
+    /// The summary a person reads: the faults, the work done, each checker's verdict.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let (ok, failed, unknown) = self.op_counts();
+        let secs = self.elapsed.as_secs_f64();
+        let _ = writeln!(out, "scenario {}  seed {}  {:.0} s", self.scenario, self.seed, secs);
+        let _ = writeln!(out, "{:<4} {:<15} {:<10} {:>12} {:>16} {:>12}", "#", "fault", "victims", "ops/s before", "write gap", "recovered");
+        for (i, f) in self.faults.iter().enumerate() {
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+            let _ = writeln!(
+                out,
+                "{:<4} {:<15} {:<10} {:>12.0} {:>16} {:>12}",
+                i + 1,
+                f.fault,
+                f.victims.join(","),
+                f.ops_per_s_before,
+                ms(f.write_unavailable_ms),
+                ms(f.recovered_ms)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "operations: {ok} answered ({:.0}/s), {failed} refused, {unknown} unknown outcome; {} watch events",
+            ok as f64 / secs.max(1.0),
+            self.history.watches.iter().map(|w| w.events.len()).sum::<usize>()
+        );
+        if let Some((median, max)) = self.unavailability_ms() {
+            let _ = writeln!(out, "write unavailability after leader faults: median {median:.0} ms, max {max:.0} ms");
+        }
+        for c in &self.checks {
+            let verdict = if c.passed { "PASS" } else { "FAIL" };
+            let _ = writeln!(out, "{verdict}  {:<20} {}", c.name, c.detail);
+            let _ = writeln!(out, "      {:<20} ({})", "", c.criterion);
+        }
+        let _ = writeln!(out, "{}", if self.passed() { "PASSED" } else { "FAILED" });
+        out
+    }
+}
+
+/// Runs `scenario` against `cluster`.
+pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options) -> Result<Report, Error> {
+    let began = Instant::now();
+    let members = cluster.members();
+    let channels = cluster.channels()?;
+    wait_leader(&channels, Duration::from_secs(60)).await.ok_or(Error::NoLeader(Duration::from_secs(60)))?;
+    let start_revision = current_revision(&channels).await? + 1;
+    let config = workload::Config {
+        prefix: format!("chaos/{}/{}/{}/", scenario.name, options.seed, start_revision),
+        clients: options.clients,
+        keys: options.keys,
+        watchers: options.watchers,
+        op_timeout: Duration::from_secs(2),
+        max_ops_per_client: 10_000_000,
+        seed: options.seed,
+    };
+    info!(scenario = scenario.name, seed = options.seed, start_revision, "workload starting");
+    let mut workload = Workload::start(&config, channels.clone(), start_revision);
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let mut faults = Vec::new();
+    let mut extra = Vec::new();
+    let deadline = Instant::now() + options.duration;
+    while Instant::now() < deadline && faults.len() < 1_000 {
+        let round = scenario.round(&mut rng);
+        tokio::time::sleep(round.quiet.saturating_sub(Duration::from_secs(2))).await;
+        let before = workload.answered.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ops_per_s_before =
+            (workload.answered.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / 2.0;
+        let leader = leader_name(&members, &channels).await;
+        let victims = pick_victims(round.fault, &members, leader.as_deref(), &mut rng);
+        let at_us = workload.now_us();
+        info!(fault = round.fault.name(), victims = ?victims, ops_per_s_before, "injecting");
+        for v in &victims {
+            match round.fault {
+                Fault::PauseLeader | Fault::PauseFollower => cluster.pause(v).await?,
+                _ => cluster.kill(v).await?,
+            }
+        }
+        tokio::time::sleep(round.hold).await;
+        for v in &victims {
+            match round.fault {
+                Fault::PauseLeader | Fault::PauseFollower => cluster.resume(v).await?,
+                _ => cluster.restart(v).await?,
+            }
+        }
+        let healed_us = workload.now_us();
+        let healed = Instant::now();
+        let recovered = all_have_leader(&channels, Duration::from_secs(60)).await.then(|| healed.elapsed());
+        faults.push(FaultRecord {
+            fault: round.fault.name(),
+            victims,
+            at_us,
+            healed_us,
+            ops_per_s_before,
+            write_unavailable_ms: None,
+            recovered_ms: recovered.map(|d| d.as_secs_f64() * 1000.0),
+        });
+        if recovered.is_none() {
+            warn!(fault = round.fault.name(), "the cluster did not recover within 60 s; ending the run");
+            break;
+        }
+    }
+    let ops = workload.stop_clients().await;
+    info!(operations = ops.len(), "workload stopped; healing and reading the log");
+    let _ = all_have_leader(&channels, Duration::from_secs(60)).await;
+    put_sentinel(&config, &channels).await?;
+    extra.push(convergence(&members, &channels, Duration::from_secs(60)).await);
+    let mut log = None;
+    for channel in &channels {
+        log = workload::read_log(&config, channel.clone(), start_revision, Duration::from_secs(30)).await;
+        if log.is_some() {
+            break;
+        }
+    }
+    let Some(log) = log else { return Err(Error::Cluster("no server served the run's log within 30 s".into())) };
+    let watches = workload.finish_watchers(Duration::from_secs(30)).await;
+    let history = History { ops, watches, log, start_revision };
+    for f in &mut faults {
+        if Fault::from_name(f.fault).is_some_and(Fault::hits_leader) {
+            f.write_unavailable_ms = write_gap_ms(&history, f.at_us);
+        }
+    }
+    extra.push(workload_check(&faults, options.min_ops_per_s));
+    extra.push(recovery_check(&faults));
+    let mut checks = checks::all(&history, options.search_limit);
+    checks.extend(extra);
+    Ok(Report { scenario: scenario.name, seed: options.seed, faults, history, checks, elapsed: began.elapsed() })
+}
+
+impl Fault {
+    fn from_name(name: &str) -> Option<Fault> {
+        crate::scenario::SCENARIOS.iter().flat_map(|s| s.faults).copied().find(|f| f.name() == name)
+    }
+}
+
+fn pick_victims(fault: Fault, members: &[String], leader: Option<&str>, rng: &mut StdRng) -> Vec<String> {
+    let followers: Vec<&String> = members.iter().filter(|m| Some(m.as_str()) != leader).collect();
+    let mut follower = || followers[rng.random_range(0..followers.len())].clone();
+    // With no leader known, the first member stands in for it.
+    let leader = leader.map(str::to_string).unwrap_or_else(|| members[0].clone());
+    match fault {
+        Fault::KillLeader | Fault::PauseLeader => vec![leader],
+        Fault::KillFollower | Fault::PauseFollower => vec![follower()],
+        Fault::KillTwo => vec![leader, follower()],
+        Fault::KillAll => members.to_vec(),
+    }
+}
+
+/// From the last write acknowledged at or before `at_us` to the first acknowledged after it.
+fn write_gap_ms(history: &History, at_us: u64) -> Option<f64> {
+    let mut acks: Vec<u64> = history.ops.iter().filter(|o| o.is_write() && o.acknowledged()).map(|o| o.return_us).collect();
+    acks.sort_unstable();
+    let last = acks.iter().rev().find(|t| **t <= at_us).copied().unwrap_or(at_us);
+    let first = acks.iter().find(|t| **t > at_us)?;
+    Some((first - last) as f64 / 1000.0)
+}
+
+fn workload_check(faults: &[FaultRecord], min: f64) -> Check {
+    let idle: Vec<String> = faults
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.ops_per_s_before < min)
+        .map(|(i, f)| format!("before fault {} ({}) only {:.0} ops/s", i + 1, f.fault, f.ops_per_s_before))
+        .collect();
+    let lowest = faults.iter().map(|f| f.ops_per_s_before).fold(f64::INFINITY, f64::min);
+    let mut check = Check {
+        name: "workload",
+        criterion: "at least 100 answered ops/s before each fault, and at least one fault",
+        passed: idle.is_empty() && !faults.is_empty(),
+        detail: if faults.is_empty() { "no fault was injected".into() } else { format!("lowest {lowest:.0} ops/s") },
+    };
+    if !idle.is_empty() {
+        check.detail = idle.join("; ");
+    }
+    check
+}
+
+fn recovery_check(faults: &[FaultRecord]) -> Check {
+    let slowest = faults.iter().filter_map(|f| f.recovered_ms).fold(0.0, f64::max);
+    let failed = faults.iter().any(|f| f.recovered_ms.is_none());
+    Check {
+        name: "recovery",
+        criterion: "every member answers with a leader within 60 s of each heal",
+        passed: !failed,
+        detail: if failed { "a fault left the cluster without a leader for 60 s".into() } else { format!("slowest {slowest:.0} ms") },
+    }
+}
+
+/// Convergence: within `bound` of healing, every member has the same HashKV at one revision.
+async fn convergence(members: &[String], channels: &[Channel], bound: Duration) -> Check {
+    let began = Instant::now();
+    let mut last = String::new();
+    while began.elapsed() < bound {
+        match hashes(channels).await {
+            Ok((revision, hashes)) if hashes.windows(2).all(|w| w[0] == w[1]) => {
+                return Check {
+                    name: "convergence",
+                    criterion: "HashKV equal on every member at one revision within 60 s of healing",
+                    passed: true,
+                    detail: format!("{} members equal at revision {revision} after {} ms", members.len(), began.elapsed().as_millis()),
+                };
+            }
+            Ok((revision, hashes)) => last = format!("at revision {revision}: {hashes:?} ({members:?})"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Check {
+        name: "convergence",
+        criterion: "HashKV equal on every member at one revision within 60 s of healing",
+        passed: false,
+        detail: format!("not equal after 60 s: {last}"),
+    }
+}
+
+/// Every member's HashKV at the lowest current revision among them.
+async fn hashes(channels: &[Channel]) -> Result<(i64, Vec<u32>), String> {
+    let mut revisions = Vec::new();
+    for c in channels {
+        let resp = MaintenanceClient::new(c.clone()).status(StatusRequest {}).await.map_err(|e| e.to_string())?;
+        revisions.push(resp.into_inner().header.map(|h| h.revision).unwrap_or(0));
+    }
+    let revision = revisions.into_iter().min().unwrap_or(0);
+    let mut hashes = Vec::new();
+    for c in channels {
+        let resp = MaintenanceClient::new(c.clone()).hash_kv(HashKvRequest { revision }).await.map_err(|e| e.to_string())?;
+        hashes.push(resp.into_inner().hash);
+    }
+    Ok((revision, hashes))
+}
+
+async fn current_revision(channels: &[Channel]) -> Result<i64, Error> {
+    for _ in 0..50 {
+        for c in channels {
+            let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(c.clone());
+            let req = RangeRequest { key: b"chaos/".to_vec(), count_only: true, ..Default::default() };
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), kv.range(req)).await {
+                return Ok(resp.into_inner().header.map(|h| h.revision).unwrap_or(0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(Error::Cluster("no member answered a range for 10 s".into()))
+}
+
+async fn put_sentinel(config: &workload::Config, channels: &[Channel]) -> Result<(), Error> {
+    for attempt in 0..60 {
+        let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(channels[attempt % channels.len()].clone());
+        let req = PutRequest { key: config.sentinel().into_bytes(), value: b"end".to_vec(), ..Default::default() };
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.put(req)).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Cluster("could not write the end-of-run key for 60 s".into()))
+}
+
+/// The member that reports itself leader (in the highest term, should a deposed one not
+/// know yet).
+async fn leader_name(members: &[String], channels: &[Channel]) -> Option<String> {
+    for _ in 0..50 {
+        let mut best: Option<(u64, usize)> = None;
+        for (i, c) in channels.iter().enumerate() {
+            let mut client = MaintenanceClient::new(c.clone());
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(500), client.status(StatusRequest {})).await {
+                let resp = resp.into_inner();
+                let own = resp.header.map(|h| h.member_id).unwrap_or(0);
+                if own != 0 && resp.leader == own && best.is_none_or(|(term, _)| resp.raft_term > term) {
+                    best = Some((resp.raft_term, i));
+                }
+            }
+        }
+        if let Some((_, i)) = best {
+            return Some(members[i].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+async fn wait_leader(channels: &[Channel], bound: Duration) -> Option<()> {
+    all_have_leader(channels, bound).await.then_some(())
+}
+
+/// True once every member answers Status with a leader, within `bound`.
+async fn all_have_leader(channels: &[Channel], bound: Duration) -> bool {
+    let began = Instant::now();
+    while began.elapsed() < bound {
+        let mut ok = 0;
+        for c in channels {
+            let mut client = MaintenanceClient::new(c.clone());
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(500), client.status(StatusRequest {})).await
+                && resp.into_inner().leader != 0
+            {
+                ok += 1;
+            }
+        }
+        if ok == channels.len() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Counts per kind, for the docs: (reads, writes, txns, deletes).
+pub fn kind_counts(history: &History) -> (usize, usize, usize, usize) {
+    let mut counts = (0, 0, 0, 0);
+    for op in history.ops.iter().filter(|o| o.outcome == Outcome::Ok) {
+        match op.kind {
+            Kind::Read { .. } => counts.0 += 1,
+            Kind::Write { .. } => counts.1 += 1,
+            Kind::Cas { .. } => counts.2 += 1,
+            Kind::Delete => counts.3 += 1,
+        }
+    }
+    counts
+}

@@ -1,0 +1,129 @@
+//! Scenarios: which fault a run injects each round, and how long it holds it. Pure: the
+//! runner asks the plan for a round's step given the seed's random stream.
+
+use std::time::Duration;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+
+/// One fault, named by whom it hits. The runner picks the members when it injects it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL the leader, restart it after the hold.
+    KillLeader,
+    /// SIGKILL a follower, restart it after the hold.
+    KillFollower,
+    /// SIGKILL the leader and a follower (the quorum is gone), restart both.
+    KillTwo,
+    /// SIGKILL every server, restart them all.
+    KillAll,
+    /// SIGSTOP the leader past the election timeout, then SIGCONT: it wakes up deposed.
+    PauseLeader,
+    /// SIGSTOP a follower, then SIGCONT.
+    PauseFollower,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillLeader => "kill leader",
+            Fault::KillFollower => "kill follower",
+            Fault::KillTwo => "kill two",
+            Fault::KillAll => "kill all",
+            Fault::PauseLeader => "pause leader",
+            Fault::PauseFollower => "pause follower",
+        }
+    }
+
+    /// True when the leader is among the victims: the run measures write unavailability.
+    pub fn hits_leader(self) -> bool {
+        matches!(self, Fault::KillLeader | Fault::KillTwo | Fault::KillAll | Fault::PauseLeader)
+    }
+}
+
+/// A named scenario: the faults it draws from.
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub faults: &'static [Fault],
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "kill-leader", about: "SIGKILL the leader, restart it", faults: &[Fault::KillLeader] },
+    Scenario { name: "kill-follower", about: "SIGKILL a follower, restart it", faults: &[Fault::KillFollower] },
+    Scenario {
+        name: "kill-two",
+        about: "SIGKILL the leader and a follower: no quorum until they return",
+        faults: &[Fault::KillTwo],
+    },
+    Scenario { name: "kill-all", about: "SIGKILL every server, restart them all", faults: &[Fault::KillAll] },
+    Scenario {
+        name: "pause-leader",
+        about: "SIGSTOP the leader past the election timeout, then SIGCONT",
+        faults: &[Fault::PauseLeader],
+    },
+    Scenario { name: "pause-follower", about: "SIGSTOP a follower, then SIGCONT", faults: &[Fault::PauseFollower] },
+    Scenario {
+        name: "mixed",
+        about: "each round one of the above, drawn by the seed",
+        faults: &[
+            Fault::KillLeader,
+            Fault::KillFollower,
+            Fault::KillTwo,
+            Fault::KillAll,
+            Fault::PauseLeader,
+            Fault::PauseFollower,
+        ],
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// One round: run quietly, then inject, hold, heal.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Round {
+    pub fault: Fault,
+    /// Quiet time before the fault (the workload's throughput is measured over its end).
+    pub quiet: Duration,
+    /// How long the fault lasts before healing.
+    pub hold: Duration,
+}
+
+impl Scenario {
+    /// The next round, drawn from `rng` (the run's seed): quiet 3-6 s, hold 1-4 s.
+    pub fn round(&self, rng: &mut StdRng) -> Round {
+        let fault = self.faults[rng.random_range(0..self.faults.len())];
+        let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
+        let hold = Duration::from_millis(rng.random_range(1_000..4_000));
+        Round { fault, quiet, hold }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_the_same_rounds() {
+        let mixed = find("mixed").expect("mixed");
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..20).map(|_| mixed.round(&mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        let faults: std::collections::HashSet<_> = draw(7).iter().map(|r| r.fault.name()).collect();
+        assert!(faults.len() >= 4, "twenty rounds draw most faults: {faults:?}");
+    }
+
+    #[test]
+    fn scenario_names_are_unique() {
+        let names: std::collections::HashSet<_> = SCENARIOS.iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), SCENARIOS.len());
+    }
+}
