@@ -37,6 +37,12 @@ pub trait Cluster {
     async fn restart(&self, member: &str) -> Result<(), Error>;
     async fn pause(&self, member: &str) -> Result<(), Error>;
     async fn resume(&self, member: &str) -> Result<(), Error>;
+    /// Starts a killed member with failpoints armed (`name=actions;...`).
+    async fn restart_with_failpoints(&self, member: &str, spec: &str) -> Result<(), Error>;
+    /// Whether the member's process is alive.
+    fn running(&self, member: &str) -> bool;
+    /// How many times the failpoint `name` has crashed the member so far (from its log).
+    fn fired(&self, member: &str, name: &str) -> usize;
 }
 
 /// How a run is shaped.
@@ -77,10 +83,13 @@ pub struct FaultRecord {
     pub healed_us: u64,
     /// Answered operations per second over the two seconds before the fault.
     pub ops_per_s_before: f64,
-    /// From the last write acknowledged before the fault to the first after it (leader faults).
+    /// The longest time without an acknowledged write from just before the fault to ten
+    /// seconds after healing (leader faults).
     pub write_unavailable_ms: Option<f64>,
     /// From healing until every member answered with a leader.
     pub recovered_ms: Option<f64>,
+    /// For a failpoint round: which, and whether it fired.
+    pub failpoint: Option<(&'static str, bool)>,
 }
 
 #[derive(Debug)]
@@ -157,6 +166,9 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     let members = cluster.members();
     let channels = cluster.channels()?;
     wait_leader(&channels, Duration::from_secs(60)).await.ok_or(Error::NoLeader(Duration::from_secs(60)))?;
+    if scenario.faults.contains(&Fault::Failpoint) {
+        fill(&channels, 200).await?;
+    }
     let start_revision = current_revision(&channels).await? + 1;
     let config = workload::Config {
         prefix: format!("chaos/{}/{}/{}/", scenario.name, options.seed, start_revision),
@@ -168,33 +180,69 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         seed: options.seed,
     };
     info!(scenario = scenario.name, seed = options.seed, start_revision, "workload starting");
+    // Revisions below the run's, for the compactions of failpoint rounds (each must compact
+    // further than the last; none may touch the run's history).
+    let mut compact_to = 1;
     let mut workload = Workload::start(&config, channels.clone(), start_revision);
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut faults = Vec::new();
     let mut extra = Vec::new();
     let deadline = Instant::now() + options.duration;
     while Instant::now() < deadline && faults.len() < 1_000 {
-        let round = scenario.round(&mut rng);
+        let round = scenario.round(faults.len(), &mut rng);
         tokio::time::sleep(round.quiet.saturating_sub(Duration::from_secs(2))).await;
         let before = workload.answered.load(std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let ops_per_s_before =
             (workload.answered.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / 2.0;
         let leader = leader_name(&members, &channels).await;
-        let victims = pick_victims(round.fault, &members, leader.as_deref(), &mut rng);
+        let victims = pick_victims(&round, &members, leader.as_deref(), &mut rng);
         let at_us = workload.now_us();
-        info!(fault = round.fault.name(), victims = ?victims, ops_per_s_before, "injecting");
-        for v in &victims {
-            match round.fault {
-                Fault::PauseLeader | Fault::PauseFollower => cluster.pause(v).await?,
-                _ => cluster.kill(v).await?,
+        info!(fault = round.fault.name(), victims = ?victims, failpoint = ?round.failpoint, ops_per_s_before, "injecting");
+        let mut failpoint = None;
+        match round.fault {
+            Fault::PauseLeader | Fault::PauseFollower => {
+                for v in &victims {
+                    cluster.pause(v).await?;
+                }
+                tokio::time::sleep(round.hold).await;
+                for v in &victims {
+                    cluster.resume(v).await?;
+                }
             }
-        }
-        tokio::time::sleep(round.hold).await;
-        for v in &victims {
-            match round.fault {
-                Fault::PauseLeader | Fault::PauseFollower => cluster.resume(v).await?,
-                _ => cluster.restart(v).await?,
+            Fault::Failpoint => {
+                let (name, action) = round.failpoint.clone().expect("a failpoint round names its failpoint");
+                let victim = &victims[0];
+                let fired_before = cluster.fired(victim, name);
+                cluster.kill(victim).await?;
+                // Long enough behind for the leader to have purged what it missed: it
+                // catches up from a snapshot.
+                tokio::time::sleep(round.hold + Duration::from_secs(2)).await;
+                cluster.restart_with_failpoints(victim, &format!("{name}={action}")).await?;
+                if name == "mvcc-compact" && compact_to + 1 < start_revision {
+                    compact_to += 1;
+                    compact(&channels, compact_to).await;
+                }
+                let waited = Instant::now();
+                while cluster.running(victim) && waited.elapsed() < Duration::from_secs(20) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let fired = cluster.fired(victim, name) > fired_before;
+                if cluster.running(victim) {
+                    cluster.kill(victim).await?;
+                }
+                info!(failpoint = name, fired, "failpoint round over; restarting clean");
+                cluster.restart(victim).await?;
+                failpoint = Some((name, fired));
+            }
+            _ => {
+                for v in &victims {
+                    cluster.kill(v).await?;
+                }
+                tokio::time::sleep(round.hold).await;
+                for v in &victims {
+                    cluster.restart(v).await?;
+                }
             }
         }
         let healed_us = workload.now_us();
@@ -208,6 +256,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
             ops_per_s_before,
             write_unavailable_ms: None,
             recovered_ms: recovered.map(|d| d.as_secs_f64() * 1000.0),
+            failpoint,
         });
         if recovered.is_none() {
             warn!(fault = round.fault.name(), "the cluster did not recover within 60 s; ending the run");
@@ -229,13 +278,18 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     let Some(log) = log else { return Err(Error::Cluster("no server served the run's log within 30 s".into())) };
     let watches = workload.finish_watchers(Duration::from_secs(30)).await;
     let history = History { ops, watches, log, start_revision };
-    for f in &mut faults {
+    let next_faults: Vec<u64> = faults.iter().skip(1).map(|f| f.at_us).chain([u64::MAX]).collect();
+    for (f, next) in faults.iter_mut().zip(next_faults) {
         if Fault::from_name(f.fault).is_some_and(Fault::hits_leader) {
-            f.write_unavailable_ms = write_gap_ms(&history, f.at_us);
+            let until = next.min(f.healed_us + 10_000_000);
+            f.write_unavailable_ms = write_gap_ms(&history, f.at_us, until);
         }
     }
     extra.push(workload_check(&faults, options.min_ops_per_s));
     extra.push(recovery_check(&faults));
+    if scenario.faults.contains(&Fault::Failpoint) {
+        extra.push(failpoint_check(&faults));
+    }
     let mut checks = checks::all(&history, options.search_limit);
     checks.extend(extra);
     Ok(Report { scenario: scenario.name, seed: options.seed, faults, history, checks, elapsed: began.elapsed() })
@@ -247,26 +301,32 @@ impl Fault {
     }
 }
 
-fn pick_victims(fault: Fault, members: &[String], leader: Option<&str>, rng: &mut StdRng) -> Vec<String> {
+fn pick_victims(round: &crate::scenario::Round, members: &[String], leader: Option<&str>, rng: &mut StdRng) -> Vec<String> {
     let followers: Vec<&String> = members.iter().filter(|m| Some(m.as_str()) != leader).collect();
     let mut follower = || followers[rng.random_range(0..followers.len())].clone();
     // With no leader known, the first member stands in for it.
     let leader = leader.map(str::to_string).unwrap_or_else(|| members[0].clone());
-    match fault {
+    match round.fault {
         Fault::KillLeader | Fault::PauseLeader => vec![leader],
         Fault::KillFollower | Fault::PauseFollower => vec![follower()],
+        Fault::Failpoint if round.on_leader => vec![leader],
+        Fault::Failpoint => vec![follower()],
         Fault::KillTwo => vec![leader, follower()],
         Fault::KillAll => members.to_vec(),
     }
 }
 
-/// From the last write acknowledged at or before `at_us` to the first acknowledged after it.
-fn write_gap_ms(history: &History, at_us: u64) -> Option<f64> {
+/// Write unavailability around a fault at `at_us`: the longest time without an acknowledged
+/// write, from the last acknowledged before the fault until `until_us` (the next fault, or
+/// ten seconds after healing).
+fn write_gap_ms(history: &History, at_us: u64, until_us: u64) -> Option<f64> {
     let mut acks: Vec<u64> = history.ops.iter().filter(|o| o.is_write() && o.acknowledged()).map(|o| o.return_us).collect();
     acks.sort_unstable();
     let last = acks.iter().rev().find(|t| **t <= at_us).copied().unwrap_or(at_us);
-    let first = acks.iter().find(|t| **t > at_us)?;
-    Some((first - last) as f64 / 1000.0)
+    let after: Vec<u64> = acks.into_iter().filter(|t| *t > at_us && *t <= until_us).collect();
+    after.first()?;
+    let gap = after.iter().fold((last, 0), |(prev, max), t| (*t, max.max(t - prev))).1;
+    Some(gap as f64 / 1000.0)
 }
 
 fn workload_check(faults: &[FaultRecord], min: f64) -> Check {
@@ -287,6 +347,19 @@ fn workload_check(faults: &[FaultRecord], min: f64) -> Check {
         check.detail = idle.join("; ");
     }
     check
+}
+
+fn failpoint_check(faults: &[FaultRecord]) -> Check {
+    let rounds: Vec<(&str, bool)> = faults.iter().filter_map(|f| f.failpoint).collect();
+    let silent: Vec<&str> = rounds.iter().filter(|(_, fired)| !fired).map(|(name, _)| *name).collect();
+    let mut names: Vec<&str> = rounds.iter().map(|(name, _)| *name).collect();
+    names.dedup();
+    Check {
+        name: "failpoints fired",
+        criterion: "each armed failpoint crashed its server within 20 s",
+        passed: silent.is_empty() && !rounds.is_empty(),
+        detail: if silent.is_empty() { format!("{} rounds: {}", rounds.len(), names.join(", ")) } else { format!("never fired: {}", silent.join(", ")) },
+    }
 }
 
 fn recovery_check(faults: &[FaultRecord]) -> Check {
@@ -355,6 +428,28 @@ async fn current_revision(channels: &[Channel]) -> Result<i64, Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(Error::Cluster("no member answered a range for 10 s".into()))
+}
+
+/// Puts `count` keys outside the workload's prefix: revisions for failpoint rounds to compact.
+async fn fill(channels: &[Channel], count: usize) -> Result<(), Error> {
+    for i in 0..count {
+        let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(channels[0].clone());
+        let req = PutRequest { key: format!("chaos-fill/{i}").into_bytes(), value: b"x".to_vec(), ..Default::default() };
+        kv.put(req).await.map_err(|e| Error::Cluster(format!("filling: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Compacts the store at `revision` (best effort: the failpoint round checks what fired).
+async fn compact(channels: &[Channel], revision: i64) {
+    for c in channels {
+        let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(c.clone());
+        let req = corral_proto::etcdserverpb::CompactionRequest { revision, physical: false };
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.compact(req)).await {
+            return;
+        }
+    }
+    warn!(revision, "no member accepted the compaction");
 }
 
 async fn put_sentinel(config: &workload::Config, channels: &[Channel]) -> Result<(), Error> {

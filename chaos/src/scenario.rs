@@ -21,6 +21,9 @@ pub enum Fault {
     PauseLeader,
     /// SIGSTOP a follower, then SIGCONT.
     PauseFollower,
+    /// SIGKILL a member, and after the hold start it with a failpoint armed that crashes it
+    /// (the round's `failpoint`); once it has fired, start it clean.
+    Failpoint,
 }
 
 impl Fault {
@@ -32,6 +35,7 @@ impl Fault {
             Fault::KillAll => "kill all",
             Fault::PauseLeader => "pause leader",
             Fault::PauseFollower => "pause follower",
+            Fault::Failpoint => "failpoint",
         }
     }
 
@@ -49,6 +53,19 @@ pub struct Scenario {
     pub faults: &'static [Fault],
 }
 
+/// The failpoints the `failpoints` scenario cycles through, and after how many passes each
+/// crashes its server (0: at once). A compaction is requested in its round.
+pub const FAILPOINTS: &[(&str, u32)] = &[
+    ("raft-log-before-append", 20),
+    ("raft-log-after-fsync", 20),
+    ("sm-before-batch", 20),
+    ("sm-after-batch", 20),
+    ("snapshot-build", 0),
+    ("raft-log-purge", 0),
+    ("snapshot-install-before-restore", 0),
+    ("mvcc-compact", 0),
+];
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "kill-leader", about: "SIGKILL the leader, restart it", faults: &[Fault::KillLeader] },
     Scenario { name: "kill-follower", about: "SIGKILL a follower, restart it", faults: &[Fault::KillFollower] },
@@ -64,6 +81,11 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::PauseLeader],
     },
     Scenario { name: "pause-follower", about: "SIGSTOP a follower, then SIGCONT", faults: &[Fault::PauseFollower] },
+    Scenario {
+        name: "failpoints",
+        about: "crash a server at a failpoint (log append and fsync, state machine batch, snapshot build, purge and install, compaction), round after round",
+        faults: &[Fault::Failpoint],
+    },
     Scenario {
         name: "mixed",
         about: "each round one of the above, drawn by the seed",
@@ -83,22 +105,33 @@ pub fn find(name: &str) -> Option<&'static Scenario> {
 }
 
 /// One round: run quietly, then inject, hold, heal.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Round {
     pub fault: Fault,
     /// Quiet time before the fault (the workload's throughput is measured over its end).
     pub quiet: Duration,
     /// How long the fault lasts before healing.
     pub hold: Duration,
+    /// For [`Fault::Failpoint`]: which, and its `fail` action (e.g. `20*off->panic`).
+    pub failpoint: Option<(&'static str, String)>,
+    /// Whether the victim is the leader (else a follower), where the fault leaves a choice.
+    pub on_leader: bool,
 }
 
 impl Scenario {
-    /// The next round, drawn from `rng` (the run's seed): quiet 3-6 s, hold 1-4 s.
-    pub fn round(&self, rng: &mut StdRng) -> Round {
+    /// Round `index`, drawn from `rng` (the run's seed): quiet 3-6 s, hold 1-4 s. Failpoint
+    /// rounds take the failpoints in turn.
+    pub fn round(&self, index: usize, rng: &mut StdRng) -> Round {
         let fault = self.faults[rng.random_range(0..self.faults.len())];
         let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
         let hold = Duration::from_millis(rng.random_range(1_000..4_000));
-        Round { fault, quiet, hold }
+        let on_leader = rng.random_bool(0.5);
+        let failpoint = (fault == Fault::Failpoint).then(|| {
+            let (name, passes) = FAILPOINTS[index % FAILPOINTS.len()];
+            let action = if passes == 0 { "panic".to_string() } else { format!("{}*off->panic", rng.random_range(1..=passes)) };
+            (name, action)
+        });
+        Round { fault, quiet, hold, failpoint, on_leader }
     }
 }
 
@@ -113,7 +146,7 @@ mod tests {
         let mixed = find("mixed").expect("mixed");
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| mixed.round(&mut rng)).collect::<Vec<_>>()
+            (0..20).map(|i| mixed.round(i, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -125,5 +158,20 @@ mod tests {
     fn scenario_names_are_unique() {
         let names: std::collections::HashSet<_> = SCENARIOS.iter().map(|s| s.name).collect();
         assert_eq!(names.len(), SCENARIOS.len());
+    }
+}
+
+#[cfg(test)]
+mod failpoint_tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn failpoint_rounds_take_every_failpoint_in_turn() {
+        let scenario = find("failpoints").expect("failpoints");
+        let mut rng = StdRng::seed_from_u64(1);
+        let names: Vec<_> = (0..FAILPOINTS.len()).map(|i| scenario.round(i, &mut rng).failpoint.expect("armed").0).collect();
+        assert_eq!(names, FAILPOINTS.iter().map(|(n, _)| *n).collect::<Vec<_>>());
     }
 }

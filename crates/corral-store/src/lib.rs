@@ -10,6 +10,7 @@ pub mod election;
 pub mod engine;
 pub mod error;
 pub mod etcd;
+pub mod failpoints;
 pub mod mvcc;
 pub mod node;
 pub mod peer;

@@ -134,7 +134,21 @@ fn bring_up(system: System, dir: &Path, base_port: u16) -> Result<()> {
     let port = base_port.to_string();
     let mut cmd = std::process::Command::new(exe);
     match system {
-        System::Corral => cmd.args(["up", "--servers", "3", "--agents", "0", "--dedicated-servers", "--base-port", &port]),
+        // Small snapshot intervals: failpoint rounds need snapshots built, purged and sent.
+        System::Corral => cmd.args([
+            "up",
+            "--servers",
+            "3",
+            "--agents",
+            "0",
+            "--dedicated-servers",
+            "--snapshot-count",
+            "500",
+            "--snapshot-catchup-entries",
+            "100",
+            "--base-port",
+            &port,
+        ]),
         System::Etcd => cmd.args(["bench", "etcd", "up", "--base-port", &port]),
     };
     let status = cmd.arg("--state-dir").arg(dir).stdout(std::process::Stdio::null()).status()?;
@@ -211,6 +225,30 @@ impl Cluster for Processes {
 
     async fn resume(&self, member: &str) -> Result<(), Error> {
         self.signal(member, libc::SIGCONT)
+    }
+
+    async fn restart_with_failpoints(&self, member: &str, spec: &str) -> Result<(), Error> {
+        let (target, member, spec) = (self.target.clone(), member.to_string(), spec.to_string());
+        tokio::task::spawn_blocking(move || target.restart_with_env(&member, &[("FAILPOINTS", &spec)]))
+            .await
+            .map_err(|e| Error::Cluster(e.to_string()))?
+            .map_err(|e| Error::Cluster(format!("{e:#}")))
+    }
+
+    fn running(&self, member: &str) -> bool {
+        let Some(dir) = self.target.state_dir.as_ref() else { return false };
+        self.target
+            .processes()
+            .ok()
+            .and_then(|ps| ps.into_iter().find(|p| p.name == member))
+            .is_some_and(|p| crate::bench::owns(p.pid, dir))
+    }
+
+    fn fired(&self, member: &str, name: &str) -> usize {
+        let Some(dir) = self.target.state_dir.as_ref() else { return 0 };
+        let log = std::fs::read_to_string(dir.join("servers").join(member).join("server.log")).unwrap_or_default();
+        let line = format!("failpoint fired: {name}");
+        log.lines().filter(|l| l.trim() == line).count()
     }
 }
 

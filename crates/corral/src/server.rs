@@ -152,6 +152,13 @@ impl ServerArgs {
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {
+    if cfg!(feature = "ack-before-fsync") {
+        tracing::error!("this build acknowledges writes before they are on disk (chaos negative control): never use it");
+    }
+    let armed = corral_store::failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
+    if !armed.is_empty() {
+        tracing::warn!(failpoints = ?armed, "failpoints armed (chaos testing)");
+    }
     let initial = parse_initial_cluster(&args.initial_cluster)?;
     let peer_addr = socket_addr(&args.listen_peer_urls)?;
     let client_addr = socket_addr(&args.listen_client_urls)?;

@@ -69,6 +69,12 @@ impl Engine for RocksEngine {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        // The chaos suite's negative control (see Cargo.toml): nothing reaches the disk.
+        #[cfg(feature = "ack-before-fsync")]
+        {
+            wo.set_sync(false);
+            wo.disable_wal(true);
+        }
         self.db.write_opt(wb, &wo)?;
         Ok(())
     }

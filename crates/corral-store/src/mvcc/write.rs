@@ -526,6 +526,7 @@ pub(crate) fn compact(
     compact_rev: i64,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<bool, EngineError> {
+    fail::fail_point!("mvcc-compact");
     let started = std::time::Instant::now();
     let mut removed = 0usize;
     // Where the next batch starts: each batch picks up after the last, rather than scanning

@@ -143,6 +143,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        fail::fail_point!("raft-log-purge");
         let mut batch = Batch::default();
         batch.put(Cf::Raft, LAST_PURGED, encode(&log_id));
         batch.delete_range(Cf::Log, index_key(0).to_vec(), index_key(log_id.index + 1).to_vec());

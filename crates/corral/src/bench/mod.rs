@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+pub use etcd::owns;
 pub use target::Target;
 
 #[derive(Subcommand, Debug)]

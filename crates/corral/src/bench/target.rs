@@ -109,6 +109,11 @@ impl Target {
     /// Starts a killed member of a local cluster again: `corral up` for Corral (which starts
     /// every server that is not running), the recorded argv for etcd.
     pub fn restart(&self, name: &str) -> Result<()> {
+        self.restart_with_env(name, &[])
+    }
+
+    /// As [`Target::restart`], with `env` added to the restarted process's environment.
+    pub fn restart_with_env(&self, name: &str, env: &[(&str, &str)]) -> Result<()> {
         let dir = self.state_dir.as_ref().context("restarts need --state-dir")?;
         match self.kind {
             Kind::Corral => {
@@ -116,12 +121,14 @@ impl Target {
                 let status = std::process::Command::new(std::env::current_exe()?)
                     .args(["up", "--servers", &servers.to_string(), "--state-dir"])
                     .arg(dir)
+                    .envs(env.iter().copied())
                     .stdout(std::process::Stdio::null())
                     .status()?;
                 if !status.success() {
                     bail!("corral up could not restart {name}");
                 }
             }
+            Kind::Etcd if !env.is_empty() => bail!("etcd has no failpoints of ours"),
             Kind::Etcd => {
                 let mut processes = self.processes()?;
                 for p in processes.iter_mut().filter(|p| p.name == name) {
