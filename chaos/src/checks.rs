@@ -60,9 +60,7 @@ fn written_values(log: &[Event]) -> HashSet<(&str, Value)> {
 pub fn log_order(history: &History) -> Check {
     let mut failures = Vec::new();
     for pair in history.log.windows(2) {
-        if pair[1].revision < pair[0].revision
-            || (pair[1].revision == pair[0].revision && pair[1].key == pair[0].key)
-        {
+        if pair[1].revision < pair[0].revision || (pair[1].revision == pair[0].revision && pair[1].key == pair[0].key) {
             failures.push(format!("log event at revision {} follows {}", pair[1].revision, pair[0].revision));
         }
     }
@@ -86,7 +84,9 @@ pub fn linearizability(history: &History, search_limit: u64) -> Check {
             (Outcome::Failed, _) => false,
             (Outcome::Unknown, Kind::Read { .. }) => false,
             (Outcome::Ok, Kind::Read { serializable, .. }) => !serializable,
-            (Outcome::Unknown, Kind::Write { value } | Kind::Cas { value, .. }) => in_log.contains(&(op.key.as_str(), *value)),
+            (Outcome::Unknown, Kind::Write { value } | Kind::Cas { value, .. }) => {
+                in_log.contains(&(op.key.as_str(), *value))
+            }
             _ => true,
         };
         if keep {
@@ -154,7 +154,11 @@ pub fn watches(history: &History) -> Check {
         events += w.events.len();
         resumes += w.resumes;
         if !w.finished {
-            failures.push(format!("watcher {}: never saw the end of the run (stopped at {} events)", w.watcher, w.events.len()));
+            failures.push(format!(
+                "watcher {}: never saw the end of the run (stopped at {} events)",
+                w.watcher,
+                w.events.len()
+            ));
         }
         let mut response_of: HashMap<i64, u64> = HashMap::new();
         for pair in w.events.windows(2) {
@@ -235,7 +239,8 @@ pub fn serializable_reads(history: &History) -> Check {
     let mut failures = Vec::new();
     let mut reads = 0;
     for op in &history.ops {
-        let (Kind::Read { value, serializable: true }, Outcome::Ok, Some(revision)) = (&op.kind, op.outcome, op.revision)
+        let (Kind::Read { value, serializable: true }, Outcome::Ok, Some(revision)) =
+            (&op.kind, op.outcome, op.revision)
         else {
             continue;
         };

@@ -5,6 +5,6 @@
 pub mod checks;
 pub mod history;
 pub mod linearizable;
-pub mod workload;
 pub mod runner;
 pub mod scenario;
+pub mod workload;

@@ -20,9 +20,14 @@ pub enum Verdict {
     Linearizable,
     /// No order fits. `op` is the operation whose return the deepest search could not pass:
     /// no linearization explains what it saw.
-    NotLinearizable { op: usize, linearized: usize },
+    NotLinearizable {
+        op: usize,
+        linearized: usize,
+    },
     /// The search gave up after `explored` steps.
-    Undecided { explored: u64 },
+    Undecided {
+        explored: u64,
+    },
 }
 
 /// The register model: the state after `op` in `state`, or None if `op` cannot happen there.
@@ -31,7 +36,9 @@ fn step(state: State, op: &Op) -> Option<State> {
         (Kind::Read { value, .. }, _) => (*value == state).then_some(state),
         (Kind::Write { value }, _) => Some(Some(*value)),
         (Kind::Delete, _) => Some(None),
-        (Kind::Cas { expect, value, .. }, Outcome::Unknown) => Some(if state == *expect { Some(*value) } else { state }),
+        (Kind::Cas { expect, value, .. }, Outcome::Unknown) => {
+            Some(if state == *expect { Some(*value) } else { state })
+        }
         (Kind::Cas { expect, value, succeeded: true }, _) => (state == *expect).then_some(Some(*value)),
         (Kind::Cas { expect, succeeded: false, .. }, _) => (state != *expect).then_some(state),
     }

@@ -128,7 +128,8 @@ impl Scenario {
         let on_leader = rng.random_bool(0.5);
         let failpoint = (fault == Fault::Failpoint).then(|| {
             let (name, passes) = FAILPOINTS[index % FAILPOINTS.len()];
-            let action = if passes == 0 { "panic".to_string() } else { format!("{}*off->panic", rng.random_range(1..=passes)) };
+            let action =
+                if passes == 0 { "panic".to_string() } else { format!("{}*off->panic", rng.random_range(1..=passes)) };
             (name, action)
         });
         Round { fault, quiet, hold, failpoint, on_leader }
@@ -171,7 +172,8 @@ mod failpoint_tests {
     fn failpoint_rounds_take_every_failpoint_in_turn() {
         let scenario = find("failpoints").expect("failpoints");
         let mut rng = StdRng::seed_from_u64(1);
-        let names: Vec<_> = (0..FAILPOINTS.len()).map(|i| scenario.round(i, &mut rng).failpoint.expect("armed").0).collect();
+        let names: Vec<_> =
+            (0..FAILPOINTS.len()).map(|i| scenario.round(i, &mut rng).failpoint.expect("armed").0).collect();
         assert_eq!(names, FAILPOINTS.iter().map(|(n, _)| *n).collect::<Vec<_>>());
     }
 }

@@ -183,7 +183,9 @@ impl Client {
                     self.answered.fetch_add(1, Ordering::Relaxed);
                     match kind {
                         Kind::Read { value, .. } => seen[k as usize] = value,
-                        Kind::Write { value } | Kind::Cas { value, succeeded: true, .. } => seen[k as usize] = Some(value),
+                        Kind::Write { value } | Kind::Cas { value, succeeded: true, .. } => {
+                            seen[k as usize] = Some(value)
+                        }
                         Kind::Delete => seen[k as usize] = None,
                         Kind::Cas { .. } => {}
                     }

@@ -191,7 +191,10 @@ impl Cluster for Processes {
 
     fn channels(&self) -> Result<Vec<Channel>, Error> {
         let processes = self.target.processes().map_err(|e| Error::Cluster(format!("{e:#}")))?;
-        processes.iter().map(|p| self.target.channel(&p.client_url).map_err(|e| Error::Cluster(format!("{e:#}")))).collect()
+        processes
+            .iter()
+            .map(|p| self.target.channel(&p.client_url).map_err(|e| Error::Cluster(format!("{e:#}"))))
+            .collect()
     }
 
     async fn kill(&self, member: &str) -> Result<(), Error> {

@@ -153,7 +153,9 @@ impl ServerArgs {
 
 pub async fn run(args: ServerArgs) -> Result<()> {
     if cfg!(feature = "ack-before-fsync") {
-        tracing::error!("this build acknowledges writes before they are on disk (chaos negative control): never use it");
+        tracing::error!(
+            "this build acknowledges writes before they are on disk (chaos negative control): never use it"
+        );
     }
     let armed = corral_store::failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     if !armed.is_empty() {

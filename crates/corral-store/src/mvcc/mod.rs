@@ -74,6 +74,9 @@ pub struct Mvcc {
     index: Mutex<index::KeyIndex>,
     /// The background compactor, stopped and joined when the store is dropped.
     compactor: Mutex<Option<Compactor>>,
+    /// Readers hold it shared; a snapshot install holds it exclusively while it empties and
+    /// refills the engine, so no read sees the state half restored.
+    restore_gate: std::sync::RwLock<()>,
 }
 
 struct Compactor {
@@ -108,12 +111,24 @@ impl Mvcc {
             compact_rev: AtomicI64::new(loaded.compact_rev),
             leases: Mutex::new(loaded.leases),
             alarms: Mutex::new(loaded.alarms),
+            restore_gate: std::sync::RwLock::new(()),
         };
         if loaded.compact_finished < loaded.compact_rev {
             // A crash interrupted a compaction: finish it in the background.
             mvcc.schedule_compaction(loaded.compact_rev);
         }
         Ok(Arc::new(mvcc))
+    }
+
+    /// Shared while a read runs against the engine (not re-entrant: take it once per read).
+    pub(crate) fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.restore_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Exclusive while the engine's contents are replaced by a snapshot and reloaded: reads
+    /// wait rather than see a half-restored state.
+    pub fn restoring(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.restore_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Re-reads the in-memory state after the engine's contents were replaced (a snapshot

@@ -238,6 +238,7 @@ pub(crate) fn range_with_overlay(
 impl Mvcc {
     /// A Range at the request's revision (0: the current one).
     pub fn range(&self, req: &RangeRequest) -> StoreResult<RangeResponse> {
+        let _gate = self.reading();
         let rev = self.check_revision(req.revision)?;
         let view = self.engine.view();
         let mut resp = range_with_overlay(view.as_ref(), req, rev, None)?;
@@ -257,6 +258,7 @@ impl Mvcc {
     /// boundary once `max_events` is reached. With `prev_kv`, each event carries the version
     /// before it.
     pub fn events(&self, from_rev: i64, to_rev: i64, max_events: usize, prev_kv: bool) -> StoreResult<Vec<Event>> {
+        let _gate = self.reading();
         let compact_rev = self.compact_revision();
         if from_rev < compact_rev {
             return Err(StoreError::Compacted { compact_rev });
@@ -290,6 +292,7 @@ impl Mvcc {
     /// members that applied the same log however far their background compaction got.
     /// Returns the hash and the compact revision it covers from.
     pub fn hash_kv(&self, rev: i64) -> StoreResult<(u32, i64)> {
+        let _gate = self.reading();
         let rev = self.check_revision(rev)?;
         let compact_rev = self.compact_revision();
         let view = self.engine.view();

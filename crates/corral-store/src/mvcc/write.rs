@@ -610,6 +610,7 @@ impl Mvcc {
     /// Runs a txn that writes nothing against the current state, off the Raft log.
     pub fn read_only_txn(&self, req: &TxnRequest) -> StoreResult<TxnResponse> {
         debug_assert!(txn_is_read_only(req));
+        let _gate = self.reading();
         let mut writer = Writer::new(self);
         writer.txn(req)
     }

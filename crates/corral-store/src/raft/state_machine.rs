@@ -224,13 +224,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(target);
         self.snapshots.publish(meta).map_err(snap_err)?;
         fail::fail_point!("snapshot-install-before-restore");
-        let engine = self.mvcc.engine().clone();
+        let mvcc = self.mvcc.clone();
         let restore_path = path.clone();
-        tokio::task::spawn_blocking(move || restore(engine.as_ref(), &restore_path))
-            .await
-            .map_err(|e| sm_err(std::io::Error::other(e.to_string())))?
-            .map_err(sm_err)?;
-        self.mvcc.reload().map_err(|e| sm_err(std::io::Error::other(e.to_string())))?;
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            // Serializable reads and watches wait: the engine is empty, then half filled.
+            let _gate = mvcc.restoring();
+            restore(mvcc.engine().as_ref(), &restore_path).map_err(sm_err)?;
+            mvcc.reload().map_err(|e| sm_err(std::io::Error::other(e.to_string())))
+        })
+        .await
+        .map_err(|e| sm_err(std::io::Error::other(e.to_string())))??;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.hub.reset(self.mvcc.current_revision());

@@ -119,7 +119,7 @@ impl Target {
             Kind::Corral => {
                 let servers = self.processes()?.len();
                 let status = std::process::Command::new(std::env::current_exe()?)
-                    .args(["up", "--servers", &servers.to_string(), "--state-dir"])
+                    .args(["up", "--servers", &servers.to_string(), "--timeout-s", "30", "--state-dir"])
                     .arg(dir)
                     .envs(env.iter().copied())
                     .stdout(std::process::Stdio::null())

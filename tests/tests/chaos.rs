@@ -1,0 +1,59 @@
+//! The chaos suite's short profile: `corral chaos run` as a user runs it, on Corral (mixed
+//! kills and pauses, then every failpoint), on Debian's etcd 3.4 (the checkers must pass on
+//! the anchor), and on the negative control (a build that acknowledges writes it never put
+//! on disk: the checkers must catch it).
+
+use std::process::Command;
+
+use anyhow::{Result, ensure};
+use corral_e2e::{corral_bin, init_tracing, text};
+use tracing::info;
+
+/// Runs `corral chaos run ARGS` with `binary`; returns (succeeded, stdout and stderr).
+fn chaos(binary: &std::path::Path, args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(binary).args(["chaos", "run"]).args(args).output()?;
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("{all}");
+    Ok((out.status.success(), all))
+}
+
+fn passed(binary: &std::path::Path, args: &[&str]) -> Result<()> {
+    let (ok, out) = chaos(binary, args)?;
+    ensure!(ok && out.contains("\nPASSED"), "chaos run {args:?} did not pass");
+    ensure!(!out.contains("FAIL "), "a checker failed in {args:?}");
+    Ok(())
+}
+
+#[test]
+fn chaos_short_profile() -> Result<()> {
+    init_tracing();
+    let corral = corral_bin();
+
+    info!("Corral under kills and pauses of leaders, followers, two and all servers: every checker passes");
+    passed(&corral, &["mixed", "--seed", "11", "--duration", "60"])?;
+
+    info!("Corral crashed at each failpoint in turn: every one fires, every checker passes");
+    passed(&corral, &["failpoints", "--seed", "12", "--duration", "80"])?;
+
+    info!("Debian's etcd 3.4 under the same workload and faults: the checkers pass on the anchor");
+    passed(&corral, &["mixed", "--system", "etcd", "--seed", "13", "--duration", "30", "--base-port", "26800"])?;
+
+    info!("the negative control, killed whole: acknowledged writes vanish and the checkers say so");
+    let negative = std::env::var_os("CORRAL_NEGATIVE_BIN").map(std::path::PathBuf::from);
+    let Some(negative) = negative.filter(|p| p.exists()) else {
+        anyhow::bail!(
+            "CORRAL_NEGATIVE_BIN is not a built binary: tests/run.sh builds it (--features ack-before-fsync)"
+        );
+    };
+    let (ok, out) = chaos(&negative, &["kill-all", "--seed", "14", "--duration", "15", "--base-port", "26700"])?;
+    let _ = Command::new(&corral).args(["down", "--state-dir", "/var/tmp/corral-chaos/corral-kill-all-14"]).output();
+    let _ = std::fs::remove_dir_all("/var/tmp/corral-chaos/corral-kill-all-14");
+    ensure!(!ok && out.contains("\nFAILED"), "the negative control was not caught:\n{out}");
+    let caught: Vec<&str> = ["linearizable", "no lost write", "watch", "judged"]
+        .into_iter()
+        .filter(|name| out.contains(&format!("FAIL  {name}")))
+        .collect();
+    ensure!(!caught.is_empty(), "the negative control failed, but no history checker caught it:\n{out}");
+    info!(caught = ?caught, "caught");
+    Ok(())
+}
