@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::checks::{self, Check};
-use crate::history::{History, Kind, Outcome};
+use crate::history::{History, Outcome};
 use crate::scenario::{Fault, Scenario};
 use crate::workload::{self, Workload};
 
@@ -78,6 +78,9 @@ impl Default for Options {
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultRecord {
     pub fault: &'static str,
+    /// The leader (as found just before) was among the victims: write unavailability is
+    /// measured.
+    pub hits_leader: bool,
     pub victims: Vec<String>,
     pub at_us: u64,
     pub healed_us: u64,
@@ -169,7 +172,9 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     let began = Instant::now();
     let members = cluster.members();
     let channels = cluster.channels()?;
-    wait_leader(&channels, Duration::from_secs(60)).await.ok_or(Error::NoLeader(Duration::from_secs(60)))?;
+    if !all_have_leader(&channels, Duration::from_secs(60)).await {
+        return Err(Error::NoLeader(Duration::from_secs(60)));
+    }
     if scenario.faults.contains(&Fault::Failpoint) {
         fill(&channels, 200).await?;
     }
@@ -261,6 +266,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         let recovered = all_have_leader(&channels, Duration::from_secs(60)).await.then(|| healed.elapsed());
         faults.push(FaultRecord {
             fault: round.fault.name(),
+            hits_leader: leader.as_deref().is_some_and(|l| victims.iter().any(|v| v == l)),
             victims,
             at_us,
             healed_us,
@@ -320,7 +326,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     let history = History { ops, watches, log, start_revision };
     let next_faults: Vec<u64> = faults.iter().skip(1).map(|f| f.at_us).chain([u64::MAX]).collect();
     for (f, next) in faults.iter_mut().zip(next_faults) {
-        if Fault::from_name(f.fault).is_some_and(Fault::hits_leader) {
+        if f.hits_leader {
             let until = next.min(f.healed_us + 10_000_000);
             f.write_unavailable_ms = write_gap_ms(&history, f.at_us, until);
         }
@@ -333,12 +339,6 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     let mut checks = checks::all(&history, options.search_limit);
     checks.extend(extra);
     Ok(Report { scenario: scenario.name, seed: options.seed, faults, history, checks, elapsed: began.elapsed() })
-}
-
-impl Fault {
-    fn from_name(name: &str) -> Option<Fault> {
-        crate::scenario::SCENARIOS.iter().flat_map(|s| s.faults).copied().find(|f| f.name() == name)
-    }
 }
 
 fn pick_victims(
@@ -549,10 +549,6 @@ async fn leader_name(members: &[String], channels: &[Channel]) -> Option<String>
     None
 }
 
-async fn wait_leader(channels: &[Channel], bound: Duration) -> Option<()> {
-    all_have_leader(channels, bound).await.then_some(())
-}
-
 /// True once every member answers Status with a leader, within `bound`.
 async fn all_have_leader(channels: &[Channel], bound: Duration) -> bool {
     let began = Instant::now();
@@ -573,18 +569,4 @@ async fn all_have_leader(channels: &[Channel], bound: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
-}
-
-/// Counts per kind, for the docs: (reads, writes, txns, deletes).
-pub fn kind_counts(history: &History) -> (usize, usize, usize, usize) {
-    let mut counts = (0, 0, 0, 0);
-    for op in history.ops.iter().filter(|o| o.outcome == Outcome::Ok) {
-        match op.kind {
-            Kind::Read { .. } => counts.0 += 1,
-            Kind::Write { .. } => counts.1 += 1,
-            Kind::Cas { .. } => counts.2 += 1,
-            Kind::Delete => counts.3 += 1,
-        }
-    }
-    counts
 }

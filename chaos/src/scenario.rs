@@ -38,11 +38,6 @@ impl Fault {
             Fault::Failpoint => "failpoint",
         }
     }
-
-    /// True when the leader is among the victims: the run measures write unavailability.
-    pub fn hits_leader(self) -> bool {
-        matches!(self, Fault::KillLeader | Fault::KillTwo | Fault::KillAll | Fault::PauseLeader)
-    }
 }
 
 /// A named scenario: the faults it draws from.

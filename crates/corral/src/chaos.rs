@@ -11,7 +11,7 @@ use corral_chaos::runner::{self, Cluster, Error, Options};
 use corral_chaos::scenario::{self, SCENARIOS};
 use tonic::transport::Channel;
 
-use crate::bench::{Target, TargetArgs};
+use crate::bench::Target;
 
 #[derive(Subcommand, Debug)]
 pub enum ChaosCommand {
@@ -71,10 +71,7 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
     let Some(scenario) = scenario::find(&args.scenario) else {
         bail!("no scenario {:?}: `corral chaos list` shows them", args.scenario);
     };
-    let system = match args.system {
-        System::Corral => "corral",
-        System::Etcd => "etcd",
-    };
+    let system = args.system.to_string();
     let (dir, ours) = match &args.state_dir {
         Some(dir) => (dir.clone(), false),
         None => (PathBuf::from(format!("/var/tmp/corral-chaos/{system}-{}-{}", scenario.name, args.seed)), true),
@@ -82,13 +79,7 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
     if ours {
         bring_up(args.system, &dir, args.base_port)?;
     }
-    let target = Target::from_args(&TargetArgs {
-        state_dir: Some(dir.clone()),
-        endpoints: None,
-        cacert: None,
-        cert: None,
-        key: None,
-    })?;
+    let target = Target::local(&dir)?;
     let cluster = Processes { target };
     let options = Options {
         seed: args.seed,

@@ -103,13 +103,7 @@ async fn up(dir: &Path, base_port: u16) -> Result<()> {
             p("admin.key")
         ),
     )?;
-    let target = Target::from_args(&super::TargetArgs {
-        state_dir: Some(dir.clone()),
-        endpoints: None,
-        cacert: None,
-        cert: None,
-        key: None,
-    })?;
+    let target = Target::local(&dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if target.leader().await.is_ok() {

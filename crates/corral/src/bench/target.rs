@@ -73,6 +73,17 @@ impl Target {
         })
     }
 
+    /// A local cluster's state directory (from `corral up` or `corral bench etcd up`).
+    pub fn local(state_dir: &Path) -> Result<Self> {
+        Self::from_args(&TargetArgs {
+            state_dir: Some(state_dir.to_path_buf()),
+            endpoints: None,
+            cacert: None,
+            cert: None,
+            key: None,
+        })
+    }
+
     pub fn channel(&self, url: &str) -> Result<Channel> {
         let mut endpoint =
             Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true);
