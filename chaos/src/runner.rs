@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::checks::{self, Check};
 use crate::history::{History, Outcome};
+use crate::proxy::Shaping;
 use crate::scenario::{Fault, Scenario};
 use crate::workload::{self, Workload};
 
@@ -43,6 +44,14 @@ pub trait Cluster {
     fn running(&self, member: &str) -> bool;
     /// How many times the failpoint `name` has crashed the member so far (from its log).
     fn fired(&self, member: &str, name: &str) -> usize;
+    /// Drops the packets between `member` and `peers`: both ways, or only those it sends.
+    async fn cut(&self, member: &str, peers: &[String], one_way: bool) -> Result<(), Error>;
+    /// Lifts every cut on `member`.
+    async fn mend(&self, member: &str) -> Result<(), Error>;
+    /// Shapes every peer link (for scenarios whose links run through proxies).
+    fn shape_links(&self, shaping: Shaping) -> Result<(), Error>;
+    /// Snapshots the member has installed from its leader so far (from its log).
+    fn snapshots_installed(&self, member: &str) -> usize;
 }
 
 /// How a run is shaped.
@@ -93,6 +102,28 @@ pub struct FaultRecord {
     pub recovered_ms: Option<f64>,
     /// For a failpoint round: which, and whether it fired.
     pub failpoint: Option<(&'static str, bool)>,
+    /// For a slow-links round: how the links misbehaved.
+    pub shaping: Option<Shaping>,
+    /// For an isolated follower: whether it installed a snapshot within 30 s of healing.
+    pub caught_up_by_snapshot: Option<bool>,
+}
+
+impl FaultRecord {
+    /// What the table says besides the figures: the failpoint, the links' shaping, the
+    /// snapshot.
+    fn note(&self) -> String {
+        if let Some((name, fired)) = self.failpoint {
+            return format!("{name}{}", if fired { "" } else { " (did not fire)" });
+        }
+        if let Some(s) = self.shaping {
+            return format!("{} ms ±{} ms, {:.1}% loss", s.delay.as_millis(), s.jitter.as_millis(), s.loss * 100.0);
+        }
+        match self.caught_up_by_snapshot {
+            Some(true) => "caught up by snapshot".into(),
+            Some(false) => "no snapshot installed".into(),
+            None => String::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -132,20 +163,21 @@ impl Report {
         let _ = writeln!(out, "scenario {}  seed {}  {:.0} s", self.scenario, self.seed, secs);
         let _ = writeln!(
             out,
-            "{:<4} {:<15} {:<10} {:>12} {:>16} {:>12}",
+            "{:<4} {:<16} {:<10} {:>12} {:>12} {:>12}  note",
             "#", "fault", "victims", "ops/s before", "write gap", "recovered"
         );
         for (i, f) in self.faults.iter().enumerate() {
             let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
             let _ = writeln!(
                 out,
-                "{:<4} {:<15} {:<10} {:>12.0} {:>16} {:>12}",
+                "{:<4} {:<16} {:<10} {:>12.0} {:>12} {:>12}  {}",
                 i + 1,
                 f.fault,
                 f.victims.join(","),
                 f.ops_per_s_before,
                 ms(f.write_unavailable_ms),
-                ms(f.recovered_ms)
+                ms(f.recovered_ms),
+                f.note()
             );
         }
         let _ = writeln!(
@@ -208,6 +240,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         let at_us = workload.now_us();
         info!(fault = round.fault.name(), victims = ?victims, failpoint = ?round.failpoint, ops_per_s_before, "injecting");
         let mut failpoint = None;
+        let mut snapshot = None;
         match round.fault {
             Fault::PauseLeader | Fault::PauseFollower => {
                 for v in &victims {
@@ -248,7 +281,28 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 }
                 failpoint = Some((name, fired));
             }
-            _ => {
+            Fault::IsolateLeader | Fault::OneWayLeader | Fault::IsolateFollower => {
+                let victim = &victims[0];
+                let peers: Vec<String> = members.iter().filter(|m| *m != victim).cloned().collect();
+                let installed = cluster.snapshots_installed(victim);
+                cluster.cut(victim, &peers, round.fault == Fault::OneWayLeader).await?;
+                tokio::time::sleep(round.hold).await;
+                cluster.mend(victim).await?;
+                if round.fault == Fault::IsolateFollower {
+                    let waited = Instant::now();
+                    while cluster.snapshots_installed(victim) == installed && waited.elapsed() < Duration::from_secs(30)
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    snapshot = Some(cluster.snapshots_installed(victim) > installed);
+                }
+            }
+            Fault::SlowLinks => {
+                cluster.shape_links(round.shaping.unwrap_or_default())?;
+                tokio::time::sleep(round.hold).await;
+                cluster.shape_links(Shaping::default())?;
+            }
+            Fault::KillLeader | Fault::KillFollower | Fault::KillTwo | Fault::KillAll => {
                 for v in &victims {
                     cluster.kill(v).await?;
                 }
@@ -274,6 +328,8 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
             write_unavailable_ms: None,
             recovered_ms: recovered.map(|d| d.as_secs_f64() * 1000.0),
             failpoint,
+            shaping: round.shaping,
+            caught_up_by_snapshot: snapshot,
         });
         if recovered.is_none() {
             warn!(fault = round.fault.name(), "the cluster did not recover within 60 s; ending the run");
@@ -336,6 +392,9 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     if scenario.faults.contains(&Fault::Failpoint) {
         extra.push(failpoint_check(&faults));
     }
+    if scenario.faults.contains(&Fault::IsolateFollower) {
+        extra.push(snapshot_check(&faults));
+    }
     let mut checks = checks::all(&history, options.search_limit);
     checks.extend(extra);
     Ok(Report { scenario: scenario.name, seed: options.seed, faults, history, checks, elapsed: began.elapsed() })
@@ -352,8 +411,9 @@ fn pick_victims(
     // With no leader known, the first member stands in for it.
     let leader = leader.map(str::to_string).unwrap_or_else(|| members[0].clone());
     match round.fault {
-        Fault::KillLeader | Fault::PauseLeader => vec![leader],
-        Fault::KillFollower | Fault::PauseFollower => vec![follower()],
+        Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader | Fault::OneWayLeader => vec![leader],
+        Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower => vec![follower()],
+        Fault::SlowLinks => members.to_vec(),
         Fault::Failpoint if round.on_leader => vec![leader],
         Fault::Failpoint => vec![follower()],
         Fault::KillTwo => vec![leader, follower()],
@@ -409,6 +469,17 @@ fn failpoint_check(faults: &[FaultRecord]) -> Check {
         } else {
             format!("never fired: {}", silent.join(", "))
         },
+    }
+}
+
+fn snapshot_check(faults: &[FaultRecord]) -> Check {
+    let rounds: Vec<bool> = faults.iter().filter_map(|f| f.caught_up_by_snapshot).collect();
+    let missed = rounds.iter().filter(|installed| !**installed).count();
+    Check {
+        name: "snapshot catch-up",
+        criterion: "a follower cut off past the snapshot interval installs a snapshot within 30 s of healing",
+        passed: missed == 0 && !rounds.is_empty(),
+        detail: format!("{} of {} isolated followers caught up from a snapshot", rounds.len() - missed, rounds.len()),
     }
 }
 
@@ -528,25 +599,35 @@ async fn put_sentinel(config: &workload::Config, channels: &[Channel]) -> Result
 /// know yet).
 async fn leader_name(members: &[String], channels: &[Channel]) -> Option<String> {
     for _ in 0..50 {
-        let mut best: Option<(u64, usize)> = None;
-        for (i, c) in channels.iter().enumerate() {
+        // (own id, the leader it follows, term) per member that answered.
+        let mut views = Vec::new();
+        for c in channels {
             let mut client = MaintenanceClient::new(c.clone());
             if let Ok(Ok(resp)) =
                 tokio::time::timeout(Duration::from_millis(500), client.status(StatusRequest {})).await
             {
                 let resp = resp.into_inner();
-                let own = resp.header.map(|h| h.member_id).unwrap_or(0);
-                if own != 0 && resp.leader == own && best.is_none_or(|(term, _)| resp.raft_term > term) {
-                    best = Some((resp.raft_term, i));
-                }
+                views.push(Some((resp.header.map(|h| h.member_id).unwrap_or(0), resp.leader, resp.raft_term)));
+            } else {
+                views.push(None);
             }
         }
-        if let Some((_, i)) = best {
+        if let Some(i) = agreed_leader(&views) {
             return Some(members[i].clone());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     None
+}
+
+/// The member a majority follows at the highest term reported, when it claims to lead too: a
+/// deposed leader that has not heard of its successor still claims to lead, alone.
+fn agreed_leader(views: &[Option<(u64, u64, u64)>]) -> Option<usize> {
+    let term = views.iter().flatten().map(|v| v.2).max()?;
+    let i = views.iter().position(|v| v.is_some_and(|(own, leader, t)| own != 0 && own == leader && t == term))?;
+    let leader = views[i].expect("answered").0;
+    let followers = views.iter().flatten().filter(|v| v.1 == leader && v.2 == term).count();
+    (followers > views.len() / 2).then_some(i)
 }
 
 /// True once every member answers Status with a leader, within `bound`.
@@ -569,4 +650,20 @@ async fn all_have_leader(channels: &[Channel], bound: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_is_the_one_a_majority_follows_at_the_highest_term() {
+        // s1 leads at term 3, followed by everyone.
+        assert_eq!(agreed_leader(&[Some((1, 1, 3)), Some((2, 1, 3)), Some((3, 1, 3))]), Some(0));
+        // s2 was elected at term 4 while s1, deposed but unaware, still claims term 3.
+        assert_eq!(agreed_leader(&[Some((1, 1, 3)), Some((2, 2, 4)), Some((3, 2, 4))]), Some(1));
+        // A claim nobody else backs is no leader; neither is a silent majority.
+        assert_eq!(agreed_leader(&[Some((1, 1, 3)), Some((2, 0, 3)), Some((3, 0, 3))]), None);
+        assert_eq!(agreed_leader(&[Some((1, 1, 3)), None, None]), None);
+    }
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::proxy::Shaping;
+
 /// One fault, named by whom it hits. The runner picks the members when it injects it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -24,6 +26,17 @@ pub enum Fault {
     /// SIGKILL a member, and after the hold start it with a failpoint armed that crashes it
     /// (the round's `failpoint`); once it has fired, start it clean.
     Failpoint,
+    /// Cut the leader off from its peers, both ways (nftables in its node namespace): the
+    /// others elect, it must stop answering linearizable reads; then heal.
+    IsolateLeader,
+    /// Drop only what the leader sends its peers (it still hears them).
+    OneWayLeader,
+    /// Cut a follower off long enough that the leader compacts past it: on healing it
+    /// catches up from a snapshot.
+    IsolateFollower,
+    /// Delay, jitter and loss on every peer link (the round's `shaping`), through the
+    /// userspace proxies the links run through in this scenario.
+    SlowLinks,
 }
 
 impl Fault {
@@ -36,7 +49,16 @@ impl Fault {
             Fault::PauseLeader => "pause leader",
             Fault::PauseFollower => "pause follower",
             Fault::Failpoint => "failpoint",
+            Fault::IsolateLeader => "isolate leader",
+            Fault::OneWayLeader => "one-way leader",
+            Fault::IsolateFollower => "isolate follower",
+            Fault::SlowLinks => "slow links",
         }
+    }
+
+    /// Whether the fault cuts links with nftables (the cluster's members need namespaces).
+    pub fn cuts(self) -> bool {
+        matches!(self, Fault::IsolateLeader | Fault::OneWayLeader | Fault::IsolateFollower)
     }
 }
 
@@ -61,6 +83,10 @@ pub const FAILPOINTS: &[(&str, u32)] = &[
     ("mvcc-compact", 0),
 ];
 
+/// Faults by signal and restart, which every system supports (Debian's etcd included).
+const PROCESS_FAULTS: &[Fault] =
+    &[Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::KillAll, Fault::PauseLeader, Fault::PauseFollower];
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "kill-leader", about: "SIGKILL the leader, restart it", faults: &[Fault::KillLeader] },
     Scenario { name: "kill-follower", about: "SIGKILL a follower, restart it", faults: &[Fault::KillFollower] },
@@ -83,15 +109,33 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "mixed",
-        about: "each round one of the above, drawn by the seed",
-        faults: &[
-            Fault::KillLeader,
-            Fault::KillFollower,
-            Fault::KillTwo,
-            Fault::KillAll,
-            Fault::PauseLeader,
-            Fault::PauseFollower,
-        ],
+        about: "each round a kill or a pause from the above, drawn by the seed",
+        faults: PROCESS_FAULTS,
+    },
+    Scenario {
+        name: "partition-leader",
+        about: "cut the leader off from its peers both ways (nftables in its namespace), then heal",
+        faults: &[Fault::IsolateLeader],
+    },
+    Scenario {
+        name: "partition-one-way",
+        about: "drop what the leader sends its peers, not what it hears, then heal",
+        faults: &[Fault::OneWayLeader],
+    },
+    Scenario {
+        name: "partition-snapshot",
+        about: "cut a follower off until the leader has compacted past it: it must catch up from a snapshot",
+        faults: &[Fault::IsolateFollower],
+    },
+    Scenario {
+        name: "partitions",
+        about: "each round one of the three partitions, drawn by the seed",
+        faults: &[Fault::IsolateLeader, Fault::OneWayLeader, Fault::IsolateFollower],
+    },
+    Scenario {
+        name: "slow-links",
+        about: "delay (20-150 ms), jitter and loss (up to 10%) on every peer link through userspace proxies",
+        faults: &[Fault::SlowLinks],
     },
 ];
 
@@ -111,15 +155,26 @@ pub struct Round {
     pub failpoint: Option<(&'static str, String)>,
     /// Whether the victim is the leader (else a follower), where the fault leaves a choice.
     pub on_leader: bool,
+    /// For [`Fault::SlowLinks`]: how the links misbehave.
+    pub shaping: Option<Shaping>,
 }
 
 impl Scenario {
-    /// Round `index`, drawn from `rng` (the run's seed): quiet 3-6 s, hold 1-4 s. Failpoint
-    /// rounds take the failpoints in turn.
+    /// Whether the scenario's links run through the shaping proxies.
+    pub fn shapes_links(&self) -> bool {
+        self.faults.contains(&Fault::SlowLinks)
+    }
+
+    /// Round `index`, drawn from `rng` (the run's seed): quiet 3-6 s, hold 1-4 s (5-8 s for
+    /// an isolated follower, long enough to need a snapshot). Failpoint rounds take the
+    /// failpoints in turn.
     pub fn round(&self, index: usize, rng: &mut StdRng) -> Round {
         let fault = self.faults[rng.random_range(0..self.faults.len())];
         let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
-        let hold = Duration::from_millis(rng.random_range(1_000..4_000));
+        let hold = match fault {
+            Fault::IsolateFollower => Duration::from_millis(rng.random_range(5_000..8_000)),
+            _ => Duration::from_millis(rng.random_range(1_000..4_000)),
+        };
         let on_leader = rng.random_bool(0.5);
         let failpoint = (fault == Fault::Failpoint).then(|| {
             let (name, passes) = FAILPOINTS[index % FAILPOINTS.len()];
@@ -127,7 +182,12 @@ impl Scenario {
                 if passes == 0 { "panic".to_string() } else { format!("{}*off->panic", rng.random_range(1..=passes)) };
             (name, action)
         });
-        Round { fault, quiet, hold, failpoint, on_leader }
+        let shaping = (fault == Fault::SlowLinks).then(|| Shaping {
+            delay: Duration::from_millis(rng.random_range(20..150)),
+            jitter: Duration::from_millis(rng.random_range(0..50)),
+            loss: rng.random_range(0.0..0.1),
+        });
+        Round { fault, quiet, hold, failpoint, on_leader, shaping }
     }
 }
 

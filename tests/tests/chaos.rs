@@ -1,5 +1,6 @@
 //! The chaos suite's short profile: `corral chaos run` as a user runs it, on Corral (mixed
-//! kills and pauses, then every failpoint), on Debian's etcd 3.4 (the checkers must pass on
+//! kills and pauses, every failpoint, partitions with nftables in the servers' namespaces,
+//! slow and lossy peer links through proxies), on Debian's etcd 3.4 (the checkers must pass on
 //! the anchor), and on the negative control (a build that acknowledges writes it never put
 //! on disk: the checkers must catch it).
 
@@ -34,6 +35,12 @@ fn chaos_short_profile() -> Result<()> {
 
     info!("Corral crashed at each failpoint in turn: every one fires, every checker passes");
     passed(&corral, &["failpoints", "--seed", "12", "--duration", "80"])?;
+
+    info!("Corral with its leader cut off both ways, one way, and a follower cut off until it needs a snapshot");
+    passed(&corral, &["partitions", "--seed", "15", "--duration", "45"])?;
+
+    info!("Corral with delay, jitter and loss on every peer link");
+    passed(&corral, &["slow-links", "--seed", "16", "--duration", "25"])?;
 
     info!("Debian's etcd 3.4 under the same workload and faults: the checkers pass on the anchor");
     passed(&corral, &["mixed", "--system", "etcd", "--seed", "13", "--duration", "30", "--base-port", "26800"])?;

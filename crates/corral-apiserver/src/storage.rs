@@ -89,7 +89,9 @@ pub fn store_error(e: StoreError) -> ApiError {
         StoreError::NoLeader | StoreError::LeaderChanged | StoreError::Unavailable(_) => {
             ApiError::Unavailable(format!("the store has no leader: {e}"))
         }
-        StoreError::Timeout => ApiError::Timeout(format!("the store did not answer in time: {e}")),
+        StoreError::Timeout | StoreError::LeaderChangedInFlight => {
+            ApiError::Timeout(format!("the store did not answer in time: {e}"))
+        }
         StoreError::RequestTooLarge => ApiError::TooLarge("Request entity too large: limit is 3145728".into()),
         StoreError::NoSpace => ApiError::Internal("etcdserver: mvcc: database space exceeded".into()),
         other => ApiError::Internal(other.to_string()),

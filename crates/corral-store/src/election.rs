@@ -11,6 +11,9 @@
 //! usual. This only chooses *when* and *who* campaigns: Raft's vote rules still decide, so
 //! safety does not depend on it. A voter that still hears its leader answers with lease time
 //! left, and nobody campaigns: a follower cut off alone does not disrupt a healthy leader.
+//! openraft's own election timer is off (`enable_elect: false`), so this is the only way a
+//! server campaigns: one that cannot reach a quorum never raises its term, and does not
+//! depose the leader when it returns.
 
 use std::sync::Weak;
 use std::time::Duration;

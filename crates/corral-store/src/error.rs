@@ -38,8 +38,13 @@ pub enum StoreError {
     NoLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The write was not appended: this server is not the leader. Safe to send again.
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    /// The leader changed (or lost its quorum) while the write was in flight: it may or may
+    /// not commit. Never sent again by the server; the client decides, as with etcd.
+    #[error("etcdserver: leader changed")]
+    LeaderChangedInFlight,
     #[error("etcdserver: member not found")]
     MemberNotFound,
     #[error("etcdserver: Peer URLs already exists")]
@@ -74,7 +79,9 @@ impl StoreError {
             | InvalidArgument(_) => Code::InvalidArgument,
             NotLearner | LearnerNotReady => Code::FailedPrecondition,
             NoSpace => Code::ResourceExhausted,
-            NoLeader | Timeout | LeaderChanged | NotEnoughStartedMembers | Unavailable(_) => Code::Unavailable,
+            NoLeader | Timeout | LeaderChanged | LeaderChangedInFlight | NotEnoughStartedMembers | Unavailable(_) => {
+                Code::Unavailable
+            }
             Unimplemented(_) => Code::Unimplemented,
             Internal(_) => Code::Internal,
             Remote { code, .. } => *code,
@@ -85,6 +92,7 @@ impl StoreError {
     pub fn from_code_keeping(e: &StoreError) -> Self {
         match e {
             StoreError::LeaderChanged => StoreError::LeaderChanged,
+            StoreError::LeaderChangedInFlight => StoreError::LeaderChangedInFlight,
             StoreError::Timeout => StoreError::Timeout,
             StoreError::NoLeader => StoreError::NoLeader,
             StoreError::Compacted { compact_rev } => StoreError::Compacted { compact_rev: *compact_rev },

@@ -165,6 +165,11 @@ impl StoreNode {
             max_in_snapshot_log_to_keep: cfg.logs_kept_behind_snapshot,
             purge_batch_size: 256,
             snapshot_max_chunk_size: 4 << 20,
+            // Elections are started only by `election::prompt_elections`, which campaigns
+            // when a quorum of voters reports the leader gone (our pre-vote): openraft's own
+            // timer would let a server cut off alone raise its term again and again, and on
+            // its return depose a healthy leader (found by `corral chaos run partition-leader`).
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -293,10 +298,36 @@ impl StoreNode {
         }
     }
 
-    /// A peer client for the leader, for what a follower forwards.
-    async fn leader_client(&self) -> StoreResult<RaftPeerClient<Channel>> {
-        let (_, leader) = self.leader().await?;
-        self.peers.member_client(&leader).map_err(StoreError::Unavailable)
+    /// A peer client for the leader, for what a follower forwards, and the leader's id.
+    async fn leader_client(&self) -> StoreResult<(NodeId, RaftPeerClient<Channel>)> {
+        let (id, leader) = self.leader().await?;
+        Ok((id, self.peers.member_client(&leader).map_err(StoreError::Unavailable)?))
+    }
+
+    /// Resolves once `leader` no longer leads as this server sees it: another is known or
+    /// none is, or (on `leader` itself) it has not heard from a quorum for two election
+    /// timeouts. A write in flight to it then has an unknown outcome, and waiting longer
+    /// only holds up the writes queued behind it.
+    async fn leadership_lost(&self, leader: NodeId) {
+        let mut metrics = self.raft.metrics();
+        let cut_off_ms = self.cfg.election_timeout_max_ms * 2;
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.current_leader != Some(leader) {
+                    return;
+                }
+                if m.id == leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > cut_off_ms) {
+                    return;
+                }
+            }
+            // The time since the quorum's last ack grows without a metrics change: look
+            // again at least every heartbeat.
+            let beat = Duration::from_millis(self.cfg.heartbeat_interval_ms);
+            if let Ok(Err(_)) = tokio::time::timeout(beat, metrics.changed()).await {
+                return; // Raft stopped
+            }
+        }
     }
 
     fn is_leader(&self) -> bool {
@@ -336,20 +367,28 @@ impl StoreNode {
         if self.is_leader() {
             return self.commit_local(batch).await;
         }
-        let mut client = self.leader_client().await?;
+        let (leader, mut client) = self.leader_client().await?;
         let mut request = tonic::Request::new(batch);
         request.set_timeout(self.timeout());
-        match client.propose(request).await {
-            Ok(reply) => Ok(reply.into_inner().results),
-            Err(status) if status.code() == tonic::Code::Unavailable => Err(StoreError::LeaderChanged),
-            Err(status) => Err(status.into()),
+        tokio::select! {
+            reply = client.propose(request) => match reply {
+                Ok(reply) => Ok(reply.into_inner().results),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition
+                    && status.message() == crate::peer::NOT_APPENDED => Err(StoreError::LeaderChanged),
+                Err(status) => Err(status.into()),
+            },
+            // The leader it went to was deposed or cut off: its batch may never be answered.
+            _ = self.leadership_lost(leader) => Err(StoreError::LeaderChangedInFlight),
         }
     }
 
     /// Appends a batch on this server, which must be the leader.
     pub async fn commit_local(&self, batch: CommandBatch) -> StoreResult<Vec<CommandResult>> {
         self.check_quorum()?;
-        append_batch(&self.raft, batch, self.timeout()).await
+        tokio::select! {
+            written = append_batch(&self.raft, batch, self.timeout()) => written,
+            _ = self.leadership_lost(self.id()) => Err(StoreError::LeaderChangedInFlight),
+        }
     }
 
     async fn check_space(&self) -> StoreResult<()> {
@@ -403,7 +442,7 @@ impl StoreNode {
     }
 
     async fn follower_barrier(&self) -> StoreResult<()> {
-        let mut client = self.leader_client().await?;
+        let (_, mut client) = self.leader_client().await?;
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(self.timeout());
         let index = client.read_index(request).await.map_err(StoreError::from)?.into_inner().read_index;
@@ -466,7 +505,7 @@ impl StoreNode {
     /// Renews a lease's deadline on the leader; followers forward.
     pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> StoreResult<LeaseKeepAliveResponse> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
+            let (_, mut client) = self.leader_client().await?;
             return Ok(client.lease_keep_alive(req).await?.into_inner());
         }
         self.check_quorum()?;
@@ -484,7 +523,7 @@ impl StoreNode {
 
     pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
+            let (_, mut client) = self.leader_client().await?;
             return Ok(client.lease_time_to_live(req).await?.into_inner());
         }
         let header = Some(self.header(self.mvcc.current_revision()));
@@ -525,7 +564,7 @@ impl StoreNode {
     /// Applies a membership change on the leader (forwarding if this server is not).
     pub async fn member_change(&self, change: MemberChange) -> StoreResult<(Vec<pb::Member>, NodeId)> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
+            let (_, mut client) = self.leader_client().await?;
             let reply = client.member_change(MemberChangeRequest { change: encode(&change) }).await?.into_inner();
             return Ok((reply.members, reply.member_id));
         }

@@ -3,6 +3,10 @@
 
 use std::sync::Arc;
 
+/// What a forwarded batch is refused with when this server is not the leader: nothing was
+/// appended, so the follower may send it again.
+pub(crate) const NOT_APPENDED: &str = "corral: not the leader, nothing appended";
+
 use corral_proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
@@ -54,11 +58,12 @@ impl RaftPeer for PeerService {
     }
 
     async fn propose(&self, req: Request<CommandBatch>) -> Result<Response<CommandResults>, Status> {
-        // Client errors travel inside the results; "not the leader" is Unavailable, so the
-        // follower retries with the new leader.
+        // Client errors travel inside the results. "Not the leader" (nothing appended) has a
+        // code of its own, so the follower retries with the new leader; every other failure
+        // leaves the outcome unknown and is passed on as it is.
         match self.node.commit_local(req.into_inner()).await {
             Ok(results) => Ok(Response::new(CommandResults { results })),
-            Err(crate::StoreError::LeaderChanged) => Err(Status::unavailable("etcdserver: leader changed")),
+            Err(crate::StoreError::LeaderChanged) => Err(Status::failed_precondition(NOT_APPENDED)),
             Err(e) => Err(e.into()),
         }
     }

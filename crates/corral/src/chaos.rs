@@ -2,16 +2,22 @@
 //! processes: Corral from `corral up`, or Debian's etcd 3.4 from `corral bench etcd up`, the
 //! anchor the checkers must pass on.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use corral_chaos::proxy::{Knob, LinkProxy, Shaping};
 use corral_chaos::runner::{self, Cluster, Error, Options};
 use corral_chaos::scenario::{self, SCENARIOS};
 use tonic::transport::Channel;
+use tracing::info;
 
 use crate::bench::Target;
+use crate::local::{ClusterRecord, ServerRecord};
+use crate::nodenet;
 
 #[derive(Subcommand, Debug)]
 pub enum ChaosCommand {
@@ -80,7 +86,14 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
         bring_up(args.system, &dir, args.base_port)?;
     }
     let target = Target::local(&dir)?;
-    let cluster = Processes { target };
+    let record = match args.system {
+        System::Corral => ClusterRecord::load(&dir)?.filter(|r| r.network.is_some()),
+        System::Etcd => None,
+    };
+    let cluster = Processes { target, record, knob: Knob::default(), proxies: Mutex::new(Vec::new()) };
+    if scenario.shapes_links() {
+        cluster.route_links_through_proxies().await?;
+    }
     let options = Options {
         seed: args.seed,
         duration: Duration::from_secs(args.duration),
@@ -164,14 +177,88 @@ fn tear_down(system: System, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A local cluster's processes, faulted by signals and restarted as they were started.
+/// A local cluster's processes, faulted by signals and restarted as they were started; for
+/// Corral, whose servers have node namespaces, also cut off by nftables there and slowed by
+/// proxies on their peer links.
 struct Processes {
     target: Target,
+    /// Corral's cluster record, when its servers have namespaces.
+    record: Option<ClusterRecord>,
+    /// The shaping of every peer link, once they run through `proxies`.
+    knob: Knob,
+    proxies: Mutex<Vec<LinkProxy>>,
+}
+
+/// The table a cut lives in, in the victim's namespace.
+const CUT_TABLE: &str = "inet corral-chaos-cut";
+/// The table that sends peer links through the proxies, in every server's namespace.
+const LINKS_TABLE: &str = "ip corral-chaos-links";
+
+fn peer_addr(server: &ServerRecord) -> Result<SocketAddr, Error> {
+    crate::urls::socket_addr(&server.peer_url).map_err(|e| Error::Cluster(format!("{}: {e:#}", server.name)))
+}
+
+fn cluster_error(e: anyhow::Error) -> Error {
+    Error::Cluster(format!("{e:#}"))
 }
 
 impl Processes {
     fn signal(&self, member: &str, signal: i32) -> Result<(), Error> {
         self.target.signal(member, signal).map_err(|e| Error::Cluster(format!("{e:#}")))
+    }
+
+    /// The servers with namespaces: network faults need them.
+    fn servers(&self) -> Result<&[ServerRecord], Error> {
+        match &self.record {
+            Some(record) if record.servers.iter().all(|s| s.netns.is_some()) => Ok(&record.servers),
+            _ => Err(Error::Cluster(
+                "network faults need Corral's servers in node namespaces (`corral up` without --host-network); \
+                 etcd's members share this host's loopback"
+                    .into(),
+            )),
+        }
+    }
+
+    fn server(&self, member: &str) -> Result<&ServerRecord, Error> {
+        self.servers()?.iter().find(|s| s.name == member).ok_or_else(|| Error::Cluster(format!("no server {member}")))
+    }
+
+    /// Starts a proxy per directed peer link, sends each server's connections to its peers
+    /// through them (DNAT in its namespace), and restarts every server so that no link
+    /// bypasses them.
+    async fn route_links_through_proxies(&self) -> Result<(), Error> {
+        let servers = self.servers()?.to_vec();
+        let host = self.record.as_ref().and_then(|r| r.network.as_ref()).map(|n| n.host_ip).expect("a network");
+        let mut proxies = Vec::new();
+        for from in &servers {
+            let mut rules = String::new();
+            for to in servers.iter().filter(|s| s.name != from.name) {
+                let target = peer_addr(to)?;
+                let proxy = LinkProxy::start(SocketAddr::new(host.into(), 0), target, self.knob.clone())
+                    .await
+                    .map_err(|e| Error::Cluster(format!("proxy for {} to {}: {e}", from.name, to.name)))?;
+                rules.push_str(&format!(
+                    "    ip daddr {} tcp dport {} dnat to {}\n",
+                    target.ip(),
+                    target.port(),
+                    proxy.listen
+                ));
+                proxies.push(proxy);
+            }
+            let script = format!(
+                "table {LINKS_TABLE} {{}}\ndelete table {LINKS_TABLE}\ntable {LINKS_TABLE} {{\n  chain output {{\n    \
+                 type nat hook output priority -100; policy accept;\n{rules}  }}\n}}\n"
+            );
+            nodenet::nft_in(from.netns.as_deref().expect("a namespace"), &script).map_err(cluster_error)?;
+        }
+        *self.proxies.lock().expect("proxies lock") = proxies;
+        // Connections made before the rules bypass them: start every server afresh.
+        for server in &servers {
+            self.kill(&server.name).await?;
+        }
+        self.restart(&servers[0].name).await?;
+        info!(links = servers.len() * (servers.len() - 1), "peer links run through shaping proxies");
+        Ok(())
     }
 }
 
@@ -239,10 +326,57 @@ impl Cluster for Processes {
     }
 
     fn fired(&self, member: &str, name: &str) -> usize {
+        let line = format!("failpoint fired: {name}");
+        self.log_lines(member, |l| l.trim() == line)
+    }
+
+    async fn cut(&self, member: &str, peers: &[String], one_way: bool) -> Result<(), Error> {
+        let victim = self.server(member)?;
+        let addresses = peers
+            .iter()
+            .map(|p| Ok(peer_addr(self.server(p)?)?.ip().to_string()))
+            .collect::<Result<Vec<_>, Error>>()?
+            .join(", ");
+        // Before NAT, so that a cut also holds for links sent through proxies.
+        let chain = |name: &str, hook: &str, matcher: &str| {
+            format!(
+                "  chain {name} {{\n    type filter hook {hook} priority -200; policy accept;\n    \
+                 {matcher} {{ {addresses} }} drop\n  }}\n"
+            )
+        };
+        let mut chains = chain("output", "output", "ip daddr");
+        if !one_way {
+            chains.push_str(&chain("input", "input", "ip saddr"));
+        }
+        let script = format!("table {CUT_TABLE} {{}}\ndelete table {CUT_TABLE}\ntable {CUT_TABLE} {{\n{chains}}}\n");
+        nodenet::nft_in(victim.netns.as_deref().expect("a namespace"), &script).map_err(cluster_error)
+    }
+
+    async fn mend(&self, member: &str) -> Result<(), Error> {
+        let victim = self.server(member)?;
+        let script = format!("table {CUT_TABLE} {{}}\ndelete table {CUT_TABLE}\n");
+        nodenet::nft_in(victim.netns.as_deref().expect("a namespace"), &script).map_err(cluster_error)
+    }
+
+    fn shape_links(&self, shaping: Shaping) -> Result<(), Error> {
+        if self.proxies.lock().expect("proxies lock").is_empty() {
+            return Err(Error::Cluster("the peer links do not run through proxies in this run".into()));
+        }
+        self.knob.set(shaping);
+        Ok(())
+    }
+
+    fn snapshots_installed(&self, member: &str) -> usize {
+        self.log_lines(member, |l| l.contains("installing snapshot"))
+    }
+}
+
+impl Processes {
+    /// Lines of a Corral server's log that match.
+    fn log_lines(&self, member: &str, matches: impl Fn(&str) -> bool) -> usize {
         let Some(dir) = self.target.state_dir.as_ref() else { return 0 };
         let log = std::fs::read_to_string(dir.join("servers").join(member).join("server.log")).unwrap_or_default();
-        let line = format!("failpoint fired: {name}");
-        log.lines().filter(|l| l.trim() == line).count()
+        log.lines().filter(|l| matches(l)).count()
     }
 }
 

@@ -45,7 +45,8 @@ impl Client {
             let tcp =
                 tokio::net::TcpStream::connect(&authority).await.with_context(|| format!("connecting to {url}"))?;
             tcp.set_nodelay(true)?;
-            let stream = connector.connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp).await?;
+            let host = authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host);
+            let stream = connector.connect(ServerName::try_from(host.to_string())?, tcp).await?;
             let (send, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
             tokio::spawn(conn);

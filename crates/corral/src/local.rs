@@ -98,6 +98,10 @@ pub struct ServerRecord {
     pub peer_url: String,
     pub api_url: String,
     pub pid: Option<u32>,
+    /// The server's node namespace (it listens on its node address there), when the cluster
+    /// has a node network: a machine of its own, which partitions can cut off.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -225,7 +229,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // Bridges and namespaces are named after the state directory, so two local clusters
     // never share one.
     let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
-    let net = NodeNetwork::for_tag(tag as u32);
+    // A new cluster gets a node network (a namespace per machine on a host bridge) unless
+    // it runs on the host's network or is an etcd only.
+    let net = (!args.host_network && !args.etcd_only).then(|| NodeNetwork::for_tag(tag as u32));
     progress.start("certificates");
     let pki = dir.join("pki");
     if pki.join("ca.crt").exists() {
@@ -233,8 +239,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     } else {
         std::fs::create_dir_all(&pki)?;
         let ca = CertificateAuthority::generate("corral-ca")?;
-        // The node network's host address too: agents in namespaces reach the servers there.
-        let sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), net.host_ip.to_string()];
+        // The servers' node addresses too: agents and clients reach them there.
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        if let Some(net) = &net {
+            sans.push(net.host_ip.to_string());
+            sans.extend((0..args.servers).map(|i| net.node_ip(i).to_string()));
+        }
         ca.issue("corral-server", &["corral:servers"], &sans, Usage::ServerAndClient)?.write(&pki, "server")?;
         ca.issue("admin", &["system:masters"], &[], Usage::Client)?.write(&pki, "admin")?;
         ca.write(&pki)?;
@@ -246,26 +256,24 @@ pub async fn up(args: UpArgs) -> Result<()> {
         servers: (0..args.servers)
             .map(|i| {
                 let port = args.base_port + 10 * i as u16;
+                let name = format!("s{}", i + 1);
+                let host = net.as_ref().map_or(Ipv4Addr::LOCALHOST, |net| net.node_ip(i));
                 ServerRecord {
-                    name: format!("s{}", i + 1),
-                    client_url: format!("https://127.0.0.1:{port}"),
-                    peer_url: format!("https://127.0.0.1:{}", port + 1),
-                    api_url: format!("https://127.0.0.1:{}", port + 2),
+                    client_url: format!("https://{host}:{port}"),
+                    peer_url: format!("https://{host}:{}", port + 1),
+                    api_url: format!("https://{host}:{}", port + 2),
                     pid: None,
+                    netns: net.as_ref().map(|net| net.netns(&name)),
+                    name,
                 }
             })
             .collect(),
         server_flags: Vec::new(),
         agents: Vec::new(),
-        network: None,
+        network: net.clone(),
     });
-    if nodes > 0 && !args.host_network && record.network.is_none() {
-        if record.servers.iter().any(|s| s.pid.is_some_and(|pid| is_our_server(pid, dir))) {
-            // Its servers were started without a node network to listen on.
-            println!("note: the servers in {} run without a node network: agents share this host's", dir.display());
-        } else {
-            record.network = Some(net.clone());
-        }
+    if nodes > 0 && record.network.is_none() && !args.host_network {
+        println!("note: the servers in {} run without a node network: agents share this host's", dir.display());
     }
     if let Some(net) = &record.network {
         nodenet::ensure_host(net).context("making the node network's host bridge")?;
@@ -305,9 +313,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let initial_cluster =
         record.servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect::<Vec<_>>().join(",");
     let mut started = 0;
-    for server in &mut record.servers {
+    for (i, server) in record.servers.iter_mut().enumerate() {
         if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
             continue;
+        }
+        if let (Some(net), Some(_)) = (&record.network, &server.netns) {
+            nodenet::ensure_node(net, &server.name, i)
+                .with_context(|| format!("making server {}'s namespace", server.name))?;
         }
         server.pid = Some(spawn_server(dir, server, &initial_cluster, &record.server_flags, record.network.as_ref())?);
         started += 1;
@@ -345,12 +357,20 @@ fn spawn_server(
     network: Option<&NodeNetwork>,
 ) -> Result<u32> {
     let server_dir = dir.join("servers").join(&server.name);
-    let mut cmd = corral_command(None, "server", &server_dir.join("server.log"))?;
-    if let Some(net) = network {
-        // Agents in their namespaces reach the servers through the host bridge.
-        let port = server.api_url.rsplit(':').next().unwrap_or_default();
-        cmd.args(["--listen-agent-addr", &format!("0.0.0.0:{port}")])
-            .args(["--advertise-agent-addr", &format!("{}:{port}", net.host_ip)]);
+    let mut cmd = corral_command(server.netns.as_deref(), "server", &server_dir.join("server.log"))?;
+    let agent_addr = server.api_url.trim_start_matches("https://");
+    match (network, &server.netns) {
+        // In its node namespace a server listens for agents where it serves everything else.
+        (Some(_), Some(_)) => {
+            cmd.args(["--listen-agent-addr", agent_addr]).args(["--advertise-agent-addr", agent_addr]);
+        }
+        // A cluster made before servers had namespaces: agents reach them on the host bridge.
+        (Some(net), None) => {
+            let port = agent_addr.rsplit(':').next().unwrap_or_default();
+            cmd.args(["--listen-agent-addr", &format!("0.0.0.0:{port}")])
+                .args(["--advertise-agent-addr", &format!("{}:{port}", net.host_ip)]);
+        }
+        (None, _) => {}
     }
     cmd.args(["--name", &server.name])
         .arg("--data-dir")
@@ -464,14 +484,26 @@ async fn start_agents(
         .map(|s| {
             let addr = s.api_url.trim_start_matches("https://");
             match &record.network {
-                Some(net) => format!("{}:{}", net.host_ip, addr.rsplit(':').next().unwrap_or_default()),
-                None => addr.to_string(),
+                Some(net) if s.netns.is_none() => {
+                    format!("{}:{}", net.host_ip, addr.rsplit(':').next().unwrap_or_default())
+                }
+                _ => addr.to_string(),
             }
         })
         .collect();
     let mut started = 0;
     let network = record.network.clone();
-    for (i, agent) in record.agents.iter_mut().enumerate() {
+    let server_names: Vec<String> = record.servers.iter().map(|s| s.name.clone()).collect();
+    let mut workers = 0;
+    for agent in record.agents.iter_mut() {
+        // A server's node shares its namespace and address; workers come after the servers.
+        let i = match server_names.iter().position(|n| *n == agent.name) {
+            Some(i) => i,
+            None => {
+                workers += 1;
+                server_names.len() + workers - 1
+            }
+        };
         if agent.pid.is_some_and(|pid| is_ours(pid, dir, "agent")) {
             continue;
         }
@@ -807,9 +839,6 @@ pub async fn down(args: DownArgs) -> Result<()> {
             nodenet::remove_node(net, &agent.name);
         }
     }
-    if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
-        nodenet::remove_host(net);
-    }
     progress.done("stopped");
     progress.start(&format!("stopping {} servers", pids.len()));
     for (_, pid) in &pids {
@@ -825,6 +854,12 @@ pub async fn down(args: DownArgs) -> Result<()> {
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             killed += 1;
         }
+    }
+    if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
+        for server in record.iter().flat_map(|r| r.servers.iter()).filter(|s| s.netns.is_some()) {
+            nodenet::remove_node(net, &server.name);
+        }
+        nodenet::remove_host(net);
     }
     progress.done(&if killed > 0 { format!("{killed} did not stop in 10s and were killed") } else { "stopped".into() });
     progress.start(&format!("removing {}", dir.display()));

@@ -62,6 +62,13 @@ fn main() -> Result<()> {
         // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
         unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
+    if matches!(cli.command, Command::Status(_) | Command::Token(_) | Command::Image(_)) {
+        // A table piped into `head` ends quietly, as other tools' do, instead of panicking
+        // on the closed pipe. (Servers and agents keep Rust's ignored SIGPIPE: their peers
+        // close sockets all the time.)
+        // SAFETY: restores the default action of one signal before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Server(args) => {

@@ -88,8 +88,19 @@ pub fn ensure_host(net: &NodeNetwork) -> Result<()> {
 
 /// Runs an nftables script.
 pub fn nft(script: &str) -> Result<()> {
+    run_nft(Command::new("nft"), script)
+}
+
+/// Runs an nftables script in a network namespace.
+pub fn nft_in(netns: &str, script: &str) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, "nft"]);
+    run_nft(cmd, script)
+}
+
+fn run_nft(mut cmd: Command, script: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = Command::new("nft")
+    let mut child = cmd
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
