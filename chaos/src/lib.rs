@@ -5,6 +5,7 @@
 
 pub mod checks;
 pub mod history;
+pub mod kube;
 pub mod linearizable;
 pub mod proxy;
 pub mod runner;

@@ -52,6 +52,15 @@ pub trait Cluster {
     fn shape_links(&self, shaping: Shaping) -> Result<(), Error>;
     /// Snapshots the member has installed from its leader so far (from its log).
     fn snapshots_installed(&self, member: &str) -> usize;
+    /// Called just before a fault is injected: a cluster with nodes notes what runs there.
+    async fn before_fault(&self, _fault: Fault) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Called once a fault is healed and every member has a leader: what the cluster judged
+    /// of it (for all servers down: the nodes' return and the pods' survival).
+    async fn after_heal(&self, _fault: Fault) -> Vec<Check> {
+        Vec::new()
+    }
 }
 
 /// How a run is shaped.
@@ -237,6 +246,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         let ops_per_s_before = (workload.answered.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / 2.0;
         let leader = leader_name(&members, &channels).await;
         let victims = pick_victims(&round, &members, leader.as_deref(), &mut rng);
+        cluster.before_fault(round.fault).await?;
         let at_us = workload.now_us();
         info!(fault = round.fault.name(), victims = ?victims, failpoint = ?round.failpoint, ops_per_s_before, "injecting");
         let mut failpoint = None;
@@ -302,7 +312,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 tokio::time::sleep(round.hold).await;
                 cluster.shape_links(Shaping::default())?;
             }
-            Fault::KillLeader | Fault::KillFollower | Fault::KillTwo | Fault::KillAll => {
+            Fault::KillLeader | Fault::KillFollower | Fault::KillTwo | Fault::KillAll | Fault::ServersDown => {
                 for v in &victims {
                     cluster.kill(v).await?;
                 }
@@ -318,6 +328,9 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         let healed_us = workload.now_us();
         let healed = Instant::now();
         let recovered = all_have_leader(&channels, Duration::from_secs(60)).await.then(|| healed.elapsed());
+        if recovered.is_some() {
+            extra.extend(cluster.after_heal(round.fault).await);
+        }
         faults.push(FaultRecord {
             fault: round.fault.name(),
             hits_leader: leader.as_deref().is_some_and(|l| victims.iter().any(|v| v == l)),
@@ -417,7 +430,7 @@ fn pick_victims(
         Fault::Failpoint if round.on_leader => vec![leader],
         Fault::Failpoint => vec![follower()],
         Fault::KillTwo => vec![leader, follower()],
-        Fault::KillAll => members.to_vec(),
+        Fault::KillAll | Fault::ServersDown => members.to_vec(),
     }
 }
 
@@ -546,7 +559,7 @@ async fn hashes(channels: &[Channel]) -> Result<(i64, Vec<u32>), String> {
     Ok((revision, hashes))
 }
 
-async fn current_revision(channels: &[Channel]) -> Result<i64, Error> {
+pub async fn current_revision(channels: &[Channel]) -> Result<i64, Error> {
     for _ in 0..50 {
         for c in channels {
             let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(c.clone());

@@ -37,6 +37,9 @@ pub enum Fault {
     /// Delay, jitter and loss on every peer link (the round's `shaping`), through the
     /// userspace proxies the links run through in this scenario.
     SlowLinks,
+    /// SIGKILL every server for 60 s while pods run on the nodes, then restart them all:
+    /// no pod may restart or be evicted, every node must be Ready within 40 s.
+    ServersDown,
 }
 
 impl Fault {
@@ -53,6 +56,7 @@ impl Fault {
             Fault::OneWayLeader => "one-way leader",
             Fault::IsolateFollower => "isolate follower",
             Fault::SlowLinks => "slow links",
+            Fault::ServersDown => "servers down 60 s",
         }
     }
 
@@ -68,6 +72,10 @@ pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub faults: &'static [Fault],
+    /// Whether the cluster has nodes and a Kubernetes workload (deployments created, scaled,
+    /// rolled and deleted, services exposed) runs beside the etcd one, judged by the
+    /// control-plane checkers.
+    pub kube: bool,
 }
 
 /// The failpoints the `failpoints` scenario cycles through, and after how many passes each
@@ -88,54 +96,83 @@ const PROCESS_FAULTS: &[Fault] =
     &[Fault::KillLeader, Fault::KillFollower, Fault::KillTwo, Fault::KillAll, Fault::PauseLeader, Fault::PauseFollower];
 
 pub const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "kill-leader", about: "SIGKILL the leader, restart it", faults: &[Fault::KillLeader] },
-    Scenario { name: "kill-follower", about: "SIGKILL a follower, restart it", faults: &[Fault::KillFollower] },
+    Scenario {
+        name: "kill-leader",
+        about: "SIGKILL the leader, restart it",
+        faults: &[Fault::KillLeader],
+        kube: false,
+    },
+    Scenario {
+        name: "kill-follower",
+        about: "SIGKILL a follower, restart it",
+        faults: &[Fault::KillFollower],
+        kube: false,
+    },
     Scenario {
         name: "kill-two",
         about: "SIGKILL the leader and a follower: no quorum until they return",
         faults: &[Fault::KillTwo],
+        kube: false,
     },
-    Scenario { name: "kill-all", about: "SIGKILL every server, restart them all", faults: &[Fault::KillAll] },
+    Scenario {
+        name: "kill-all",
+        about: "SIGKILL every server, restart them all",
+        faults: &[Fault::KillAll],
+        kube: false,
+    },
     Scenario {
         name: "pause-leader",
         about: "SIGSTOP the leader past the election timeout, then SIGCONT",
         faults: &[Fault::PauseLeader],
+        kube: false,
     },
-    Scenario { name: "pause-follower", about: "SIGSTOP a follower, then SIGCONT", faults: &[Fault::PauseFollower] },
+    Scenario {
+        name: "pause-follower",
+        about: "SIGSTOP a follower, then SIGCONT",
+        faults: &[Fault::PauseFollower],
+        kube: false,
+    },
     Scenario {
         name: "failpoints",
         about: "crash a server at a failpoint (log append and fsync, state machine batch, snapshot build, purge and install, compaction), round after round",
         faults: &[Fault::Failpoint],
+        kube: false,
     },
     Scenario {
         name: "mixed",
         about: "each round a kill or a pause from the above, drawn by the seed",
         faults: PROCESS_FAULTS,
+        kube: false,
     },
     Scenario {
         name: "partition-leader",
         about: "cut the leader off from its peers both ways (nftables in its namespace), then heal",
         faults: &[Fault::IsolateLeader],
+        kube: false,
     },
     Scenario {
         name: "partition-one-way",
         about: "drop what the leader sends its peers, not what it hears, then heal",
         faults: &[Fault::OneWayLeader],
+        kube: false,
     },
     Scenario {
         name: "partition-snapshot",
         about: "cut a follower off until the leader has compacted past it: it must catch up from a snapshot",
         faults: &[Fault::IsolateFollower],
+        kube: false,
     },
     Scenario {
         name: "partitions",
         about: "each round one of the three partitions, drawn by the seed",
         faults: &[Fault::IsolateLeader, Fault::OneWayLeader, Fault::IsolateFollower],
+        kube: false,
     },
     Scenario {
         name: "slow-links",
         about: "delay (20-150 ms), jitter and loss (up to 10%) on every peer link through userspace proxies",
         faults: &[Fault::SlowLinks],
+        kube: false,
     },
 ];
 
@@ -172,6 +209,7 @@ impl Scenario {
         let fault = self.faults[rng.random_range(0..self.faults.len())];
         let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
         let hold = match fault {
+            Fault::ServersDown => Duration::from_secs(60),
             Fault::IsolateFollower => Duration::from_millis(rng.random_range(5_000..8_000)),
             _ => Duration::from_millis(rng.random_range(1_000..4_000)),
         };

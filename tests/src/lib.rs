@@ -29,6 +29,7 @@ pub struct Server {
     pub name: String,
     pub client_url: String,
     pub peer_url: String,
+    pub api_url: String,
     pub pid: u32,
 }
 
@@ -112,6 +113,7 @@ impl Cluster {
                 name: s["name"].as_str().unwrap_or_default().to_string(),
                 client_url: s["client_url"].as_str().unwrap_or_default().to_string(),
                 peer_url: s["peer_url"].as_str().unwrap_or_default().to_string(),
+                api_url: s["api_url"].as_str().unwrap_or_default().to_string(),
                 pid: s["pid"].as_u64().unwrap_or(0) as u32,
             })
             .collect())
@@ -180,7 +182,7 @@ impl Cluster {
         run(self.kubectl().args(args), Some(stdin))
     }
 
-    /// Runs kubectl with `args` against one server's API (`https://127.0.0.1:PORT`).
+    /// Runs kubectl with `args` against one server's API ([`Cluster::api_url`]).
     pub fn kube_at(&self, server: &str, args: &[&str]) -> Result<String> {
         run(self.kubectl().arg(format!("--server={server}")).args(args), None)
     }
@@ -210,9 +212,10 @@ impl Cluster {
         Ok(text(&out.stderr))
     }
 
-    /// The Kubernetes API URL of server `i` (0-based), as `corral up` assigns ports.
+    /// The Kubernetes API URL of server `i` (0-based), as `corral up` recorded it (its node
+    /// address, or the host's loopback for an etcd-only cluster).
     pub fn api_url(&self, i: usize) -> String {
-        format!("https://127.0.0.1:{}", self.base_port as usize + 10 * i + 2)
+        self.servers().ok().and_then(|s| s.get(i).map(|s| s.api_url.clone())).unwrap_or_default()
     }
 
     /// The last lines of every server's and agent's log, for failure messages.
@@ -302,7 +305,21 @@ impl Cluster {
         let server_dir = self.state_dir().join("servers").join(name);
         std::fs::create_dir_all(&server_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(server_dir.join("server.log"))?;
-        let child = Command::new(corral_bin())
+        // In the server's node namespace, when it has one, as `corral up` starts it.
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(self.state_dir().join("cluster.json"))?)?;
+        let netns = record["servers"]
+            .as_array()
+            .and_then(|list| list.iter().find(|s| s["name"] == name))
+            .and_then(|s| s["netns"].as_str().map(str::to_string));
+        let mut command = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(corral_bin());
+                c
+            }
+            None => Command::new(corral_bin()),
+        };
+        let child = command
             .args([
                 "server",
                 "--name",

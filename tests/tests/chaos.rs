@@ -1,6 +1,7 @@
 //! The chaos suite's short profile: `corral chaos run` as a user runs it, on Corral (mixed
 //! kills and pauses, every failpoint, partitions with nftables in the servers' namespaces,
-//! slow and lossy peer links through proxies), on Debian's etcd 3.4 (the checkers must pass on
+//! slow and lossy peer links through proxies, Kubernetes clients under kills and partitions,
+//! all servers down for 60 s with pods running), on Debian's etcd 3.4 (the checkers must pass on
 //! the anchor), and on the negative control (a build that acknowledges writes it never put
 //! on disk: the checkers must catch it).
 
@@ -31,16 +32,22 @@ fn chaos_short_profile() -> Result<()> {
     let corral = corral_bin();
 
     info!("Corral under kills and pauses of leaders, followers, two and all servers: every checker passes");
-    passed(&corral, &["mixed", "--seed", "11", "--duration", "60"])?;
+    passed(&corral, &["mixed", "--seed", "11", "--duration", "45"])?;
 
     info!("Corral crashed at each failpoint in turn: every one fires, every checker passes");
     passed(&corral, &["failpoints", "--seed", "12", "--duration", "80"])?;
 
     info!("Corral with its leader cut off both ways, one way, and a follower cut off until it needs a snapshot");
-    passed(&corral, &["partitions", "--seed", "15", "--duration", "45"])?;
+    passed(&corral, &["partitions", "--seed", "15", "--duration", "40"])?;
 
     info!("Corral with delay, jitter and loss on every peer link");
     passed(&corral, &["slow-links", "--seed", "16", "--duration", "25"])?;
+
+    info!("Kubernetes clients create, scale, roll and delete deployments through kills and partitions");
+    passed(&corral, &["kube-mixed", "--seed", "17", "--duration", "40"])?;
+
+    info!("every server down for 60 s: the pods run on, the nodes are Ready again within 40 s");
+    passed(&corral, &["servers-down", "--seed", "18", "--duration", "10"])?;
 
     info!("Debian's etcd 3.4 under the same workload and faults: the checkers pass on the anchor");
     passed(&corral, &["mixed", "--system", "etcd", "--seed", "13", "--duration", "30", "--base-port", "26800"])?;

@@ -2,16 +2,20 @@
 //! processes: Corral from `corral up`, or Debian's etcd 3.4 from `corral bench etcd up`, the
 //! anchor the checkers must pass on.
 
+mod kube;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use corral_chaos::checks::Check;
 use corral_chaos::proxy::{Knob, LinkProxy, Shaping};
 use corral_chaos::runner::{self, Cluster, Error, Options};
-use corral_chaos::scenario::{self, SCENARIOS};
+use corral_chaos::scenario::{self, Fault, SCENARIOS};
 use tonic::transport::Channel;
 use tracing::info;
 
@@ -82,15 +86,24 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
         Some(dir) => (dir.clone(), false),
         None => (PathBuf::from(format!("/var/tmp/corral-chaos/{system}-{}-{}", scenario.name, args.seed)), true),
     };
+    if scenario.kube && args.system == System::Etcd {
+        bail!("{} runs a Kubernetes workload: Corral only", scenario.name);
+    }
     if ours {
-        bring_up(args.system, &dir, args.base_port)?;
+        bring_up(args.system, &dir, args.base_port, scenario.kube)?;
     }
     let target = Target::local(&dir)?;
     let record = match args.system {
         System::Corral => ClusterRecord::load(&dir)?.filter(|r| r.network.is_some()),
         System::Etcd => None,
     };
-    let cluster = Processes { target, record, knob: Knob::default(), proxies: Mutex::new(Vec::new()) };
+    let kube = match (&record, scenario.kube) {
+        (Some(record), true) => {
+            Some(Arc::new(kube::Kube::new(dir.join("pki"), record.servers.iter().map(|s| s.api_url.clone()).collect())))
+        }
+        _ => None,
+    };
+    let cluster = Processes { target, record, knob: Knob::default(), proxies: Mutex::new(Vec::new()), kube };
     if scenario.shapes_links() {
         cluster.route_links_through_proxies().await?;
     }
@@ -100,7 +113,24 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
         clients: args.clients,
         ..Options::default()
     };
-    let report = runner::run(&cluster, scenario, &options).await?;
+    // The Kubernetes workload runs from before the first fault to the end of the last.
+    let kube_run = match &cluster.kube {
+        Some(kube) => {
+            kube.prepare().await?;
+            let channels = cluster.channels()?;
+            let start = runner::current_revision(&channels).await? + 1;
+            let stop = Arc::new(AtomicBool::new(false));
+            let task = tokio::spawn(kube.clone().run_workload(args.seed, stop.clone()));
+            Some((kube.clone(), start, stop, task))
+        }
+        None => None,
+    };
+    let mut report = runner::run(&cluster, scenario, &options).await?;
+    if let Some((kube, start, stop, task)) = kube_run {
+        stop.store(true, Ordering::Relaxed);
+        let _ = task.await;
+        report.checks.extend(judge_control_plane(&kube, &cluster.channels()?, start, args.seed).await);
+    }
     let out = dir.join("chaos");
     std::fs::create_dir_all(&out)?;
     let file = out.join(format!("{}-{}.json", scenario.name, args.seed));
@@ -121,6 +151,41 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The control plane's checkers, once the workload has stopped and the deployments have
+/// settled: the Kubernetes workload did real work, it settles, and the store's record of
+/// the run passes bound once, replicas bounded and unique allocations.
+async fn judge_control_plane(kube: &kube::Kube, channels: &[Channel], start: i64, seed: u64) -> Vec<Check> {
+    let (answered, failed) = (kube.answered.load(Ordering::Relaxed), kube.failed.load(Ordering::Relaxed));
+    let mut checks = vec![Check {
+        name: "kube workload",
+        criterion: "Kubernetes clients had at least 20 requests answered (creates, scales, rollouts, deletes)",
+        passed: answered >= 20,
+        detail: format!("{answered} answered, {failed} failed"),
+    }];
+    let settled = kube.settle(Duration::from_secs(90)).await;
+    checks.push(Check {
+        name: "deployments settle",
+        criterion: "every Deployment has its replicas updated and available within 90 s of the end",
+        passed: settled.is_some(),
+        detail: settled.map_or("not settled after 90 s".into(), |d| format!("after {:.1} s", d.as_secs_f64())),
+    });
+    match kube::read_log(channels, start, seed, Duration::from_secs(60)).await {
+        Some(log) => {
+            info!(initial = log.initial.len(), changes = log.changes.len(), "control-plane log read");
+            checks.push(corral_chaos::kube::bound_once(&log));
+            checks.push(corral_chaos::kube::replicas_bounded(&log));
+            checks.push(corral_chaos::kube::unique_allocations(&log));
+        }
+        None => checks.push(Check {
+            name: "control plane judged",
+            criterion: "the store's record of the run's objects can be read back",
+            passed: false,
+            detail: "no member served the /registry/ log".into(),
+        }),
+    }
+    checks
+}
+
 fn logs_hint(system: System, dir: &Path) -> String {
     match system {
         System::Corral => format!("{0}/servers/*/server.log (logs), {0}/servers/*/data (data)", dir.display()),
@@ -128,8 +193,9 @@ fn logs_hint(system: System, dir: &Path) -> String {
     }
 }
 
-/// Brings up a fresh 3-member cluster in `dir` (removing what a previous run left there).
-fn bring_up(system: System, dir: &Path, base_port: u16) -> Result<()> {
+/// Brings up a fresh 3-member cluster in `dir` (removing what a previous run left there);
+/// with `nodes`, two worker agents with their containerds beside the servers.
+fn bring_up(system: System, dir: &Path, base_port: u16, nodes: bool) -> Result<()> {
     if dir.exists() {
         tear_down(system, dir)?;
     }
@@ -144,7 +210,7 @@ fn bring_up(system: System, dir: &Path, base_port: u16) -> Result<()> {
             "--servers",
             "3",
             "--agents",
-            "0",
+            if nodes { "2" } else { "0" },
             "--dedicated-servers",
             "--snapshot-count",
             "500",
@@ -187,6 +253,8 @@ struct Processes {
     /// The shaping of every peer link, once they run through `proxies`.
     knob: Knob,
     proxies: Mutex<Vec<LinkProxy>>,
+    /// The Kubernetes API, for scenarios with nodes.
+    kube: Option<Arc<kube::Kube>>,
 }
 
 /// The table a cut lives in, in the victim's namespace.
@@ -291,6 +359,10 @@ impl Cluster for Processes {
     }
 
     async fn restart(&self, member: &str) -> Result<(), Error> {
+        if let Some(kube) = &self.kube {
+            // The first restart of a round is when the servers return.
+            kube.returned.lock().expect("returned lock").get_or_insert((Instant::now(), SystemTime::now()));
+        }
         let target = self.target.clone();
         let member = member.to_string();
         // `corral up` waits for the cluster: off the runtime's worker threads.
@@ -368,6 +440,23 @@ impl Cluster for Processes {
 
     fn snapshots_installed(&self, member: &str) -> usize {
         self.log_lines(member, |l| l.contains("installing snapshot"))
+    }
+
+    async fn before_fault(&self, fault: Fault) -> Result<(), Error> {
+        match (&self.kube, fault) {
+            (Some(kube), Fault::ServersDown) => {
+                *kube.returned.lock().expect("returned lock") = None;
+                kube.note_pods().await.map_err(cluster_error)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn after_heal(&self, fault: Fault) -> Vec<Check> {
+        match (&self.kube, fault) {
+            (Some(kube), Fault::ServersDown) => kube.judge_return(Duration::from_secs(40)).await,
+            _ => Vec::new(),
+        }
     }
 }
 
