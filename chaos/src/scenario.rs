@@ -174,6 +174,25 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::SlowLinks],
         kube: false,
     },
+    Scenario {
+        name: "kube-mixed",
+        about: "kills, pauses and partitions while Kubernetes clients create, scale, roll and delete deployments and expose services",
+        faults: &[
+            Fault::KillLeader,
+            Fault::KillFollower,
+            Fault::KillAll,
+            Fault::PauseLeader,
+            Fault::IsolateLeader,
+            Fault::IsolateFollower,
+        ],
+        kube: true,
+    },
+    Scenario {
+        name: "servers-down",
+        about: "every server down for 60 s while pods run: none restarts or is evicted, every node Ready within 40 s",
+        faults: &[Fault::ServersDown],
+        kube: true,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {

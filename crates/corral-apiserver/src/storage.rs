@@ -89,6 +89,10 @@ pub fn store_error(e: StoreError) -> ApiError {
         StoreError::NoLeader | StoreError::LeaderChanged | StoreError::Unavailable(_) => {
             ApiError::Unavailable(format!("the store has no leader: {e}"))
         }
+        // The leader's own answer, forwarded: "no leader" and the like, retryable as above.
+        StoreError::Remote { .. } if e.is_unavailable() => {
+            ApiError::Unavailable(format!("the store has no leader: {e}"))
+        }
         StoreError::Timeout | StoreError::LeaderChangedInFlight => {
             ApiError::Timeout(format!("the store did not answer in time: {e}"))
         }

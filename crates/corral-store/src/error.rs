@@ -88,6 +88,11 @@ impl StoreError {
         }
     }
 
+    /// Whether etcd answers it with Unavailable: the request may be sent again elsewhere.
+    pub fn is_unavailable(&self) -> bool {
+        self.code() == Code::Unavailable
+    }
+
     /// A copy of `e` for another waiter: the variants callers match on are kept.
     pub fn from_code_keeping(e: &StoreError) -> Self {
         match e {

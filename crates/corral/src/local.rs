@@ -313,7 +313,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let initial_cluster =
         record.servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect::<Vec<_>>().join(",");
     let mut started = 0;
-    for (i, server) in record.servers.iter_mut().enumerate() {
+    for i in 0..record.servers.len() {
+        let server = &record.servers[i];
         if server.pid.is_some_and(|pid| is_our_server(pid, dir)) {
             continue;
         }
@@ -321,8 +322,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
             nodenet::ensure_node(net, &server.name, i)
                 .with_context(|| format!("making server {}'s namespace", server.name))?;
         }
-        server.pid = Some(spawn_server(dir, server, &initial_cluster, &record.server_flags, record.network.as_ref())?);
+        let pid = spawn_server(dir, server, &initial_cluster, &record.server_flags, record.network.as_ref())?;
+        record.servers[i].pid = Some(pid);
         started += 1;
+        // Recorded at once: if a later step fails, `corral down` still finds this one.
+        record.save(dir)?;
     }
     record.save(dir)?;
     progress.done(&if started == record.servers.len() {
@@ -413,6 +417,16 @@ fn corral_command(netns: Option<&str>, sub: &str, log: &Path) -> Result<std::pro
         });
     }
     Ok(cmd)
+}
+
+/// Live `corral <command>` processes started for this state directory, from /proc.
+fn strays(dir: &Path, command: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| is_ours(*pid, dir, command))
+        .collect()
 }
 
 /// True if `pid` is a corral server started for this state directory.
@@ -813,11 +827,18 @@ pub async fn down(args: DownArgs) -> Result<()> {
     }
     let dir = &dir.canonicalize()?;
     let record = ClusterRecord::load(dir)?;
-    let pids: Vec<(String, u32)> = record
+    let mut pids: Vec<(String, u32)> = record
         .iter()
         .flat_map(|r| r.servers.iter())
         .filter_map(|s| s.pid.filter(|pid| is_our_server(*pid, dir)).map(|pid| (s.name.clone(), pid)))
         .collect();
+    // Servers started for this directory that the record does not name (an `up` that failed
+    // halfway): found by their command lines.
+    for pid in strays(dir, "server") {
+        if !pids.iter().any(|(_, p)| *p == pid) {
+            pids.push(("unrecorded".into(), pid));
+        }
+    }
     let mut progress = Progress::new(3);
     progress.start(&format!("stopping {} agents and their pods", record.as_ref().map_or(0, |r| r.agents.len())));
     for agent in record.iter().flat_map(|r| r.agents.iter()) {
@@ -838,6 +859,10 @@ pub async fn down(args: DownArgs) -> Result<()> {
         if let Some(net) = record.as_ref().and_then(|r| r.network.as_ref()) {
             nodenet::remove_node(net, &agent.name);
         }
+    }
+    for pid in strays(dir, "agent") {
+        // An agent a failed `up` never recorded.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
     progress.done("stopped");
     progress.start(&format!("stopping {} servers", pids.len()));
@@ -861,6 +886,9 @@ pub async fn down(args: DownArgs) -> Result<()> {
         }
         nodenet::remove_host(net);
     }
+    // What a failed `up` made before it could record it: this directory's namespaces, by name.
+    let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
+    nodenet::remove_all(&NodeNetwork::for_tag(tag as u32));
     progress.done(&if killed > 0 { format!("{killed} did not stop in 10s and were killed") } else { "stopped".into() });
     progress.start(&format!("removing {}", dir.display()));
     for name in ["agents", "servers", "pki", "images", "token", "cluster.json", "kubeconfig", "etcdctl.env"] {

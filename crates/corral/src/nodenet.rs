@@ -122,8 +122,19 @@ pub fn ensure_node(net: &NodeNetwork, agent: &str, i: usize) -> Result<()> {
         ip(&["netns", "add", &ns])?;
     }
     let veth = net.veth(agent);
-    if !exists(&["link", "show", &veth]) {
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+    if !exists(&["-n", &ns, "link", "show", "eth0"]) {
+        // A host end without its peer here is left from a namespace being torn down (the
+        // kernel removes a deleted namespace's links asynchronously): replace it, waiting
+        // up to 2 s for the old one to be gone.
+        let _ = Command::new("ip").args(["link", "del", &veth]).stderr(Stdio::null()).status();
+        let mut attempts = 0;
+        while let Err(e) = ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]) {
+            attempts += 1;
+            if attempts >= 20 {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
     ip(&["link", "set", &veth, "master", &net.bridge, "up"])?;
     ip(&["-n", &ns, "addr", "replace", &format!("{}/24", net.node_ip(i)), "dev", "eth0"])?;
@@ -141,6 +152,19 @@ pub fn route_pods(cidr: &str, node_ip: &str) -> Result<()> {
 /// Removes an agent's namespace (its veth pair goes with it).
 pub fn remove_node(net: &NodeNetwork, agent: &str) {
     let _ = Command::new("ip").args(["netns", "del", &net.netns(agent)]).stderr(Stdio::null()).status();
+}
+
+/// Removes every namespace of the network (`<bridge>-*`), recorded or not.
+pub fn remove_all(net: &NodeNetwork) {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).stderr(Stdio::null()).output() else { return };
+    let prefix = format!("{}-", net.bridge);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&prefix) {
+            let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        }
+    }
+    remove_host(net);
 }
 
 /// Removes the host bridge (the routes through it go with it) and its masquerade table.

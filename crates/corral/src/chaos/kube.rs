@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::kube::Client;
 
@@ -114,7 +114,13 @@ impl Kube {
                 self.answered.fetch_add(1, Ordering::Relaxed);
                 Some(value)
             }
-            Ok(_) | Err(_) => {
+            Ok((status, value)) => {
+                debug!(%status, answer = %value, "kubernetes request refused");
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "kubernetes request unanswered");
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -157,7 +163,9 @@ impl Kube {
                 let name = format!("d{step}");
                 let replicas = rng.random_range(1..=MAX_REPLICAS);
                 if self.act(Method::POST, &apps, Some(&deployment(&name, replicas)), JSON).await.is_some() {
-                    live.push((name, false));
+                    // Exposed at once: every create takes a cluster IP and a node port.
+                    let exposed = self.act(Method::POST, &services, Some(&node_port(&name)), JSON).await.is_some();
+                    live.push((name, exposed));
                 }
                 continue;
             }
