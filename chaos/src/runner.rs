@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use corral_proto::etcdserverpb::cluster_client::ClusterClient;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest, StatusRequest};
+use corral_proto::etcdserverpb::{MemberAddRequest, MemberListRequest, MemberRemoveRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -52,6 +54,8 @@ pub trait Cluster {
     fn shape_links(&self, shaping: Shaping) -> Result<(), Error>;
     /// Snapshots the member has installed from its leader so far (from its log).
     fn snapshots_installed(&self, member: &str) -> usize;
+    /// Deletes a killed member's data; its next start must join the running cluster.
+    async fn wipe(&self, member: &str) -> Result<(), Error>;
     /// Called just before a fault is injected: a cluster with nodes notes what runs there.
     async fn before_fault(&self, _fault: Fault) -> Result<(), Error> {
         Ok(())
@@ -273,6 +277,9 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                     // It may have crashed before its start was confirmed: what fired decides.
                     warn!(member = %victim, error = %e, "restart with the failpoint armed did not confirm");
                 }
+                if name == "sm-membership-apply" {
+                    churn_membership(&channels).await?;
+                }
                 if name == "mvcc-compact" && compact_to + 1 < start_revision {
                     compact_to += 1;
                     compact(&channels, compact_to).await;
@@ -306,6 +313,23 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                     }
                     snapshot = Some(cluster.snapshots_installed(victim) > installed);
                 }
+            }
+            Fault::WipeFollower => {
+                let victim = &victims[0];
+                let installed = cluster.snapshots_installed(victim);
+                cluster.kill(victim).await?;
+                cluster.wipe(victim).await?;
+                let peer_urls = remove_member(&channels, victim).await?;
+                tokio::time::sleep(round.hold).await;
+                add_member(&channels, &peer_urls, false).await?;
+                if let Err(e) = cluster.restart(victim).await {
+                    warn!(member = %victim, error = %e, "restart failed");
+                }
+                let waited = Instant::now();
+                while cluster.snapshots_installed(victim) == installed && waited.elapsed() < Duration::from_secs(30) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                snapshot = Some(cluster.snapshots_installed(victim) > installed);
             }
             Fault::SlowLinks => {
                 cluster.shape_links(round.shaping.unwrap_or_default())?;
@@ -405,7 +429,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
     if scenario.faults.contains(&Fault::Failpoint) {
         extra.push(failpoint_check(&faults));
     }
-    if scenario.faults.contains(&Fault::IsolateFollower) {
+    if scenario.faults.iter().any(|f| matches!(f, Fault::IsolateFollower | Fault::WipeFollower)) {
         extra.push(snapshot_check(&faults));
     }
     let mut checks = checks::all(&history, options.search_limit);
@@ -425,7 +449,9 @@ fn pick_victims(
     let leader = leader.map(str::to_string).unwrap_or_else(|| members[0].clone());
     match round.fault {
         Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader | Fault::OneWayLeader => vec![leader],
-        Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower => vec![follower()],
+        Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower | Fault::WipeFollower => {
+            vec![follower()]
+        }
         Fault::SlowLinks => members.to_vec(),
         Fault::Failpoint if round.on_leader => vec![leader],
         Fault::Failpoint => vec![follower()],
@@ -495,7 +521,11 @@ fn snapshot_check(faults: &[FaultRecord]) -> Check {
         detail: if rounds.is_empty() {
             "no follower was cut off in this run".into()
         } else {
-            format!("{} of {} isolated followers caught up from a snapshot", rounds.len() - missed, rounds.len())
+            format!(
+                "{} of {} followers cut off or wiped caught up from a snapshot",
+                rounds.len() - missed,
+                rounds.len()
+            )
         },
     }
 }
@@ -645,6 +675,82 @@ fn agreed_leader(views: &[Option<(u64, u64, u64)>]) -> Option<usize> {
     let leader = views[i].expect("answered").0;
     let followers = views.iter().flatten().filter(|v| v.1 == leader && v.2 == term).count();
     (followers > views.len() / 2).then_some(i)
+}
+
+/// Removes the member named `name` from the membership (through any member that answers,
+/// for up to 30 s); its peer URLs, to add it back with.
+async fn remove_member(channels: &[Channel], name: &str) -> Result<Vec<String>, Error> {
+    let mut last = String::new();
+    for _ in 0..60 {
+        for channel in channels {
+            let mut client = ClusterClient::new(channel.clone());
+            let list =
+                match tokio::time::timeout(Duration::from_secs(2), client.member_list(MemberListRequest::default()))
+                    .await
+                {
+                    Ok(Ok(list)) => list.into_inner(),
+                    Ok(Err(e)) => {
+                        last = e.message().to_string();
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+            let Some(member) = list.members.iter().find(|m| m.name == name) else {
+                return Err(Error::Cluster(format!("no member named {name} to remove")));
+            };
+            let remove = MemberRemoveRequest { id: member.id };
+            match tokio::time::timeout(Duration::from_secs(5), client.member_remove(remove)).await {
+                Ok(Ok(_)) => {
+                    info!(member = name, id = member.id, "member removed");
+                    return Ok(member.peer_ur_ls.clone());
+                }
+                Ok(Err(e)) => last = e.message().to_string(),
+                Err(_) => last = "no answer in 5 s".into(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Cluster(format!("could not remove member {name}: {last}")))
+}
+
+/// Adds a member with `peer_urls`, a voter or a learner (through any member that answers,
+/// for up to 30 s); its id.
+async fn add_member(channels: &[Channel], peer_urls: &[String], is_learner: bool) -> Result<u64, Error> {
+    let mut last = String::new();
+    for _ in 0..60 {
+        for channel in channels {
+            let mut client = ClusterClient::new(channel.clone());
+            let add = MemberAddRequest { peer_ur_ls: peer_urls.to_vec(), is_learner };
+            match tokio::time::timeout(Duration::from_secs(5), client.member_add(add)).await {
+                Ok(Ok(resp)) => {
+                    let id = resp.into_inner().member.map_or(0, |m| m.id);
+                    info!(id, is_learner, "member added");
+                    return Ok(id);
+                }
+                Ok(Err(e)) => last = e.message().to_string(),
+                Err(_) => last = "no answer in 5 s".into(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Cluster(format!("could not add a member at {peer_urls:?}: {last}")))
+}
+
+/// Two membership changes for every member to apply: a learner that never starts (its
+/// address refuses at once, on each server's own loopback) is added, then removed.
+async fn churn_membership(channels: &[Channel]) -> Result<(), Error> {
+    let id = add_member(channels, &["https://127.0.0.1:1".to_string()], true).await?;
+    for _ in 0..60 {
+        for channel in channels {
+            let remove = MemberRemoveRequest { id };
+            let mut client = ClusterClient::new(channel.clone());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), client.member_remove(remove)).await {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Cluster(format!("could not remove the learner {id} added for a membership change")))
 }
 
 /// True once every member answers Status with a leader, within `bound`.

@@ -37,6 +37,10 @@ pub enum Fault {
     /// Delay, jitter and loss on every peer link (the round's `shaping`), through the
     /// userspace proxies the links run through in this scenario.
     SlowLinks,
+    /// SIGKILL a follower, wipe its data directory, remove it from the membership and add
+    /// it back (a membership change under load), then start it empty: it rejoins through a
+    /// snapshot.
+    WipeFollower,
     /// SIGKILL every server for 60 s while pods run on the nodes, then restart them all:
     /// no pod may restart or be evicted, every node must be Ready within 40 s.
     ServersDown,
@@ -57,6 +61,7 @@ impl Fault {
             Fault::IsolateFollower => "isolate follower",
             Fault::SlowLinks => "slow links",
             Fault::ServersDown => "servers down 60 s",
+            Fault::WipeFollower => "wipe follower",
         }
     }
 
@@ -79,12 +84,14 @@ pub struct Scenario {
 }
 
 /// The failpoints the `failpoints` scenario cycles through, and after how many passes each
-/// crashes its server (0: at once). A compaction is requested in its round.
+/// crashes its server (0: at once). A compaction is requested in `mvcc-compact`'s round, a
+/// learner added and removed in `sm-membership-apply`'s.
 pub const FAILPOINTS: &[(&str, u32)] = &[
     ("raft-log-before-append", 20),
     ("raft-log-after-fsync", 20),
     ("sm-before-batch", 20),
     ("sm-after-batch", 20),
+    ("sm-membership-apply", 0),
     ("snapshot-build", 0),
     ("raft-log-purge", 0),
     ("snapshot-install-before-restore", 0),
@@ -134,7 +141,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "failpoints",
-        about: "crash a server at a failpoint (log append and fsync, state machine batch, snapshot build, purge and install, compaction), round after round",
+        about: "crash a server at a failpoint (log append and fsync, state machine batch, snapshot build, purge and install, compaction, membership apply), round after round",
         faults: &[Fault::Failpoint],
         kube: false,
     },
@@ -172,6 +179,12 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "slow-links",
         about: "delay (20-150 ms), jitter and loss (up to 10%) on every peer link through userspace proxies",
         faults: &[Fault::SlowLinks],
+        kube: false,
+    },
+    Scenario {
+        name: "wipe-follower",
+        about: "kill a follower, wipe its data, remove it from the membership and add it back under load",
+        faults: &[Fault::WipeFollower],
         kube: false,
     },
     Scenario {

@@ -35,10 +35,13 @@ fn chaos_short_profile() -> Result<()> {
     passed(&corral, &["mixed", "--seed", "11", "--duration", "45"])?;
 
     info!("Corral crashed at each failpoint in turn: every one fires, every checker passes");
-    passed(&corral, &["failpoints", "--seed", "12", "--duration", "80"])?;
+    passed(&corral, &["failpoints", "--seed", "12", "--duration", "120"])?;
 
     info!("Corral with its leader cut off both ways, one way, and a follower cut off until it needs a snapshot");
     passed(&corral, &["partitions", "--seed", "15", "--duration", "40"])?;
+
+    info!("Corral with a follower wiped, removed from the membership and added back under load");
+    passed(&corral, &["wipe-follower", "--seed", "19", "--duration", "20"])?;
 
     info!("Corral with delay, jitter and loss on every peer link");
     passed(&corral, &["slow-links", "--seed", "16", "--duration", "25"])?;

@@ -127,6 +127,13 @@ pub struct AgentRecord {
     pub control_plane: bool,
 }
 
+impl ServerRecord {
+    /// Where the server keeps its store.
+    pub fn data_dir(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join("servers").join(&self.name).join("data")
+    }
+}
+
 impl AgentRecord {
     pub fn data_dir(&self, state_dir: &Path) -> PathBuf {
         state_dir.join("agents").join(&self.name)
@@ -322,7 +329,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
             nodenet::ensure_node(net, &server.name, i)
                 .with_context(|| format!("making server {}'s namespace", server.name))?;
         }
-        let pid = spawn_server(dir, server, &initial_cluster, &record.server_flags, record.network.as_ref())?;
+        // A server whose data is gone while the others have theirs joins the running
+        // cluster (after `etcdctl member remove` and `member add`) instead of founding one.
+        let member_file = |s: &ServerRecord| s.data_dir(dir).join("member.json").exists();
+        let rejoin = !member_file(server) && record.servers.iter().any(member_file);
+        let mut flags = record.server_flags.clone();
+        if rejoin {
+            println!("note: {} has no data: it joins the running cluster as an existing member", server.name);
+            flags.extend(["--initial-cluster-state".to_string(), "existing".to_string()]);
+        }
+        let pid = spawn_server(dir, server, &initial_cluster, &flags, record.network.as_ref())?;
         record.servers[i].pid = Some(pid);
         started += 1;
         // Recorded at once: if a later step fails, `corral down` still finds this one.
@@ -378,7 +394,7 @@ fn spawn_server(
     }
     cmd.args(["--name", &server.name])
         .arg("--data-dir")
-        .arg(server_dir.join("data"))
+        .arg(server.data_dir(dir))
         .args(["--listen-client-urls", &server.client_url])
         .args(["--listen-peer-urls", &server.peer_url])
         .args(["--listen-api-url", &server.api_url])

@@ -442,6 +442,13 @@ impl Cluster for Processes {
         self.log_lines(member, |l| l.contains("installing snapshot"))
     }
 
+    async fn wipe(&self, member: &str) -> Result<(), Error> {
+        self.server(member)?;
+        let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
+        let data = dir.join("servers").join(member).join("data");
+        std::fs::remove_dir_all(&data).map_err(|e| Error::Cluster(format!("wiping {}: {e}", data.display())))
+    }
+
     async fn before_fault(&self, fault: Fault) -> Result<(), Error> {
         match (&self.kube, fault) {
             (Some(kube), Fault::ServersDown) => {
