@@ -8,11 +8,12 @@
 #   busybox-static, nginx, gcc     what `corral image build` makes the busybox, nginx and pause images of
 #   iproute2, nftables, iptables   node network namespaces, service rules
 #   wrk, bc                        the Service benchmark's load and arithmetic (deploy/bench/network.sh)
+#   libfaketime                    the chaos suite's clock jumps on one server
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 packages=(librocksdb-dev libclang-dev etcd-client etcd-server containerd runc containernetworking-plugins
-  busybox-static nginx gcc libc6-dev iproute2 nftables iptables wrk bc)
+  busybox-static nginx gcc libc6-dev iproute2 nftables iptables wrk bc libfaketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -193,6 +193,37 @@ pub fn replicas_bounded(log: &ControlPlaneLog) -> Check {
     }
 }
 
+/// No node's Ready condition left True at any revision: every agent ran and renewed its
+/// Lease throughout (the faults hit servers only), so a node marked NotReady or Unknown is
+/// the control plane misjudging it (a clock read across a jump, a new leader's first look).
+pub fn nodes_stayed_ready(log: &ControlPlaneLog) -> Check {
+    let versions = log.initial.iter().map(|(k, v)| (0, k, v));
+    let changes = log.changes.iter().filter_map(|c| c.object.as_ref().map(|o| (c.revision, &c.key, o)));
+    let mut nodes = HashSet::new();
+    let mut lapses = Vec::new();
+    for (revision, key, node) in versions.chain(changes).filter(|(_, k, _)| resource(k) == "nodes") {
+        let ready = node
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["status"].as_str());
+        nodes.insert(key.clone());
+        if let Some(status) = ready.filter(|s| *s != "True") {
+            lapses.push(format!("{key} Ready={status} at revision {revision}"));
+        }
+    }
+    Check {
+        name: "nodes stayed ready",
+        criterion: "no node's Ready condition leaves True while its agent runs",
+        passed: lapses.is_empty(),
+        detail: if lapses.is_empty() {
+            format!("{} nodes", nodes.len())
+        } else {
+            format!("{} lapses: {}", lapses.len(), lapses.into_iter().take(3).collect::<Vec<_>>().join("; "))
+        },
+    }
+}
+
 /// What a live object holds that must be unique in the cluster: a node's pod CIDR, a
 /// Service's cluster IP and node ports.
 fn allocations(key: &str, object: &Value) -> Vec<String> {
@@ -445,6 +476,19 @@ mod tests {
         let check = unique_allocations(&log);
         assert!(!check.passed);
         assert!(check.detail.contains("cluster IP 10.96.0.11"), "{}", check.detail);
+    }
+
+    #[test]
+    fn a_node_marked_not_ready_is_caught() {
+        let node = |status: &str| {
+            ("/registry/nodes/a1".to_string(), json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}))
+        };
+        let log = ControlPlaneLog { initial: vec![node("True")], changes: vec![change(4, node("True"))] };
+        assert!(nodes_stayed_ready(&log).passed);
+        let log = ControlPlaneLog { initial: vec![node("True")], changes: vec![change(4, node("Unknown"))] };
+        let check = nodes_stayed_ready(&log);
+        assert!(!check.passed);
+        assert!(check.detail.contains("Ready=Unknown at revision 4"), "{}", check.detail);
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub trait Cluster {
     fn snapshots_installed(&self, member: &str) -> usize;
     /// Deletes a killed member's data; its next start must join the running cluster.
     async fn wipe(&self, member: &str) -> Result<(), Error>;
+    /// Sets the member's wall clock `offset_s` seconds from the true time (for scenarios
+    /// whose servers run with a faked clock).
+    async fn set_clock(&self, member: &str, offset_s: i64) -> Result<(), Error>;
     /// Called just before a fault is injected: a cluster with nodes notes what runs there.
     async fn before_fault(&self, _fault: Fault) -> Result<(), Error> {
         Ok(())
@@ -331,6 +334,12 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 }
                 snapshot = Some(cluster.snapshots_installed(victim) > installed);
             }
+            Fault::ClockJump => {
+                let victim = &victims[0];
+                cluster.set_clock(victim, 300).await?;
+                tokio::time::sleep(round.hold).await;
+                cluster.set_clock(victim, 0).await?;
+            }
             Fault::SlowLinks => {
                 cluster.shape_links(round.shaping.unwrap_or_default())?;
                 tokio::time::sleep(round.hold).await;
@@ -448,7 +457,9 @@ fn pick_victims(
     // With no leader known, the first member stands in for it.
     let leader = leader.map(str::to_string).unwrap_or_else(|| members[0].clone());
     match round.fault {
-        Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader | Fault::OneWayLeader => vec![leader],
+        Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader | Fault::OneWayLeader | Fault::ClockJump => {
+            vec![leader]
+        }
         Fault::KillFollower | Fault::PauseFollower | Fault::IsolateFollower | Fault::WipeFollower => {
             vec![follower()]
         }

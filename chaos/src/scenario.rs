@@ -41,6 +41,10 @@ pub enum Fault {
     /// it back (a membership change under load), then start it empty: it rejoins through a
     /// snapshot.
     WipeFollower,
+    /// Jump the leader's wall clock 5 minutes forward, hold, and back (libfaketime, its
+    /// monotonic clock untouched, as an NTP step would): no node may go NotReady, no pod be
+    /// evicted.
+    ClockJump,
     /// SIGKILL every server for 60 s while pods run on the nodes, then restart them all:
     /// no pod may restart or be evicted, every node must be Ready within 40 s.
     ServersDown,
@@ -62,6 +66,7 @@ impl Fault {
             Fault::SlowLinks => "slow links",
             Fault::ServersDown => "servers down 60 s",
             Fault::WipeFollower => "wipe follower",
+            Fault::ClockJump => "clock jump",
         }
     }
 
@@ -201,6 +206,12 @@ pub const SCENARIOS: &[Scenario] = &[
         kube: true,
     },
     Scenario {
+        name: "clock-jump",
+        about: "the leader's wall clock jumps 5 minutes forward and back (libfaketime) while pods run: no node NotReady, no pod evicted",
+        faults: &[Fault::ClockJump],
+        kube: true,
+    },
+    Scenario {
         name: "servers-down",
         about: "every server down for 60 s while pods run: none restarts or is evicted, every node Ready within 40 s",
         faults: &[Fault::ServersDown],
@@ -229,6 +240,11 @@ pub struct Round {
 }
 
 impl Scenario {
+    /// Whether the scenario's servers run with libfaketime, their clocks set through files.
+    pub fn fakes_clocks(&self) -> bool {
+        self.faults.contains(&Fault::ClockJump)
+    }
+
     /// Whether the scenario's links run through the shaping proxies.
     pub fn shapes_links(&self) -> bool {
         self.faults.contains(&Fault::SlowLinks)
@@ -242,6 +258,7 @@ impl Scenario {
         let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
         let hold = match fault {
             Fault::ServersDown => Duration::from_secs(60),
+            Fault::ClockJump => Duration::from_millis(rng.random_range(5_000..8_000)),
             Fault::IsolateFollower => Duration::from_millis(rng.random_range(5_000..8_000)),
             _ => Duration::from_millis(rng.random_range(1_000..4_000)),
         };

@@ -1,7 +1,7 @@
 //! The chaos suite's short profile: `corral chaos run` as a user runs it, on Corral (mixed
 //! kills and pauses, every failpoint, partitions with nftables in the servers' namespaces,
 //! slow and lossy peer links through proxies, Kubernetes clients under kills and partitions,
-//! all servers down for 60 s with pods running), on Debian's etcd 3.4 (the checkers must pass on
+//! all servers down for 60 s with pods running, the leader's clock jumping), on Debian's etcd 3.4 (the checkers must pass on
 //! the anchor), and on the negative control (a build that acknowledges writes it never put
 //! on disk: the checkers must catch it).
 
@@ -32,13 +32,13 @@ fn chaos_short_profile() -> Result<()> {
     let corral = corral_bin();
 
     info!("Corral under kills and pauses of leaders, followers, two and all servers: every checker passes");
-    passed(&corral, &["mixed", "--seed", "11", "--duration", "45"])?;
+    passed(&corral, &["mixed", "--seed", "11", "--duration", "30"])?;
 
     info!("Corral crashed at each failpoint in turn: every one fires, every checker passes");
     passed(&corral, &["failpoints", "--seed", "12", "--duration", "120"])?;
 
     info!("Corral with its leader cut off both ways, one way, and a follower cut off until it needs a snapshot");
-    passed(&corral, &["partitions", "--seed", "15", "--duration", "40"])?;
+    passed(&corral, &["partitions", "--seed", "15", "--duration", "30"])?;
 
     info!("Corral with a follower wiped, removed from the membership and added back under load");
     passed(&corral, &["wipe-follower", "--seed", "19", "--duration", "20"])?;
@@ -51,6 +51,9 @@ fn chaos_short_profile() -> Result<()> {
 
     info!("every server down for 60 s: the pods run on, the nodes are Ready again within 40 s");
     passed(&corral, &["servers-down", "--seed", "18", "--duration", "10"])?;
+
+    info!("the leader's wall clock jumps five minutes forward and back: no node goes NotReady");
+    passed(&corral, &["clock-jump", "--seed", "20", "--duration", "10"])?;
 
     info!("Debian's etcd 3.4 under the same workload and faults: the checkers pass on the anchor");
     passed(&corral, &["mixed", "--system", "etcd", "--seed", "13", "--duration", "30", "--base-port", "26800"])?;

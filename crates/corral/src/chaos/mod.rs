@@ -107,6 +107,9 @@ async fn run_scenario(args: RunArgs) -> Result<()> {
     if scenario.shapes_links() {
         cluster.route_links_through_proxies().await?;
     }
+    if scenario.fakes_clocks() {
+        cluster.fake_clocks().await?;
+    }
     let options = Options {
         seed: args.seed,
         duration: Duration::from_secs(args.duration),
@@ -175,6 +178,7 @@ async fn judge_control_plane(kube: &kube::Kube, channels: &[Channel], start: i64
             checks.push(corral_chaos::kube::bound_once(&log));
             checks.push(corral_chaos::kube::replicas_bounded(&log));
             checks.push(corral_chaos::kube::unique_allocations(&log));
+            checks.push(corral_chaos::kube::nodes_stayed_ready(&log));
         }
         None => checks.push(Check {
             name: "control plane judged",
@@ -289,6 +293,45 @@ impl Processes {
 
     fn server(&self, member: &str) -> Result<&ServerRecord, Error> {
         self.servers()?.iter().find(|s| s.name == member).ok_or_else(|| Error::Cluster(format!("no server {member}")))
+    }
+
+    /// Restarts every server, one at a time, with libfaketime reading its wall clock's
+    /// offset from `DIR/servers/NAME/clock` (re-read every second; the monotonic clock is
+    /// left alone, as an NTP step leaves it).
+    async fn fake_clocks(&self) -> Result<(), Error> {
+        let library = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+            .iter()
+            .map(|arch| PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketimeMT.so.1")))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                Error::Cluster("clock jumps need libfaketime (deploy/install-deps.sh installs it)".into())
+            })?;
+        for server in self.servers()?.to_vec() {
+            let file = self.clock_file(&server.name)?;
+            std::fs::write(&file, "+0\n").map_err(|e| Error::Cluster(format!("{}: {e}", file.display())))?;
+            self.kill(&server.name).await?;
+            let (target, name) = (self.target.clone(), server.name.clone());
+            let env = [
+                ("LD_PRELOAD", library.display().to_string()),
+                ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+                ("FAKETIME_CACHE_DURATION", "1".to_string()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+            ];
+            tokio::task::spawn_blocking(move || {
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                target.restart_with_env(&name, &env)
+            })
+            .await
+            .map_err(|e| Error::Cluster(e.to_string()))?
+            .map_err(cluster_error)?;
+        }
+        info!("every server's wall clock is faked (offset 0 until a jump)");
+        Ok(())
+    }
+
+    fn clock_file(&self, member: &str) -> Result<PathBuf, Error> {
+        let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
+        Ok(dir.join("servers").join(member).join("clock"))
     }
 
     /// Starts a proxy per directed peer link, sends each server's connections to its peers
@@ -449,9 +492,17 @@ impl Cluster for Processes {
         std::fs::remove_dir_all(&data).map_err(|e| Error::Cluster(format!("wiping {}: {e}", data.display())))
     }
 
+    async fn set_clock(&self, member: &str, offset_s: i64) -> Result<(), Error> {
+        let file = self.clock_file(member)?;
+        if !file.exists() {
+            return Err(Error::Cluster(format!("{member} does not run with a faked clock")));
+        }
+        std::fs::write(&file, format!("{offset_s:+}\n")).map_err(|e| Error::Cluster(format!("{}: {e}", file.display())))
+    }
+
     async fn before_fault(&self, fault: Fault) -> Result<(), Error> {
         match (&self.kube, fault) {
-            (Some(kube), Fault::ServersDown) => {
+            (Some(kube), Fault::ServersDown | Fault::ClockJump) => {
                 *kube.returned.lock().expect("returned lock") = None;
                 kube.note_pods().await.map_err(cluster_error)
             }
@@ -461,7 +512,7 @@ impl Cluster for Processes {
 
     async fn after_heal(&self, fault: Fault) -> Vec<Check> {
         match (&self.kube, fault) {
-            (Some(kube), Fault::ServersDown) => kube.judge_return(Duration::from_secs(40)).await,
+            (Some(kube), Fault::ServersDown | Fault::ClockJump) => kube.judge_return(Duration::from_secs(40)).await,
             _ => Vec::new(),
         }
     }
