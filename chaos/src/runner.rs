@@ -56,6 +56,11 @@ pub trait Cluster {
     fn snapshots_installed(&self, member: &str) -> usize;
     /// Deletes a killed member's data; its next start must join the running cluster.
     async fn wipe(&self, member: &str) -> Result<(), Error>;
+    /// Restarts the member with its data on a filesystem with `spare_bytes` left.
+    async fn fill_disk(&self, member: &str, spare_bytes: u64) -> Result<(), Error>;
+    /// Gives a member filled by [`Cluster::fill_disk`] its own disk back (its data as the
+    /// small filesystem left it) and starts it again; how full the small one was.
+    async fn free_disk(&self, member: &str) -> Result<String, Error>;
     /// Sets the member's wall clock `offset_s` seconds from the true time (for scenarios
     /// whose servers run with a faked clock).
     async fn set_clock(&self, member: &str, offset_s: i64) -> Result<(), Error>;
@@ -122,6 +127,8 @@ pub struct FaultRecord {
     pub shaping: Option<Shaping>,
     /// For an isolated follower: whether it installed a snapshot within 30 s of healing.
     pub caught_up_by_snapshot: Option<bool>,
+    /// For a full disk: how full it got and whether the server stopped.
+    pub disk: Option<String>,
 }
 
 impl FaultRecord {
@@ -133,6 +140,9 @@ impl FaultRecord {
         }
         if let Some(s) = self.shaping {
             return format!("{} ms ±{} ms, {:.1}% loss", s.delay.as_millis(), s.jitter.as_millis(), s.loss * 100.0);
+        }
+        if let Some(disk) = &self.disk {
+            return disk.clone();
         }
         match self.caught_up_by_snapshot {
             Some(true) => "caught up by snapshot".into(),
@@ -258,6 +268,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
         info!(fault = round.fault.name(), victims = ?victims, failpoint = ?round.failpoint, ops_per_s_before, "injecting");
         let mut failpoint = None;
         let mut snapshot = None;
+        let mut disk = None;
         match round.fault {
             Fault::PauseLeader | Fault::PauseFollower => {
                 for v in &victims {
@@ -334,6 +345,15 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 }
                 snapshot = Some(cluster.snapshots_installed(victim) > installed);
             }
+            Fault::DiskFull => {
+                let victim = &victims[0];
+                cluster.fill_disk(victim, 64 << 10).await?;
+                tokio::time::sleep(round.hold).await;
+                let stopped = !cluster.running(victim);
+                let full = cluster.free_disk(victim).await?;
+                info!(member = %victim, stopped, full = %full, "gave the disk back");
+                disk = Some(format!("{full}{}", if stopped { ", server stopped" } else { ", server ran on" }));
+            }
             Fault::ClockJump => {
                 let victim = &victims[0];
                 cluster.set_clock(victim, 300).await?;
@@ -376,6 +396,7 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
             failpoint,
             shaping: round.shaping,
             caught_up_by_snapshot: snapshot,
+            disk,
         });
         if recovered.is_none() {
             warn!(fault = round.fault.name(), "the cluster did not recover within 60 s; ending the run");
@@ -464,7 +485,8 @@ fn pick_victims(
             vec![follower()]
         }
         Fault::SlowLinks => members.to_vec(),
-        Fault::Failpoint if round.on_leader => vec![leader],
+        Fault::Failpoint | Fault::DiskFull if round.on_leader => vec![leader],
+        Fault::DiskFull => vec![follower()],
         Fault::Failpoint => vec![follower()],
         Fault::KillTwo => vec![leader, follower()],
         Fault::KillAll | Fault::ServersDown => members.to_vec(),

@@ -41,6 +41,9 @@ pub enum Fault {
     /// it back (a membership change under load), then start it empty: it rejoins through a
     /// snapshot.
     WipeFollower,
+    /// Move a member's data onto a small filesystem that fills up under the workload (the
+    /// leader or a follower), hold, then give it its space back and restart it.
+    DiskFull,
     /// Jump the leader's wall clock 5 minutes forward, hold, and back (libfaketime, its
     /// monotonic clock untouched, as an NTP step would): no node may go NotReady, no pod be
     /// evicted.
@@ -67,6 +70,7 @@ impl Fault {
             Fault::ServersDown => "servers down 60 s",
             Fault::WipeFollower => "wipe follower",
             Fault::ClockJump => "clock jump",
+            Fault::DiskFull => "disk full",
         }
     }
 
@@ -206,6 +210,12 @@ pub const SCENARIOS: &[Scenario] = &[
         kube: true,
     },
     Scenario {
+        name: "disk-full",
+        about: "a server's data on a small filesystem that fills up under load, then space again",
+        faults: &[Fault::DiskFull],
+        kube: false,
+    },
+    Scenario {
         name: "clock-jump",
         about: "the leader's wall clock jumps 5 minutes forward and back (libfaketime) while pods run: no node NotReady, no pod evicted",
         faults: &[Fault::ClockJump],
@@ -258,7 +268,7 @@ impl Scenario {
         let quiet = Duration::from_millis(rng.random_range(3_000..6_000));
         let hold = match fault {
             Fault::ServersDown => Duration::from_secs(60),
-            Fault::ClockJump => Duration::from_millis(rng.random_range(5_000..8_000)),
+            Fault::ClockJump | Fault::DiskFull => Duration::from_millis(rng.random_range(5_000..8_000)),
             Fault::IsolateFollower => Duration::from_millis(rng.random_range(5_000..8_000)),
             _ => Duration::from_millis(rng.random_range(1_000..4_000)),
         };

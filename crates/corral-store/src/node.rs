@@ -298,6 +298,20 @@ impl StoreNode {
         }
     }
 
+    /// Resolves when Raft has stopped on a fatal error (a storage write that failed: a full
+    /// or failing disk); what stopped it.
+    pub async fn raft_stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft's metrics closed".into();
+            }
+        }
+    }
+
     /// A peer client for the leader, for what a follower forwards, and the leader's id.
     async fn leader_client(&self) -> StoreResult<(NodeId, RaftPeerClient<Channel>)> {
         let (id, leader) = self.leader().await?;

@@ -906,6 +906,13 @@ pub async fn down(args: DownArgs) -> Result<()> {
     let tag = crate::urls::stable_id(&[&dir.to_string_lossy()]) & 0xffff;
     nodenet::remove_all(&NodeNetwork::for_tag(tag as u32));
     progress.done(&if killed > 0 { format!("{killed} did not stop in 10s and were killed") } else { "stopped".into() });
+    // Filesystems mounted under the directory (a chaos run's small disk) go first.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for point in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+        if Path::new(point).starts_with(dir) {
+            let _ = std::process::Command::new("umount").args(["-l", point]).status();
+        }
+    }
     progress.start(&format!("removing {}", dir.display()));
     for name in ["agents", "servers", "pki", "images", "token", "cluster.json", "kubeconfig", "etcdctl.env"] {
         let path = dir.join(name);

@@ -237,7 +237,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let api = if args.etcd_only { String::new() } else { format!(", Kubernetes API on {}", args.listen_api_url) };
     println!("corral server {} ready: etcd API on {}, peers on {}{api}", args.name, args.client_url(), args.peer_url());
 
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        fatal = node.raft_stopped() => {
+            // Crash-only: a server whose Raft stopped (its disk full or failing) would go on
+            // answering from a store that no longer moves. It exits, to be restarted once
+            // the cause is fixed; what it acknowledged is on a quorum's disks.
+            tracing::error!(error = %fatal, "raft stopped: exiting");
+            eprintln!("corral server {}: raft stopped: {fatal}", args.name);
+            std::process::exit(2);
+        }
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     node.shutdown().await;

@@ -17,7 +17,7 @@ use corral_chaos::proxy::{Knob, LinkProxy, Shaping};
 use corral_chaos::runner::{self, Cluster, Error, Options};
 use corral_chaos::scenario::{self, Fault, SCENARIOS};
 use tonic::transport::Channel;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bench::Target;
 use crate::local::{ClusterRecord, ServerRecord};
@@ -190,6 +190,41 @@ async fn judge_control_plane(kube: &kube::Kube, channels: &[Channel], start: i64
     checks
 }
 
+/// Bytes in the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// KiB available on the filesystem holding `path`.
+fn free_kib(path: &Path) -> Option<u64> {
+    let out = std::process::Command::new("df").args(["-k", "--output=avail"]).arg(path).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse().ok()
+}
+
+/// Runs a command to completion; its stderr in the error.
+fn run_tool(program: &str, args: &[&str]) -> Result<(), Error> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Cluster(format!("{program}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Cluster(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 fn logs_hint(system: System, dir: &Path) -> String {
     match system {
         System::Corral => format!("{0}/servers/*/server.log (logs), {0}/servers/*/data (data)", dir.display()),
@@ -327,6 +362,15 @@ impl Processes {
         }
         info!("every server's wall clock is faked (offset 0 until a jump)");
         Ok(())
+    }
+
+    /// A server's data directory, the small filesystem's mount point, and where the data
+    /// directory waits while the server runs on the small one.
+    fn disk_paths(&self, member: &str) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
+        self.server(member)?;
+        let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
+        let server = dir.join("servers").join(member);
+        Ok((server.join("data"), server.join("small-disk"), server.join("data.full-disk")))
     }
 
     fn clock_file(&self, member: &str) -> Result<PathBuf, Error> {
@@ -490,6 +534,50 @@ impl Cluster for Processes {
         let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
         let data = dir.join("servers").join(member).join("data");
         std::fs::remove_dir_all(&data).map_err(|e| Error::Cluster(format!("wiping {}: {e}", data.display())))
+    }
+
+    async fn fill_disk(&self, member: &str, spare_bytes: u64) -> Result<(), Error> {
+        let (data, small, saved) = self.disk_paths(member)?;
+        self.kill(member).await?;
+        let used = dir_bytes(&data);
+        // Room to start (a new log file, a manifest) before the balloon takes the rest.
+        let size_kib = (used + (16 << 20)).div_ceil(1024);
+        std::fs::create_dir_all(&small).map_err(|e| Error::Cluster(format!("{}: {e}", small.display())))?;
+        run_tool("mount", &["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs", &small.display().to_string()])?;
+        run_tool("cp", &["-a", &format!("{}/.", data.display()), &small.display().to_string()])?;
+        std::fs::rename(&data, &saved).map_err(|e| Error::Cluster(format!("{}: {e}", data.display())))?;
+        std::os::unix::fs::symlink(&small, &data).map_err(|e| Error::Cluster(format!("{}: {e}", data.display())))?;
+        info!(member, used_bytes = used, size_kib, "data moved onto a small filesystem");
+        // It may fail to start, or soon stop, for want of space: that is the fault.
+        if let Err(e) = self.restart(member).await {
+            warn!(member, error = %e, "restart on the small filesystem did not confirm");
+        }
+        // Then all but `spare_bytes` of the space left goes to a balloon: the next few
+        // hundred writes fill it.
+        if let Some(free) = free_kib(&small) {
+            let balloon = (free * 1024).saturating_sub(spare_bytes);
+            if balloon > 0 {
+                run_tool("fallocate", &["-l", &balloon.to_string(), &small.join("balloon").display().to_string()])?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn free_disk(&self, member: &str) -> Result<String, Error> {
+        let (data, small, saved) = self.disk_paths(member)?;
+        let free = free_kib(&small);
+        if self.running(member) {
+            self.kill(member).await?;
+        }
+        // What the full disk holds is the server's state now: copied back whole.
+        let _ = std::fs::remove_file(small.join("balloon"));
+        run_tool("cp", &["-a", &format!("{}/.", small.display()), &saved.display().to_string()])?;
+        std::fs::remove_file(&data).map_err(|e| Error::Cluster(format!("{}: {e}", data.display())))?;
+        std::fs::rename(&saved, &data).map_err(|e| Error::Cluster(format!("{}: {e}", saved.display())))?;
+        run_tool("umount", &[&small.display().to_string()])?;
+        let _ = std::fs::remove_dir(&small);
+        self.restart(member).await?;
+        Ok(free.map_or("free space unknown".into(), |kib| format!("{kib} KiB left")))
     }
 
     async fn set_clock(&self, member: &str, offset_s: i64) -> Result<(), Error> {
