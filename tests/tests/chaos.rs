@@ -43,7 +43,9 @@ fn chaos_short_profile() -> Result<()> {
     info!("Corral with a follower wiped, removed from the membership and added back under load");
     passed(&corral, &["wipe-follower", "--seed", "19", "--duration", "20"])?;
 
-    info!("Corral with a server's disk full: it stops rather than go on half-written, and catches up once it has space");
+    info!(
+        "Corral with a server's disk full: it stops rather than go on half-written, and catches up once it has space"
+    );
     passed(&corral, &["disk-full", "--seed", "21", "--duration", "20"])?;
 
     info!("Corral with delay, jitter and loss on every peer link");

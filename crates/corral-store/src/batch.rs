@@ -35,6 +35,8 @@ const QUEUED_READS: usize = 16_384;
 struct PendingWrite {
     cmd: Command,
     reply: oneshot::Sender<StoreResult<CommandResult>>,
+    /// Never forwarded: committed only while this server leads (the control loops' writes).
+    leader_only: bool,
 }
 
 /// Batches commands: on the leader into Raft entries, on a follower into one forwarded call.
@@ -50,10 +52,10 @@ impl Proposer {
     }
 
     /// Replicates `cmd` in the next batch and returns what applying it produced.
-    pub(crate) async fn propose(&self, cmd: Command) -> StoreResult<CommandResult> {
+    pub(crate) async fn propose(&self, cmd: Command, leader_only: bool) -> StoreResult<CommandResult> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(PendingWrite { cmd, reply })
+            .send(PendingWrite { cmd, reply, leader_only })
             .await
             .map_err(|_| StoreError::Unavailable("etcdserver: server stopped".into()))?;
         // A dropped reply means the batch's outcome is unknown (the proposer stopped).
@@ -80,22 +82,38 @@ async fn run_proposer(node: Weak<StoreNode>, mut rx: mpsc::Receiver<PendingWrite
         let Some(node) = node.upgrade() else { return };
         tokio::spawn(async move {
             let _permit = permit;
-            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-            let count = commands.len();
-            match node.commit_batch(CommandBatch { commands }).await {
-                Ok(results) => {
-                    debug_assert_eq!(results.len(), count, "one result per command");
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result_of(result));
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(StoreError::from_code_keeping(&e)));
-                    }
-                }
+            let (leader_only, anywhere): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.leader_only);
+            if !anywhere.is_empty() {
+                commit(&node, anywhere, false).await;
+            }
+            if !leader_only.is_empty() {
+                commit(&node, leader_only, true).await;
             }
         });
+    }
+}
+
+/// Commits `batch` (appended here, or forwarded unless `leader_only`) and answers each write.
+async fn commit(node: &StoreNode, batch: Vec<PendingWrite>, leader_only: bool) {
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let count = commands.len();
+    let committed = if leader_only {
+        node.commit_here(CommandBatch { commands }).await
+    } else {
+        node.commit_batch(CommandBatch { commands }).await
+    };
+    match committed {
+        Ok(results) => {
+            debug_assert_eq!(results.len(), count, "one result per command");
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result_of(result));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::from_code_keeping(&e)));
+            }
+        }
     }
 }
 

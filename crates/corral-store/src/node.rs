@@ -85,6 +85,12 @@ impl StoreConfig {
     }
 }
 
+tokio::task_local! {
+    /// Set (true) around the control loops' tasks: their writes are fenced to this server's
+    /// own leadership (see [`StoreNode::propose`]).
+    pub static LEADER_ONLY: bool;
+}
+
 /// A membership change, forwarded to the leader as bincode.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MemberChange {
@@ -362,18 +368,30 @@ impl StoreNode {
 
     /// Replicates a write and returns what applying it produced. Writes that arrive
     /// together share a Raft entry; on a follower they are forwarded to the leader together.
+    /// Inside [`LEADER_ONLY`] (the control loops' tasks) a write is never forwarded: it
+    /// commits only while this server leads, so a deposed leader's loops, still running
+    /// until they hear of it, cannot write through the new leader.
     pub async fn propose(&self, cmd: Command) -> StoreResult<CommandResult> {
         if is_quota_bound(&cmd) {
             self.check_space().await?;
         }
+        let leader_only = LEADER_ONLY.try_with(|only| *only).unwrap_or(false);
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.proposer.propose(cmd.clone()).await {
-                Err(StoreError::LeaderChanged) if attempts < 3 => continue,
+            match self.proposer.propose(cmd.clone(), leader_only).await {
+                Err(StoreError::LeaderChanged) if attempts < 3 && !leader_only => continue,
                 other => return other,
             }
         }
+    }
+
+    /// Appends a batch here if this server leads; never forwards it.
+    pub(crate) async fn commit_here(&self, batch: CommandBatch) -> StoreResult<Vec<CommandResult>> {
+        if !self.is_leader() {
+            return Err(StoreError::NoLeader);
+        }
+        self.commit_local(batch).await
     }
 
     /// Commits one batch: appended here on the leader, forwarded to the leader otherwise.

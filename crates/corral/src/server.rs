@@ -322,6 +322,8 @@ async fn start_api(
     let term_runtime = corral_controllers::leader::control_runtime().context("starting the controllers' runtime")?;
     tokio::spawn(corral_controllers::leader::run_while_leader(leadership, move || {
         let informers = corral_controllers::informer::Informers::new(cluster.clone());
+        // Every loop's writes are fenced to this server's leadership: never forwarded.
+        let term_runtime = Fenced(term_runtime.clone());
         let mut tasks = vec![
             term_runtime.spawn(corral_controllers::scheduling::run(cluster.clone(), informers.clone(), name.clone())),
             term_runtime.spawn(corral_controllers::replicaset::run(cluster.clone(), informers.clone(), name.clone())),
@@ -366,6 +368,19 @@ async fn start_api(
             tracing::error!(error = %e, "the Kubernetes API stopped");
         }
     }))
+}
+
+/// The control loops' runtime, spawning each task inside `LEADER_ONLY`.
+struct Fenced(tokio::runtime::Handle);
+
+impl Fenced {
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.spawn(corral_store::node::LEADER_ONLY.scope(true, task))
+    }
 }
 
 /// This server's member and cluster ids: from its data directory, else derived from the
