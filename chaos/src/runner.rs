@@ -287,6 +287,11 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 // Long enough behind for the leader to have purged what it missed: it
                 // catches up from a snapshot.
                 tokio::time::sleep(round.hold + Duration::from_secs(2)).await;
+                if name == "snapshot-install-before-restore" {
+                    // Past two snapshot intervals (500 entries and 100 kept, as the chaos
+                    // cluster runs): the victim can only catch up from a snapshot.
+                    extend_log(&channels, 1_300).await;
+                }
                 if let Err(e) = cluster.restart_with_failpoints(victim, &format!("{name}={action}")).await {
                     // It may have crashed before its start was confirmed: what fired decides.
                     warn!(member = %victim, error = %e, "restart with the failpoint armed did not confirm");
@@ -294,6 +299,10 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 if name == "mvcc-compact" && compact_to + 1 < start_revision {
                     compact_to += 1;
                     compact(&channels, compact_to).await;
+                }
+                if matches!(name, "snapshot-build" | "raft-log-purge") {
+                    // A snapshot interval's worth of entries for the victim to apply.
+                    extend_log(&channels, 700).await;
                 }
                 let waited = Instant::now();
                 let mut churned: Option<Instant> = None;
@@ -653,6 +662,28 @@ async fn fill(channels: &[Channel], count: usize) -> Result<(), Error> {
         kv.put(req).await.map_err(|e| Error::Cluster(format!("filling: {e}")))?;
     }
     Ok(())
+}
+
+/// Appends `count` entries, one sequential put each, through whichever member answers (best
+/// effort): enough for the leader to snapshot and purge past a member that is down, so that
+/// the snapshot failpoints are reached for certain, not only when the workload happened to
+/// write enough.
+async fn extend_log(channels: &[Channel], count: usize) {
+    let mut at = 0;
+    for i in 0..count {
+        for _ in 0..channels.len() {
+            let mut kv = corral_proto::etcdserverpb::kv_client::KvClient::new(channels[at].clone());
+            let req = PutRequest {
+                key: format!("chaos-fill/extend/{}", i % 64).into_bytes(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.put(req)).await {
+                break;
+            }
+            at = (at + 1) % channels.len();
+        }
+    }
 }
 
 /// Compacts the store at `revision` (best effort: the failpoint round checks what fired).
