@@ -66,6 +66,22 @@ pub fn max_surge(deployment: &Value, replicas: i64) -> i64 {
     }
 }
 
+/// Every version of the `resource`'s objects in the log, the initial ones at revision 0,
+/// in revision order (deletions left out).
+fn versions<'a>(
+    log: &'a ControlPlaneLog,
+    resource_name: &'a str,
+) -> impl Iterator<Item = (i64, &'a String, &'a Value)> {
+    let initial = log.initial.iter().map(|(k, v)| (0, k, v));
+    let changes = log.changes.iter().filter_map(|c| c.object.as_ref().map(|o| (c.revision, &c.key, o)));
+    initial.chain(changes).filter(move |(_, k, _)| resource(k) == resource_name)
+}
+
+/// The first three findings, for a check's detail.
+fn first_few(findings: Vec<String>) -> String {
+    findings.into_iter().take(3).collect::<Vec<_>>().join("; ")
+}
+
 /// Replays the log, calling `visit` with the objects after each change (and once for the
 /// initial state, with revision 0).
 fn replay(log: &ControlPlaneLog, mut visit: impl FnMut(i64, &str, &BTreeMap<String, Value>)) {
@@ -85,9 +101,7 @@ fn replay(log: &ControlPlaneLog, mut visit: impl FnMut(i64, &str, &BTreeMap<Stri
 pub fn bound_once(log: &ControlPlaneLog) -> Check {
     let mut nodes: HashMap<String, String> = HashMap::new();
     let mut rebound = Vec::new();
-    let versions = log.initial.iter().map(|(k, v)| (0, k, v));
-    let changes = log.changes.iter().filter_map(|c| c.object.as_ref().map(|o| (c.revision, &c.key, o)));
-    for (revision, key, pod) in versions.chain(changes).filter(|(_, k, _)| resource(k) == "pods") {
+    for (revision, key, pod) in versions(log, "pods") {
         let (Some(uid), Some(node)) = (uid(pod), str_at(pod, "/spec/nodeName")) else { continue };
         match nodes.get(uid) {
             Some(first) if first != node => rebound.push(format!("{key} moved from {first} to {node} at {revision}")),
@@ -104,7 +118,7 @@ pub fn bound_once(log: &ControlPlaneLog) -> Check {
         detail: if rebound.is_empty() {
             format!("{} pods bound", nodes.len())
         } else {
-            format!("{} rebound: {}", rebound.len(), rebound.into_iter().take(3).collect::<Vec<_>>().join("; "))
+            format!("{} rebound: {}", rebound.len(), first_few(rebound))
         },
     }
 }
@@ -188,7 +202,7 @@ pub fn replicas_bounded(log: &ControlPlaneLog) -> Check {
         detail: if over.is_empty() {
             format!("{} ReplicaSets, {} Deployments, {} counts", rs_most.len(), deploy_most.len(), peak_checked)
         } else {
-            format!("{} violations: {}", over.len(), over.into_iter().take(3).collect::<Vec<_>>().join("; "))
+            format!("{} violations: {}", over.len(), first_few(over))
         },
     }
 }
@@ -197,11 +211,9 @@ pub fn replicas_bounded(log: &ControlPlaneLog) -> Check {
 /// Lease throughout (the faults hit servers only), so a node marked NotReady or Unknown is
 /// the control plane misjudging it (a clock read across a jump, a new leader's first look).
 pub fn nodes_stayed_ready(log: &ControlPlaneLog) -> Check {
-    let versions = log.initial.iter().map(|(k, v)| (0, k, v));
-    let changes = log.changes.iter().filter_map(|c| c.object.as_ref().map(|o| (c.revision, &c.key, o)));
     let mut nodes = HashSet::new();
     let mut lapses = Vec::new();
-    for (revision, key, node) in versions.chain(changes).filter(|(_, k, _)| resource(k) == "nodes") {
+    for (revision, key, node) in versions(log, "nodes") {
         let ready = node
             .pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -219,7 +231,7 @@ pub fn nodes_stayed_ready(log: &ControlPlaneLog) -> Check {
         detail: if lapses.is_empty() {
             format!("{} nodes", nodes.len())
         } else {
-            format!("{} lapses: {}", lapses.len(), lapses.into_iter().take(3).collect::<Vec<_>>().join("; "))
+            format!("{} lapses: {}", lapses.len(), first_few(lapses))
         },
     }
 }
@@ -269,11 +281,7 @@ pub fn unique_allocations(log: &ControlPlaneLog) -> Check {
         name: "unique allocations",
         criterion: "no pod CIDR, cluster IP or node port is held by two live objects at any revision",
         passed: duplicates.is_empty(),
-        detail: if duplicates.is_empty() {
-            format!("{} allocations", seen.len())
-        } else {
-            duplicates.into_iter().take(3).collect::<Vec<_>>().join("; ")
-        },
+        detail: if duplicates.is_empty() { format!("{} allocations", seen.len()) } else { first_few(duplicates) },
     }
 }
 
@@ -325,12 +333,7 @@ pub fn pods_undisturbed(before: &[Value], after: &[Value]) -> Check {
         } else if disturbed.is_empty() {
             format!("{} pods", running.len())
         } else {
-            format!(
-                "{} of {}: {}",
-                disturbed.len(),
-                running.len(),
-                disturbed.into_iter().take(3).collect::<Vec<_>>().join("; ")
-            )
+            format!("{} of {}: {}", disturbed.len(), running.len(), first_few(disturbed))
         },
     }
 }

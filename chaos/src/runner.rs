@@ -745,80 +745,71 @@ fn agreed_leader(views: &[Option<(u64, u64, u64)>]) -> Option<usize> {
     (followers > views.len() / 2).then_some(i)
 }
 
-/// Removes the member named `name` from the membership (through any member that answers,
-/// for up to 30 s); its peer URLs, to add it back with.
-async fn remove_member(channels: &[Channel], name: &str) -> Result<Vec<String>, Error> {
+/// Calls `call` on each member in turn until one answers Ok, for up to 30 s; the last
+/// refusal otherwise, under `what`.
+async fn on_any_member<T, Fut>(
+    channels: &[Channel],
+    what: &str,
+    mut call: impl FnMut(ClusterClient<Channel>) -> Fut,
+) -> Result<T, Error>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let mut last = String::new();
     for _ in 0..60 {
         for channel in channels {
-            let mut client = ClusterClient::new(channel.clone());
-            let list =
-                match tokio::time::timeout(Duration::from_secs(2), client.member_list(MemberListRequest::default()))
-                    .await
-                {
-                    Ok(Ok(list)) => list.into_inner(),
-                    Ok(Err(e)) => {
-                        last = e.message().to_string();
-                        continue;
-                    }
-                    Err(_) => continue,
-                };
-            let Some(member) = list.members.iter().find(|m| m.name == name) else {
-                return Err(Error::Cluster(format!("no member named {name} to remove")));
-            };
-            let remove = MemberRemoveRequest { id: member.id };
-            match tokio::time::timeout(Duration::from_secs(5), client.member_remove(remove)).await {
-                Ok(Ok(_)) => {
-                    info!(member = name, id = member.id, "member removed");
-                    return Ok(member.peer_ur_ls.clone());
-                }
+            match tokio::time::timeout(Duration::from_secs(5), call(ClusterClient::new(channel.clone()))).await {
+                Ok(Ok(reply)) => return Ok(reply.into_inner()),
                 Ok(Err(e)) => last = e.message().to_string(),
                 Err(_) => last = "no answer in 5 s".into(),
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(Error::Cluster(format!("could not remove member {name}: {last}")))
+    Err(Error::Cluster(format!("{what}: {last}")))
 }
 
-/// Adds a member with `peer_urls`, a voter or a learner (through any member that answers,
-/// for up to 30 s); its id.
+/// Removes the member named `name` from the membership; its peer URLs, to add it back with.
+async fn remove_member(channels: &[Channel], name: &str) -> Result<Vec<String>, Error> {
+    let list = on_any_member(channels, "listing the members", |mut c| async move {
+        c.member_list(MemberListRequest::default()).await
+    })
+    .await?;
+    let member = list
+        .members
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| Error::Cluster(format!("no member named {name} to remove")))?;
+    let id = member.id;
+    on_any_member(channels, &format!("removing member {name}"), |mut c| async move {
+        c.member_remove(MemberRemoveRequest { id }).await
+    })
+    .await?;
+    info!(member = name, id, "member removed");
+    Ok(member.peer_ur_ls)
+}
+
+/// Adds a member with `peer_urls`, a voter or a learner; its id.
 async fn add_member(channels: &[Channel], peer_urls: &[String], is_learner: bool) -> Result<u64, Error> {
-    let mut last = String::new();
-    for _ in 0..60 {
-        for channel in channels {
-            let mut client = ClusterClient::new(channel.clone());
-            let add = MemberAddRequest { peer_ur_ls: peer_urls.to_vec(), is_learner };
-            match tokio::time::timeout(Duration::from_secs(5), client.member_add(add)).await {
-                Ok(Ok(resp)) => {
-                    let id = resp.into_inner().member.map_or(0, |m| m.id);
-                    info!(id, is_learner, "member added");
-                    return Ok(id);
-                }
-                Ok(Err(e)) => last = e.message().to_string(),
-                Err(_) => last = "no answer in 5 s".into(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(Error::Cluster(format!("could not add a member at {peer_urls:?}: {last}")))
+    let added = on_any_member(channels, &format!("adding a member at {peer_urls:?}"), |mut c| {
+        let add = MemberAddRequest { peer_ur_ls: peer_urls.to_vec(), is_learner };
+        async move { c.member_add(add).await }
+    })
+    .await?;
+    let id = added.member.map_or(0, |m| m.id);
+    info!(id, is_learner, "member added");
+    Ok(id)
 }
 
 /// Two membership changes for every member to apply: a learner that never starts (its
 /// address refuses at once, on each server's own loopback) is added, then removed.
 async fn churn_membership(channels: &[Channel]) -> Result<(), Error> {
     let id = add_member(channels, &["https://127.0.0.1:1".to_string()], true).await?;
-    for _ in 0..60 {
-        for channel in channels {
-            let remove = MemberRemoveRequest { id };
-            let mut client = ClusterClient::new(channel.clone());
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), client.member_remove(remove)).await {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(Error::Cluster(format!("could not remove the learner {id} added for a membership change")))
+    on_any_member(channels, "removing the learner added for a membership change", |mut c| async move {
+        c.member_remove(MemberRemoveRequest { id }).await
+    })
+    .await?;
+    Ok(())
 }
 
 /// True once every member answers Status with a leader, within `bound`.

@@ -318,10 +318,16 @@ impl StoreNode {
         }
     }
 
-    /// A peer client for the leader, for what a follower forwards, and the leader's id.
-    async fn leader_client(&self) -> StoreResult<(NodeId, RaftPeerClient<Channel>)> {
-        let (id, leader) = self.leader().await?;
-        Ok((id, self.peers.member_client(&leader).map_err(StoreError::Unavailable)?))
+    /// A peer client for the leader, for what a follower forwards.
+    async fn leader_client(&self) -> StoreResult<RaftPeerClient<Channel>> {
+        let (_, leader) = self.leader().await?;
+        self.peers.member_client(&leader).map_err(StoreError::Unavailable)
+    }
+
+    /// Whether a leader with these metrics has gone two election timeouts without hearing
+    /// from a quorum: it is cut off.
+    fn quorum_lost(&self, metrics: &RaftMetrics) -> bool {
+        metrics.millis_since_quorum_ack.is_some_and(|ms| ms > self.cfg.election_timeout_max_ms * 2)
     }
 
     /// Resolves once `leader` no longer leads as this server sees it: another is known or
@@ -330,14 +336,10 @@ impl StoreNode {
     /// only holds up the writes queued behind it.
     async fn leadership_lost(&self, leader: NodeId) {
         let mut metrics = self.raft.metrics();
-        let cut_off_ms = self.cfg.election_timeout_max_ms * 2;
         loop {
             {
                 let m = metrics.borrow_and_update();
-                if m.current_leader != Some(leader) {
-                    return;
-                }
-                if m.id == leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > cut_off_ms) {
+                if m.current_leader != Some(leader) || (m.id == leader && self.quorum_lost(&m)) {
                     return;
                 }
             }
@@ -357,11 +359,7 @@ impl StoreNode {
     /// A leader that has not heard from a quorum for an election timeout is cut off:
     /// it fails requests at once instead of letting them hang.
     fn check_quorum(&self) -> StoreResult<()> {
-        let since_ack = self.metrics_rx.borrow().millis_since_quorum_ack;
-        match since_ack {
-            Some(ms) if ms > self.cfg.election_timeout_max_ms * 2 => Err(StoreError::NoLeader),
-            _ => Ok(()),
-        }
+        if self.quorum_lost(&self.metrics_rx.borrow()) { Err(StoreError::NoLeader) } else { Ok(()) }
     }
 
     // ---- writes ----
@@ -399,7 +397,8 @@ impl StoreNode {
         if self.is_leader() {
             return self.commit_local(batch).await;
         }
-        let (leader, mut client) = self.leader_client().await?;
+        let (leader, member) = self.leader().await?;
+        let mut client = self.peers.member_client(&member).map_err(StoreError::Unavailable)?;
         let mut request = tonic::Request::new(batch);
         request.set_timeout(self.timeout());
         tokio::select! {
@@ -474,7 +473,7 @@ impl StoreNode {
     }
 
     async fn follower_barrier(&self) -> StoreResult<()> {
-        let (_, mut client) = self.leader_client().await?;
+        let mut client = self.leader_client().await?;
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(self.timeout());
         let index = client.read_index(request).await.map_err(StoreError::from)?.into_inner().read_index;
@@ -537,7 +536,7 @@ impl StoreNode {
     /// Renews a lease's deadline on the leader; followers forward.
     pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> StoreResult<LeaseKeepAliveResponse> {
         if !self.is_leader() {
-            let (_, mut client) = self.leader_client().await?;
+            let mut client = self.leader_client().await?;
             return Ok(client.lease_keep_alive(req).await?.into_inner());
         }
         self.check_quorum()?;
@@ -555,7 +554,7 @@ impl StoreNode {
 
     pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
         if !self.is_leader() {
-            let (_, mut client) = self.leader_client().await?;
+            let mut client = self.leader_client().await?;
             return Ok(client.lease_time_to_live(req).await?.into_inner());
         }
         let header = Some(self.header(self.mvcc.current_revision()));
@@ -596,7 +595,7 @@ impl StoreNode {
     /// Applies a membership change on the leader (forwarding if this server is not).
     pub async fn member_change(&self, change: MemberChange) -> StoreResult<(Vec<pb::Member>, NodeId)> {
         if !self.is_leader() {
-            let (_, mut client) = self.leader_client().await?;
+            let mut client = self.leader_client().await?;
             let reply = client.member_change(MemberChangeRequest { change: encode(&change) }).await?.into_inner();
             return Ok((reply.members, reply.member_id));
         }

@@ -3,10 +3,6 @@
 
 use std::sync::Arc;
 
-/// What a forwarded batch is refused with when this server is not the leader: nothing was
-/// appended, so the follower may send it again.
-pub(crate) const NOT_APPENDED: &str = "corral: not the leader, nothing appended";
-
 use corral_proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
@@ -18,6 +14,10 @@ use corral_proto::store::{
 use tonic::{Request, Response, Status};
 
 use crate::node::StoreNode;
+
+/// What a forwarded batch is refused with when this server is not the leader: nothing was
+/// appended, so the follower may send it again.
+pub(crate) const NOT_APPENDED: &str = "corral: not the leader, nothing appended";
 use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
 use crate::raft::{decode, encode};
 

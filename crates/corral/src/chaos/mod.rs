@@ -311,7 +311,7 @@ fn cluster_error(e: anyhow::Error) -> Error {
 
 impl Processes {
     fn signal(&self, member: &str, signal: i32) -> Result<(), Error> {
-        self.target.signal(member, signal).map_err(|e| Error::Cluster(format!("{e:#}")))
+        self.target.signal(member, signal).map_err(cluster_error)
     }
 
     /// The servers with namespaces: network faults need them.
@@ -345,20 +345,14 @@ impl Processes {
             let file = self.clock_file(&server.name)?;
             std::fs::write(&file, "+0\n").map_err(|e| Error::Cluster(format!("{}: {e}", file.display())))?;
             self.kill(&server.name).await?;
-            let (target, name) = (self.target.clone(), server.name.clone());
+            let name = server.name.clone();
             let env = [
                 ("LD_PRELOAD", library.display().to_string()),
                 ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
                 ("FAKETIME_CACHE_DURATION", "1".to_string()),
                 ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
             ];
-            tokio::task::spawn_blocking(move || {
-                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                target.restart_with_env(&name, &env)
-            })
-            .await
-            .map_err(|e| Error::Cluster(e.to_string()))?
-            .map_err(cluster_error)?;
+            self.restart_with(&name, &env).await?;
         }
         info!("every server's wall clock is faked (offset 0 until a jump)");
         Ok(())
@@ -368,14 +362,32 @@ impl Processes {
     /// directory waits while the server runs on the small one.
     fn disk_paths(&self, member: &str) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
         self.server(member)?;
-        let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
-        let server = dir.join("servers").join(member);
+        let server = self.server_dir(member)?;
         Ok((server.join("data"), server.join("small-disk"), server.join("data.full-disk")))
     }
 
     fn clock_file(&self, member: &str) -> Result<PathBuf, Error> {
+        Ok(self.server_dir(member)?.join("clock"))
+    }
+
+    /// `DIR/servers/NAME`: a Corral server's data, log, clock file.
+    fn server_dir(&self, member: &str) -> Result<PathBuf, Error> {
         let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
-        Ok(dir.join("servers").join(member).join("clock"))
+        Ok(dir.join("servers").join(member))
+    }
+
+    /// Starts a killed member again (`corral up`, which waits for the cluster: off the
+    /// runtime's worker threads), with `env` added to its environment.
+    async fn restart_with(&self, member: &str, env: &[(&str, String)]) -> Result<(), Error> {
+        let (target, member) = (self.target.clone(), member.to_string());
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            target.restart_with_env(&member, &env)
+        })
+        .await
+        .map_err(|e| Error::Cluster(e.to_string()))?
+        .map_err(cluster_error)
     }
 
     /// Starts a proxy per directed peer link, sends each server's connections to its peers
@@ -423,11 +435,8 @@ impl Cluster for Processes {
     }
 
     fn channels(&self) -> Result<Vec<Channel>, Error> {
-        let processes = self.target.processes().map_err(|e| Error::Cluster(format!("{e:#}")))?;
-        processes
-            .iter()
-            .map(|p| self.target.channel(&p.client_url).map_err(|e| Error::Cluster(format!("{e:#}"))))
-            .collect()
+        let processes = self.target.processes().map_err(cluster_error)?;
+        processes.iter().map(|p| self.target.channel(&p.client_url).map_err(cluster_error)).collect()
     }
 
     async fn kill(&self, member: &str) -> Result<(), Error> {
@@ -450,13 +459,7 @@ impl Cluster for Processes {
             // The first restart of a round is when the servers return.
             kube.returned.lock().expect("returned lock").get_or_insert((Instant::now(), SystemTime::now()));
         }
-        let target = self.target.clone();
-        let member = member.to_string();
-        // `corral up` waits for the cluster: off the runtime's worker threads.
-        tokio::task::spawn_blocking(move || target.restart(&member))
-            .await
-            .map_err(|e| Error::Cluster(e.to_string()))?
-            .map_err(|e| Error::Cluster(format!("{e:#}")))
+        self.restart_with(member, &[]).await
     }
 
     async fn pause(&self, member: &str) -> Result<(), Error> {
@@ -468,11 +471,7 @@ impl Cluster for Processes {
     }
 
     async fn restart_with_failpoints(&self, member: &str, spec: &str) -> Result<(), Error> {
-        let (target, member, spec) = (self.target.clone(), member.to_string(), spec.to_string());
-        tokio::task::spawn_blocking(move || target.restart_with_env(&member, &[("FAILPOINTS", &spec)]))
-            .await
-            .map_err(|e| Error::Cluster(e.to_string()))?
-            .map_err(|e| Error::Cluster(format!("{e:#}")))
+        self.restart_with(member, &[("FAILPOINTS", spec.to_string())]).await
     }
 
     fn running(&self, member: &str) -> bool {
@@ -531,8 +530,7 @@ impl Cluster for Processes {
 
     async fn wipe(&self, member: &str) -> Result<(), Error> {
         self.server(member)?;
-        let dir = self.target.state_dir.as_ref().ok_or_else(|| Error::Cluster("no state directory".into()))?;
-        let data = dir.join("servers").join(member).join("data");
+        let data = self.server_dir(member)?.join("data");
         std::fs::remove_dir_all(&data).map_err(|e| Error::Cluster(format!("wiping {}: {e}", data.display())))
     }
 
@@ -609,8 +607,8 @@ impl Cluster for Processes {
 impl Processes {
     /// Lines of a Corral server's log that match.
     fn log_lines(&self, member: &str, matches: impl Fn(&str) -> bool) -> usize {
-        let Some(dir) = self.target.state_dir.as_ref() else { return 0 };
-        let log = std::fs::read_to_string(dir.join("servers").join(member).join("server.log")).unwrap_or_default();
+        let Ok(server) = self.server_dir(member) else { return 0 };
+        let log = std::fs::read_to_string(server.join("server.log")).unwrap_or_default();
         log.lines().filter(|l| matches(l)).count()
     }
 }
