@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// The corral binary under test: `$CORRAL_BIN`, or the one beside the test's target dir.
 pub fn corral_bin() -> PathBuf {
@@ -218,6 +218,14 @@ impl Cluster {
         self.servers().ok().and_then(|s| s.get(i).map(|s| s.api_url.clone())).unwrap_or_default()
     }
 
+    /// Points the cluster's kubeconfig at server `i` (as a user does when the server in it
+    /// died), with kubectl itself.
+    pub fn use_server(&self, i: usize) -> Result<()> {
+        let url = self.api_url(i);
+        ensure!(!url.is_empty(), "no server {i} in cluster.json");
+        run(self.kubectl().args(["config", "set-cluster", "corral", &format!("--server={url}")]), None).map(|_| ())
+    }
+
     /// The last lines of every server's and agent's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -225,7 +233,8 @@ impl Cluster {
             let Ok(entries) = std::fs::read_dir(self.state_dir().join(kind)) else { continue };
             for e in entries.flatten() {
                 let log = std::fs::read_to_string(e.path().join(file)).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                // A backtrace would fill the tail: its frames are left out, its error stays.
+                let tail: Vec<&str> = log.lines().rev().filter(|l| !backtrace_frame(l)).take(30).collect();
                 out.push_str(&format!("--- {kind}/{} (last lines) ---\n", e.file_name().to_string_lossy()));
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
@@ -423,4 +432,10 @@ pub fn clip(s: &str) -> String {
 
 pub fn text(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw).into_owned()
+}
+
+/// A line of a printed backtrace: `  12: function` or `      at file:line`.
+fn backtrace_frame(line: &str) -> bool {
+    let l = line.trim_start();
+    l.starts_with("at ") || l == "Stack backtrace:" || l.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
 }

@@ -4,7 +4,10 @@
 //! three nginx pods over the nodes; a deleted one is replaced; a pod on one node reaches every
 //! one of them by IP, through the Service's cluster IP and by its DNS name; the host reaches them through a node port on either node and by pod IP; the seed's
 //! hostPath volume is pinned to the node pod1 writes on and pod2 reads `Hello Students` there;
-//! nothing of the namespaces, links and routes is left after `corral down`.
+//! a hostPort answers on its node's address; a Local node port answers only where its pod
+//! runs, which sees the client's address, and drops elsewhere; all of it after `kill -9` of the leader server,
+//! against the survivors; nothing of the namespaces, links and routes is left after
+//! `corral down`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -34,6 +37,41 @@ spec:
     command: ["sleep", "3600"]
 "#;
 
+/// nginx on node a2, its port 80 published on the node's port 8080.
+const HOST_PORT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: host-port
+  labels:
+    app: host-port
+spec:
+  nodeName: a2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: nginx:latest
+    ports:
+    - containerPort: 80
+      hostPort: 8080
+"#;
+
+/// A node port to the host-port pod with the Local external traffic policy.
+const LOCAL_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web-local
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector:
+    app: host-port
+  ports:
+  - port: 80
+    targetPort: 80
+"#;
+
 /// The nginx welcome page's title, from `addr` (ip:port) asked from the client pod.
 fn title_from_client(c: &Cluster, host: &str, port: u16) -> Result<String> {
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port} | grep -o '<title>[^<]*'");
@@ -60,6 +98,47 @@ fn title_from_host(addr: &str) -> Option<String> {
     Some(rest[..rest[1..].find('<')? + 1].to_string())
 }
 
+/// The same, asked again for up to 10 s while the rules are being put in place.
+fn title_from_host_within(addr: &str) -> Option<String> {
+    within_10s(|| title_from_host(addr))
+}
+
+/// `ask` again every 200 ms until it answers, for up to 10 s.
+fn within_10s<T>(ask: impl Fn() -> Option<T>) -> Option<T> {
+    for _ in 0..50 {
+        if let Some(answer) = ask() {
+            return Some(answer);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ask()
+}
+
+/// The first line of the answer to `GET path` at `addr` (ip:port), within 3 s.
+fn get_path(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(3)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.lines().next().map(str::to_string)
+}
+
+/// Whether connecting to `addr` times out (a drop rule) within 10 s of tries; a refusal
+/// means no rule yet and is tried again; an answer is a failure.
+fn dropped_within(addr: &str) -> bool {
+    let Ok(target) = addr.parse() else { return false };
+    for _ in 0..10 {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return true,
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            Ok(_) => return false,
+        }
+    }
+    false
+}
+
 fn network_leftovers(tag: &str) -> Result<Vec<String>> {
     let netns = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output()?.stdout)?;
     let links = String::from_utf8(std::process::Command::new("ip").args(["-o", "link", "show"]).output()?.stdout)?;
@@ -73,6 +152,7 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     init_tracing();
     let c = Cluster::up(3, BASE_PORT, &["--agents", "2", "--cluster-cidr", "10.253.0.0/16"])?;
     let minute = Duration::from_secs(60);
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(c.state_dir().join("cluster.json"))?)?;
 
     info!("five nodes, each on an address of its own: the servers' own (control-plane) and two agents");
     let table = c.kube(&["get", "nodes", "--no-headers"])?;
@@ -99,6 +179,15 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     let nodes: BTreeSet<&str> = pods.iter().map(|(_, n)| n.as_str()).collect();
     info!(?pods, "placed");
     assert!(nodes.len() >= 2, "the replicas spread over the nodes: {pods:?}");
+
+    info!("kill -9 the leader server: everything after this runs against the survivors");
+    let leader = c.leader()?;
+    c.kill(&leader.name)?;
+    let survivor = c.servers()?.iter().position(|s| s.name != leader.name).context("a surviving server")?;
+    c.use_server(survivor)?;
+    // The survivors elect within half a second; requests in that window wait or get 503.
+    c.kube_until(&["get", "nodes", "--no-headers"], minute, |o| o.lines().count() == 5)?;
+    info!(killed = %leader.name, survivor = %c.api_url(survivor), "kubectl now talks to a survivor");
 
     info!("auto-healing: a deleted pod is replaced");
     let victim = pods[0].0.to_string();
@@ -156,19 +245,39 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     let node_port = c.kube(&["get", "service", "web-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])?;
     for ip in ips.iter() {
         let addr = format!("{ip}:{node_port}");
-        let mut title = title_from_host(&addr);
-        for _ in 0..50 {
-            if title.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            title = title_from_host(&addr);
-        }
-        assert_eq!(title.as_deref(), Some("<title>Welcome to nginx!"), "node port {addr}");
+        assert_eq!(title_from_host_within(&addr).as_deref(), Some("<title>Welcome to nginx!"), "node port {addr}");
     }
     for (ip, _) in &pods {
         assert_eq!(title_from_host(&format!("{ip}:80")).as_deref(), Some("<title>Welcome to nginx!"), "{ip}");
     }
+
+    info!("a hostPort: the node's address reaches the pod (the CNI portmap plugin)");
+    c.kube_stdin(&["apply", "-f", "-"], HOST_PORT)?;
+    c.kube_until(&["get", "pod", "host-port", "-o", "jsonpath={.status.phase}"], minute, |o| o == "Running")?;
+    let addr = format!("{}:8080", ips[1]);
+    assert_eq!(title_from_host_within(&addr).as_deref(), Some("<title>Welcome to nginx!"), "host port {addr}");
+    assert_eq!(title_from_client(&c, &ips[1], 8080)?, "<title>Welcome to nginx!", "host port from a pod");
+
+    info!("externalTrafficPolicy Local: the node with the endpoint answers and the pod sees the client; others drop");
+    // Local from its creation: an expose then a patch would leave a moment of the Cluster
+    // policy, whose masqueraded answer the first request could get.
+    c.kube_stdin(&["apply", "-f", "-"], LOCAL_SERVICE)?;
+    let local_port: u16 =
+        c.kube(&["get", "service", "web-local", "-o", "jsonpath={.spec.ports[0].nodePort}"])?.parse()?;
+    let host_ip = record["network"]["host_ip"].as_str().context("the host's address in cluster.json")?.to_string();
+    let path = format!("/local-{}", std::process::id());
+    let with = format!("{}:{local_port}", ips[1]);
+    let answer = within_10s(|| get_path(&with, &path));
+    assert!(answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 404")), "{with}{path}: {answer:?}");
+    // The access log reaches the node's log file a moment after the answer.
+    c.kube_until(&["logs", "host-port"], Duration::from_secs(10), |log| {
+        log.lines().any(|l| l.starts_with(&format!("{host_ip} ")) && l.contains(&format!("GET {path} ")))
+    })
+    .with_context(|| format!("the pod saw {host_ip} ask {path}"))?;
+    let without = format!("{}:{local_port}", ips[0]);
+    assert!(dropped_within(&without), "{without} (no endpoint there) drops, neither refuses nor answers");
+    // The node's own pods still reach it, through the node with the endpoint.
+    assert_eq!(title_from_client(&c, &ips[0], local_port)?, "<title>Welcome to nginx!", "from a pod on a1");
 
     info!("the seed's volume: pinned to the node pod1 wrote on, where pod2 then reads it");
     c.kube(&["apply", "-f", PV])?;
@@ -196,11 +305,7 @@ fn pods_and_services_reach_across_node_namespaces() -> Result<()> {
     }
 
     info!("corral down leaves no namespace, link or route behind");
-    let bridge = std::fs::read_to_string(c.state_dir().join("cluster.json"))
-        .ok()
-        .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v["network"]["bridge"].as_str().map(String::from))
-        .context("the node network in cluster.json")?;
+    let bridge = record["network"]["bridge"].as_str().map(String::from).context("the node network in cluster.json")?;
     assert!(!network_leftovers(&bridge)?.is_empty(), "the network is there before");
     c.down()?;
     let left = network_leftovers(&bridge)?;

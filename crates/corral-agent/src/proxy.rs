@@ -1,9 +1,12 @@
 //! The service proxy, as kube-proxy's nftables mode: every Service port's cluster IP (and
 //! node port) is DNATed to one of its ready endpoints, chosen at random per connection, or
 //! by the client's address for `sessionAffinity: ClientIP`; a port with no ready endpoint is
-//! rejected. The rules are one nftables table, replaced whole in one transaction whenever
-//! the Services or EndpointSlices change: reconciled, never appended, so an agent that
-//! restarts over stale rules converges on its first write.
+//! rejected. `internalTrafficPolicy: Local` (cluster IP) and `externalTrafficPolicy: Local`
+//! (node port) use only this node's endpoints, and drop what comes when it has none; the
+//! node port of a Local Service is not masqueraded, so its pods see the client's address.
+//! The rules are one nftables table, replaced whole in one transaction whenever the
+//! Services or EndpointSlices change: reconciled, never appended, so an agent that restarts
+//! over stale rules converges on its first write.
 //!
 //! `service_ports` and `render` are pure; `Nft` applies a script.
 
@@ -14,8 +17,9 @@ use std::net::Ipv4Addr;
 use corral_api::meta::{JsonAt, str_at as text};
 use serde_json::Value;
 
-/// The packet mark of connections to DNAT: masqueraded on their way out, so that replies
-/// come back through this node (the client may be a pod on the endpoint's own bridge).
+/// The packet mark of connections to masquerade on their way out, so that replies come back
+/// through this node (the client may be a pod on the endpoint's own bridge, or the endpoint
+/// on another node).
 const MASQUERADE_MARK: u32 = 0x4000;
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 const DEFAULT_AFFINITY_S: u64 = 10800;
@@ -56,17 +60,27 @@ pub struct ServicePort {
     pub affinity_s: Option<u64>,
     /// Ready endpoints (ip, port), sorted.
     pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Indexes into `backends` of the endpoints on this node.
+    pub local: Vec<usize>,
+    /// `internalTrafficPolicy: Local`: the cluster IP goes to this node's endpoints only.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (NodePort and LoadBalancer Services): the node port
+    /// goes to this node's endpoints only, unmasqueraded.
+    pub external_local: bool,
 }
 
 /// Endpoints (ip, port) of one Service port.
 type Backends = BTreeSet<(Ipv4Addr, u16)>;
 
 /// Every Service port that has a cluster IP, sorted by name, with the ready endpoints of its
-/// EndpointSlices (matched by port name, as kube-proxy matches them).
+/// EndpointSlices (matched by port name, as kube-proxy matches them); `node` is this node,
+/// for the traffic policies.
 pub fn service_ports<'a>(
     services: impl IntoIterator<Item = &'a Value>,
     slices: impl IntoIterator<Item = &'a Value>,
+    node: &str,
 ) -> Vec<ServicePort> {
+    let mut on_node: BTreeSet<Ipv4Addr> = BTreeSet::new();
     // (namespace, service) -> port name -> endpoints
     let mut endpoints: HashMap<(&str, &str), HashMap<&str, Backends>> = HashMap::new();
     for slice in slices {
@@ -86,6 +100,9 @@ pub fn service_ports<'a>(
             else {
                 continue;
             };
+            if !node.is_empty() && text(ep, "/nodeName") == node {
+                on_node.insert(ip);
+            }
             for port in ports {
                 let Some(number) = port.get("port").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()) else {
                     continue;
@@ -105,6 +122,9 @@ pub fn service_ports<'a>(
                 .and_then(Value::as_u64)
                 .unwrap_or(DEFAULT_AFFINITY_S)
         });
+        let internal_local = text(svc, "/spec/internalTrafficPolicy") == "Local";
+        let external_local = text(svc, "/spec/externalTrafficPolicy") == "Local"
+            && matches!(text(svc, "/spec/type"), "NodePort" | "LoadBalancer");
         let ports = svc.at("/spec/ports").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for p in ports {
             let (Some(port), Some(protocol)) = (
@@ -114,11 +134,12 @@ pub fn service_ports<'a>(
                 continue;
             };
             let port_name = text(p, "/name");
-            let backends = endpoints
+            let backends: Vec<(Ipv4Addr, u16)> = endpoints
                 .get(&(ns, name))
                 .and_then(|m| m.get(port_name))
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default();
+            let local = (0..backends.len()).filter(|j| on_node.contains(&backends[*j].0)).collect();
             out.push(ServicePort {
                 name: format!(
                     "{ns}/{name}:{}",
@@ -134,6 +155,9 @@ pub fn service_ports<'a>(
                     .filter(|p| *p > 0),
                 affinity_s,
                 backends,
+                local,
+                internal_local,
+                external_local,
             });
         }
     }
@@ -142,8 +166,11 @@ pub fn service_ports<'a>(
 }
 
 /// The nftables script that replaces table `ip <table>` with the rules for `ports`, in one
-/// transaction (creating the table first so the delete cannot fail).
-pub fn render(table: &str, ports: &[ServicePort]) -> String {
+/// transaction (creating the table first so the delete cannot fail). `pod_cidr` is this
+/// node's: its pods, like the node itself, reach a Local node port through every endpoint,
+/// masqueraded (as kube-proxy does), since a reply from a pod on the same bridge would not
+/// come back through the node.
+pub fn render(table: &str, ports: &[ServicePort], pod_cidr: Option<&str>) -> String {
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(w, "table ip {table} {{}}\ndelete table ip {table}\ntable ip {table} {{");
@@ -167,26 +194,54 @@ pub fn render(table: &str, ports: &[ServicePort]) -> String {
     let node_port = |proto: Protocol, port: u16| {
         format!("fib daddr type local ip daddr != 127.0.0.0/8 {} dport {port}", proto.nft())
     };
-    // A port with endpoints goes to its chain; one without is rejected.
-    for (chain, with_endpoints) in [("services", true), ("no-endpoints", false)] {
-        let _ = writeln!(w, "  chain {chain} {{");
-        for (i, p) in ports.iter().enumerate().filter(|(_, p)| p.backends.is_empty() != with_endpoints) {
-            let (verdict, note) = if with_endpoints {
-                (format!("goto svc-{i}"), "")
+    // A port with endpoints goes to its chain; one without is rejected; one whose traffic
+    // policy keeps it on this node, with no endpoint here, is dropped (as kube-proxy does).
+    let _ = writeln!(w, "  chain services {{");
+    for (i, p) in ports.iter().enumerate().filter(|(_, p)| !p.backends.is_empty()) {
+        let (ip, proto, port, has_local) = (p.cluster_ip, p.protocol.nft(), p.port, !p.local.is_empty());
+        let cluster = match (p.internal_local, has_local) {
+            (false, _) => Some(format!("goto svc-{i}")),
+            (true, true) => Some(format!("meta mark set meta mark | {MASQUERADE_MARK:#x} goto local-{i}")),
+            (true, false) => None,
+        };
+        if let Some(verdict) = cluster {
+            let _ = writeln!(w, "    ip daddr {ip} {proto} dport {port} {verdict} comment \"{}\"", p.name);
+        }
+        if let Some(np) = p.node_port {
+            let rule = node_port(p.protocol, np);
+            if p.external_local {
+                let _ = writeln!(w, "    fib saddr type local {rule} goto svc-{i}");
+                if let Some(cidr) = pod_cidr {
+                    let _ = writeln!(w, "    ip saddr {cidr} {rule} goto svc-{i}");
+                }
+                if has_local {
+                    let _ = writeln!(w, "    {rule} goto local-{i}");
+                }
             } else {
-                ("reject".to_string(), " has no endpoints")
-            };
-            let (ip, proto, port) = (p.cluster_ip, p.protocol.nft(), p.port);
-            let _ = writeln!(w, "    ip daddr {ip} {proto} dport {port} {verdict} comment \"{}{note}\"", p.name);
-            if let Some(np) = p.node_port {
-                let _ = writeln!(w, "    {} {verdict}", node_port(p.protocol, np));
+                let _ = writeln!(w, "    {rule} goto svc-{i}");
             }
         }
-        let _ = writeln!(w, "  }}");
     }
+    let _ = writeln!(w, "  }}\n  chain no-endpoints {{");
+    for p in ports {
+        let (ip, proto, port) = (p.cluster_ip, p.protocol.nft(), p.port);
+        let none = p.backends.is_empty();
+        let local_none = p.local.is_empty();
+        if none || (p.internal_local && local_none) {
+            let (verdict, note) = if none { ("reject", "no endpoints") } else { ("drop", "no local endpoints") };
+            let _ = writeln!(w, "    ip daddr {ip} {proto} dport {port} {verdict} comment \"{} has {note}\"", p.name);
+        }
+        if let Some(np) = p.node_port
+            && (none || (p.external_local && local_none))
+        {
+            let verdict = if none { "reject" } else { "drop" };
+            let _ = writeln!(w, "    {} {verdict}", node_port(p.protocol, np));
+        }
+    }
+    let _ = writeln!(w, "  }}");
     for (i, p) in ports.iter().enumerate().filter(|(_, p)| !p.backends.is_empty()) {
         // With affinity, a client seen lately goes back to its endpoint: one set of recent
-        // clients per endpoint, declared before the chain that reads it.
+        // clients per endpoint, declared before the chains that read it.
         if let Some(timeout) = p.affinity_s {
             for j in 0..p.backends.len() {
                 let _ = writeln!(
@@ -197,25 +252,39 @@ pub fn render(table: &str, ports: &[ServicePort]) -> String {
                 );
             }
         }
-        let _ = writeln!(w, "  chain svc-{i} {{");
-        if p.affinity_s.is_some() {
-            for j in 0..p.backends.len() {
-                let _ = writeln!(w, "    ip saddr @affinity-{i}-{j} goto ep-{i}-{j}");
-            }
+        let all: Vec<usize> = (0..p.backends.len()).collect();
+        let _ = writeln!(w, "  chain svc-{i} {{\n    meta mark set meta mark | {MASQUERADE_MARK:#x}");
+        pick(w, i, p.affinity_s.is_some(), &all);
+        if p.internal_local || p.external_local {
+            let _ = writeln!(w, "  chain local-{i} {{");
+            pick(w, i, p.affinity_s.is_some(), &p.local);
         }
-        let choices: Vec<String> = (0..p.backends.len()).map(|j| format!("{j} : goto ep-{i}-{j}")).collect();
-        let _ = writeln!(w, "    numgen random mod {} vmap {{ {} }}\n  }}", p.backends.len(), choices.join(", "));
         for (j, (ip, port)) in p.backends.iter().enumerate() {
             let _ = writeln!(w, "  chain ep-{i}-{j} {{");
             if p.affinity_s.is_some() {
                 let _ = writeln!(w, "    update @affinity-{i}-{j} {{ ip saddr }}");
             }
-            let _ = writeln!(w, "    meta mark set meta mark | {MASQUERADE_MARK:#x}");
             let _ = writeln!(w, "    meta l4proto {} dnat to {ip}:{port}\n  }}", p.protocol.nft());
         }
     }
     let _ = writeln!(w, "}}");
     s
+}
+
+/// The end of a chain that picks one of `endpoints` (indexes of port `i`'s backends): the
+/// one a recent client had, with affinity, else one at random. An empty list picks nothing.
+fn pick(w: &mut String, i: usize, affinity: bool, endpoints: &[usize]) {
+    if affinity {
+        for j in endpoints {
+            let _ = writeln!(w, "    ip saddr @affinity-{i}-{j} goto ep-{i}-{j}");
+        }
+    }
+    if !endpoints.is_empty() {
+        let choices: Vec<String> =
+            endpoints.iter().enumerate().map(|(k, j)| format!("{k} : goto ep-{i}-{j}")).collect();
+        let _ = writeln!(w, "    numgen random mod {} vmap {{ {} }}", endpoints.len(), choices.join(", "));
+    }
+    let _ = writeln!(w, "  }}");
 }
 
 /// Where scripts are applied.
@@ -302,7 +371,7 @@ mod tests {
             // A second slice of the same Service adds to it; a duplicate counts once.
             slice("web", &[("10.244.1.5", Some(true)), ("10.244.3.2", None)]),
         ];
-        let ports = service_ports(&services, &slices);
+        let ports = service_ports(&services, &slices, "");
         let names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["shop/db:http", "shop/web:http"], "headless Services have no rules");
         let web = &ports[1];
@@ -316,13 +385,14 @@ mod tests {
     fn the_table_is_replaced_whole_with_dnat_affinity_and_rejects() {
         let services = [service("web", "10.96.0.20", true, Some(30080)), service("db", "10.96.0.21", false, None)];
         let slices = [slice("web", &[("10.244.1.5", None), ("10.244.2.7", None)])];
-        let script = render("corral", &service_ports(&services, &slices));
+        let script = render("corral", &service_ports(&services, &slices, ""), None);
         let lines: Vec<&str> = script.lines().map(str::trim).collect();
         assert_eq!(&lines[..3], ["table ip corral {}", "delete table ip corral", "table ip corral {"]);
         for wanted in [
             "ip daddr 10.96.0.20 tcp dport 80 goto svc-1 comment \"shop/web:http\"",
             "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 30080 goto svc-1",
             "ip saddr @affinity-1-0 goto ep-1-0",
+            "meta mark set meta mark | 0x4000",
             "numgen random mod 2 vmap { 0 : goto ep-1-0, 1 : goto ep-1-1 }",
             "update @affinity-1-1 { ip saddr }",
             "meta l4proto tcp dnat to 10.244.2.7:8080",
@@ -331,6 +401,64 @@ mod tests {
         ] {
             assert!(lines.contains(&wanted), "{wanted} in:\n{script}");
         }
-        assert_eq!(script, render("corral", &service_ports(&services, &slices)), "the same input, the same script");
+        assert_eq!(
+            script,
+            render("corral", &service_ports(&services, &slices, ""), None),
+            "the same input, the same script"
+        );
+    }
+
+    #[test]
+    fn local_traffic_policies_keep_to_this_nodes_endpoints() {
+        let mut web = service("web", "10.96.0.20", false, Some(30080));
+        web["spec"]["type"] = json!("NodePort");
+        web["spec"]["externalTrafficPolicy"] = json!("Local");
+        let mut db = service("db", "10.96.0.21", false, None);
+        db["spec"]["internalTrafficPolicy"] = json!("Local");
+        let on_nodes = |service: &str, eps: &[(&str, &str)]| {
+            let mut s = slice(service, &eps.iter().map(|(ip, _)| (*ip, None)).collect::<Vec<_>>());
+            for (k, (_, node)) in eps.iter().enumerate() {
+                s["endpoints"][k]["nodeName"] = json!(node);
+            }
+            s
+        };
+        let slices =
+            [on_nodes("web", &[("10.244.1.5", "a1"), ("10.244.2.7", "a2")]), on_nodes("db", &[("10.244.2.9", "a2")])];
+        let services = [web, db];
+
+        // On a1: the node port goes to a1's endpoint only, unmarked; the cluster IP to both.
+        let ports = service_ports(&services, &slices, "a1");
+        assert_eq!((ports[1].local.clone(), ports[1].external_local, ports[1].internal_local), (vec![0], true, false));
+        let script = render("corral", &ports, Some("10.244.1.0/24"));
+        let lines: Vec<&str> = script.lines().map(str::trim).collect();
+        for wanted in [
+            "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 30080 goto local-1",
+            // The node itself and its pods go to every endpoint, masqueraded.
+            "fib saddr type local fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 30080 goto svc-1",
+            "ip saddr 10.244.1.0/24 fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 30080 goto svc-1",
+            "ip daddr 10.96.0.20 tcp dport 80 goto svc-1 comment \"shop/web:http\"",
+            "numgen random mod 1 vmap { 0 : goto ep-1-0 }",
+            // db lives on a2 only: a1 drops its cluster IP.
+            "ip daddr 10.96.0.21 tcp dport 80 drop comment \"shop/db:http has no local endpoints\"",
+        ] {
+            assert!(lines.contains(&wanted), "{wanted} in:\n{script}");
+        }
+        let local_chain = &script[script.find("chain local-1").unwrap()..];
+        assert!(!local_chain[..local_chain.find('}').unwrap()].contains("mark"), "the client's address is kept");
+
+        // On a2: db's cluster IP goes to its endpoint (masqueraded), web's node port to a2's.
+        let script = render("corral", &service_ports(&services, &slices, "a2"), None);
+        let lines: Vec<&str> = script.lines().map(str::trim).collect();
+        for wanted in [
+            "ip daddr 10.96.0.21 tcp dport 80 meta mark set meta mark | 0x4000 goto local-0 comment \"shop/db:http\"",
+            "numgen random mod 1 vmap { 0 : goto ep-1-1 }",
+        ] {
+            assert!(lines.contains(&wanted), "{wanted} in:\n{script}");
+        }
+        assert!(!script.contains("has no local endpoints"), "{script}");
+
+        // On a node with neither: the node port is dropped, not rejected.
+        let script = render("corral", &service_ports(&services, &slices, "s1"), None);
+        assert!(script.contains("tcp dport 30080 drop"), "{script}");
     }
 }

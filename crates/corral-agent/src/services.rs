@@ -132,28 +132,35 @@ impl ServiceView {
         self.services_version.subscribe()
     }
 
-    /// The service ports and their endpoints now; None until both watches have sent their
-    /// snapshot.
-    pub fn ports(&self) -> Option<Vec<proxy::ServicePort>> {
+    /// The service ports and their endpoints now, as node `node` sees them (its own
+    /// endpoints marked); None until both watches have sent their snapshot.
+    pub fn ports(&self, node: &str) -> Option<Vec<proxy::ServicePort>> {
         let services = self.services.lock().expect("not poisoned");
         let slices = self.slices.lock().expect("not poisoned");
-        (services.known && slices.known).then(|| proxy::service_ports(services.by_key.values(), slices.by_key.values()))
+        (services.known && slices.known)
+            .then(|| proxy::service_ports(services.by_key.values(), slices.by_key.values(), node))
     }
 }
 
 /// Keeps table `ip <table>` equal to the view's rules, for good. Nothing is written before
 /// the view is complete, so an agent restarted over working rules keeps them until it knows
 /// better.
-pub async fn run_proxy<F: Firewall>(view: Arc<ServiceView>, firewall: F, table: String) {
+pub async fn run_proxy<F: Firewall>(
+    view: Arc<ServiceView>,
+    firewall: F,
+    table: String,
+    node: String,
+    pod_cidr: Option<String>,
+) {
     let mut applied: Option<String> = None;
     let mut changes = view.services_changes();
     loop {
         changes.mark_unchanged();
-        let Some(ports) = view.ports() else {
+        let Some(ports) = view.ports(&node) else {
             let _ = changes.changed().await;
             continue;
         };
-        let script = proxy::render(&table, &ports);
+        let script = proxy::render(&table, &ports, pod_cidr.as_deref());
         if applied.as_ref() != Some(&script) {
             let started = std::time::Instant::now();
             match firewall.apply(&script).await {

@@ -181,7 +181,11 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view, &mut infos);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         let planned_ms = started.elapsed().as_millis() as u64;
-        for bound in bind_all(cluster.as_ref(), &decided.bind, &events).await {
+        // The previous pass's Events are written while this one's bindings go out: both wait
+        // on the store, not on this server's CPU, and neither holds the other up.
+        let (bound, ()) =
+            tokio::join!(bind_all(cluster.as_ref(), &decided.bind, &events), flush_events(cluster.as_ref(), &events));
+        for bound in bound {
             assumed.insert(bound.0, (bound.1, Instant::now()));
         }
         let now = corral_api::meta::rfc3339(now_seconds());
@@ -203,13 +207,14 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
                 "scheduling pass"
             );
         }
+        if decided.more {
+            // More pods wait: the next pass starts at once (its bindings are assumed; this
+            // pass's Events are written beside the next one's bindings).
+            continue;
+        }
         let flushing = Instant::now();
         flush_events(cluster.as_ref(), &events).await;
         tracing::trace!(ms = flushing.elapsed().as_millis() as u64, "events written");
-        if decided.more {
-            // More pods wait: the next pass starts at once (its bindings are assumed).
-            continue;
-        }
         tokio::select! {
             _ = node_change => {}
             _ = volume_change.0 => {}

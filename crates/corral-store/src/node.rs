@@ -318,10 +318,31 @@ impl StoreNode {
         }
     }
 
-    /// A peer client for the leader, for what a follower forwards.
-    async fn leader_client(&self) -> StoreResult<RaftPeerClient<Channel>> {
-        let (_, leader) = self.leader().await?;
-        self.peers.member_client(&leader).map_err(StoreError::Unavailable)
+    /// Calls the leader with `call`, for what a follower forwards. A call that could not
+    /// reach it (no connection: the leader died and this server has not heard yet) waits
+    /// for the next leader and goes again, three times at most; a call that left is never
+    /// sent again here.
+    async fn at_leader<T, F, Fut>(&self, call: F) -> StoreResult<T>
+    where
+        F: Fn(RaftPeerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (leader, member) = self.leader().await?;
+            let client = self.peers.member_client(&member).map_err(StoreError::Unavailable)?;
+            match call(client).await {
+                Err(status) if never_sent(&status) && attempts < 3 => self.next_leader(leader).await,
+                other => return other.map_err(StoreError::from),
+            }
+        }
+    }
+
+    /// Waits (up to three election timeouts) until `leader` is no longer the leader here.
+    async fn next_leader(&self, leader: NodeId) {
+        let most = Duration::from_millis(self.cfg.election_timeout_max_ms * 3);
+        let _ = tokio::time::timeout(most, self.leadership_lost(leader)).await;
     }
 
     /// Whether a leader with these metrics has gone two election timeouts without hearing
@@ -406,6 +427,12 @@ impl StoreNode {
                 Ok(reply) => Ok(reply.into_inner().results),
                 Err(status) if status.code() == tonic::Code::FailedPrecondition
                     && status.message() == crate::peer::NOT_APPENDED => Err(StoreError::LeaderChanged),
+                // The leader could not be reached: the batch never left; `propose` sends it
+                // again once another leads.
+                Err(status) if never_sent(&status) => {
+                    self.next_leader(leader).await;
+                    Err(StoreError::LeaderChanged)
+                }
                 Err(status) => Err(status.into()),
             },
             // The leader it went to was deposed or cut off: its batch may never be answered.
@@ -473,10 +500,15 @@ impl StoreNode {
     }
 
     async fn follower_barrier(&self) -> StoreResult<()> {
-        let mut client = self.leader_client().await?;
-        let mut request = tonic::Request::new(ReadIndexRequest {});
-        request.set_timeout(self.timeout());
-        let index = client.read_index(request).await.map_err(StoreError::from)?.into_inner().read_index;
+        let index = self
+            .at_leader(|mut client| async move {
+                let mut request = tonic::Request::new(ReadIndexRequest {});
+                request.set_timeout(self.timeout());
+                client.read_index(request).await
+            })
+            .await?
+            .into_inner()
+            .read_index;
         self.raft
             .wait(Some(self.timeout()))
             .applied_index_at_least(Some(index), "read index")
@@ -536,8 +568,8 @@ impl StoreNode {
     /// Renews a lease's deadline on the leader; followers forward.
     pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> StoreResult<LeaseKeepAliveResponse> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
-            return Ok(client.lease_keep_alive(req).await?.into_inner());
+            let reply = self.at_leader(|mut client| async move { client.lease_keep_alive(req).await });
+            return Ok(reply.await?.into_inner());
         }
         self.check_quorum()?;
         let Some(info) = self.mvcc.lease(req.id) else { return Err(StoreError::LeaseNotFound) };
@@ -554,8 +586,8 @@ impl StoreNode {
 
     pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> StoreResult<LeaseTimeToLiveResponse> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
-            return Ok(client.lease_time_to_live(req).await?.into_inner());
+            let reply = self.at_leader(|mut client| async move { client.lease_time_to_live(req).await });
+            return Ok(reply.await?.into_inner());
         }
         let header = Some(self.header(self.mvcc.current_revision()));
         let Some(info) = self.mvcc.lease(req.id) else {
@@ -595,8 +627,11 @@ impl StoreNode {
     /// Applies a membership change on the leader (forwarding if this server is not).
     pub async fn member_change(&self, change: MemberChange) -> StoreResult<(Vec<pb::Member>, NodeId)> {
         if !self.is_leader() {
-            let mut client = self.leader_client().await?;
-            let reply = client.member_change(MemberChangeRequest { change: encode(&change) }).await?.into_inner();
+            let reply = self.at_leader(|mut client| {
+                let request = MemberChangeRequest { change: encode(&change) };
+                async move { client.member_change(request).await }
+            });
+            let reply = reply.await?.into_inner();
             return Ok((reply.members, reply.member_id));
         }
         self.check_quorum()?;
@@ -774,5 +809,34 @@ async fn lease_clock(node: std::sync::Weak<StoreNode>, mut shutdown: tokio::sync
                 Err(e) => tracing::warn!(lease = id, error = %e, "could not expire lease"),
             }
         }
+    }
+}
+
+/// Whether a call to a peer failed before its request left: no connection could be made.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_to_a_closed_port_was_never_sent_and_an_answer_was() {
+        // A port nobody listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+        let refused = RaftPeerClient::new(channel).read_index(ReadIndexRequest {}).await.unwrap_err();
+        assert!(never_sent(&refused), "{refused:?}");
+
+        let answered = tonic::Status::unavailable("etcdserver: no leader");
+        assert!(!never_sent(&answered));
     }
 }

@@ -175,7 +175,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let view = Arc::new(ServiceView::default());
     let mut network = vec![tokio::spawn(view.clone().follow(link.clone()))];
     if !args.disable_proxy {
-        network.push(tokio::spawn(services::run_proxy(view.clone(), Nft, args.proxy_table.clone())));
+        network.push(tokio::spawn(services::run_proxy(
+            view.clone(),
+            Nft,
+            args.proxy_table.clone(),
+            node_name.clone(),
+            Some(pod_cidr.clone()),
+        )));
     }
     network.push(tokio::spawn(services::run_routes(view.clone(), IpRoutes { netns: None }, node_name.clone())));
     if let Some(listen) = local_dns {
@@ -190,6 +196,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(agent.run(stop_rx));
     println!("corral agent {node_name} running ({runtime_version})");
+    network.push(tokio::spawn(give_back_code_pages()));
     crate::server::wait_for_signal().await;
     tracing::info!("stopping; pods and service rules stay");
     let _ = stop_tx.send(true);
@@ -198,4 +205,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     let _ = task.await;
     Ok(())
+}
+
+/// Once start-up is over, and then now and then, unmaps the pages of code and constants the
+/// agent no longer runs (see `trim`): most of one binary that is also a server.
+async fn give_back_code_pages() {
+    let mut wait = Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(wait).await;
+        match tokio::task::spawn_blocking(crate::trim::drop_file_pages).await {
+            Ok(Ok(bytes)) => tracing::debug!(mib = bytes >> 20, "read-only file pages unmapped"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "reading /proc/self/smaps"),
+            Err(_) => {}
+        }
+        wait = Duration::from_secs(600);
+    }
 }

@@ -10,6 +10,7 @@ mod nodenet;
 mod server;
 mod tls;
 mod token;
+mod trim;
 mod urls;
 
 use anyhow::Result;
@@ -56,11 +57,7 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Agent(_)) {
-        // An agent's heap is small (a few MiB), but mimalloc advises huge pages for its
-        // arenas: each touched region then costs 2 MiB, 20 MiB of RSS for 300 KiB in use.
-        // Servers keep huge pages (their heaps are large and hot).
-        // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
-        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        small_heap();
     }
     if matches!(cli.command, Command::Status(_) | Command::Token(_) | Command::Image(_)) {
         // A table piped into `head` ends quietly, as other tools' do, instead of panicking
@@ -90,6 +87,34 @@ fn main() -> Result<()> {
         }
         Command::Image(cmd) => image::run(cmd),
     }
+}
+
+/// An agent's heap is small (a few MiB); servers keep the defaults, tuned for large hot
+/// heaps. Two things for the agent only:
+/// - no transparent huge pages: mimalloc advises them for its arenas, and each touched
+///   region then costs 2 MiB (20 MiB of RSS for 300 KiB in use). The flag is kept across
+///   the exec below.
+/// - mimalloc's options for a small heap: memory given back as soon as it is free, arenas
+///   committed page by page. mimalloc reads them from the environment when it starts,
+///   before `main`, so the agent sets them and executes itself again once (same process,
+///   same arguments, same name); options already in the environment are left as the user
+///   set them. If that fails the agent runs on with the defaults.
+fn small_heap() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    const OPTIONS: [(&str, &str); 2] = [("MIMALLOC_PURGE_DELAY", "0"), ("MIMALLOC_ARENA_EAGER_COMMIT", "0")];
+    if OPTIONS.iter().any(|(k, _)| std::env::var_os(k).is_some()) {
+        return;
+    }
+    let me = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => return eprintln!("corral agent: mimalloc's defaults (finding this binary: {e})"),
+    };
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_default();
+    let err = std::process::Command::new(&me).arg0(program).args(args).envs(OPTIONS).exec();
+    eprintln!("corral agent: mimalloc's defaults (executing {} again: {err})", me.display());
 }
 
 fn init_logging() {

@@ -326,10 +326,47 @@ fn report(seen: &Seen, pods: usize, began: Instant, created_at: Option<Duration>
         ms(0.99),
         latency.max() as f64 / 1000.0
     );
+    let created: Vec<Instant> = seen.created.values().copied().collect();
+    let bound: Vec<Instant> = seen.bound.values().copied().collect();
+    for backlog in [BACKLOG / 2, BACKLOG] {
+        let (secs, n) = pace_with_backlog(&created, &bound, backlog);
+        if n > 0 {
+            println!(
+                "while at least {backlog} pods waited ({secs:.1} s): {n} bound, {:.0} pods/s",
+                n as f64 / secs.max(0.001)
+            );
+        }
+    }
     match all_running {
         Some(t) if seen.running.len() >= pods => println!("all {pods} pods Running {t:.1} s after the first create"),
         _ => println!("{} of {pods} pods Running when the bench stopped waiting", seen.running.len()),
     }
+}
+
+/// A queue of created pods this long keeps the scheduler busy whatever the creates' pace:
+/// bindings counted while it lasted are the scheduler's own rate.
+const BACKLOG: usize = 1_000;
+
+/// Seconds during which at least `backlog` created pods were not yet bound, and the
+/// bindings seen in that time: the scheduler's pace when it never waits for pods to come.
+fn pace_with_backlog(created: &[Instant], bound: &[Instant], backlog: usize) -> (f64, usize) {
+    // +1 at each create, -1 at each binding, in time order (creates first at a tie).
+    let mut events: Vec<(Instant, i8)> =
+        created.iter().map(|t| (*t, 1)).chain(bound.iter().map(|t| (*t, -1))).collect();
+    events.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let (backlog, mut waiting, mut secs, mut bindings) = (backlog as i64, 0i64, 0.0, 0);
+    for (k, &(at, change)) in events.iter().enumerate() {
+        if change < 0 && waiting >= backlog {
+            bindings += 1;
+        }
+        waiting += i64::from(change);
+        if waiting >= backlog
+            && let Some((next, _)) = events.get(k + 1)
+        {
+            secs += next.duration_since(at).as_secs_f64();
+        }
+    }
+    (secs, bindings)
 }
 
 /// Renews every hollow node's Lease once per period, spread over it.
@@ -430,5 +467,26 @@ async fn namespace_gone(client: &Client) -> Result<()> {
             bail!("namespace {NS} is still being deleted after 5 minutes; try again later");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_counts_only_the_time_a_backlog_waited() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 4 pods created at once; one bound every 100 ms from 1 s on.
+        let created = vec![at(0), at(0), at(0), at(0)];
+        let bound = vec![at(1000), at(1100), at(1200), at(1300)];
+        // At least 2 waiting: from 0 until the third binding (1.2 s); bindings made while
+        // 4, 3 and 2 waited count, the last one (1 waiting) does not.
+        let (secs, n) = pace_with_backlog(&created, &bound, 2);
+        assert!((secs - 1.2).abs() < 1e-6, "{secs}");
+        assert_eq!(n, 3);
+        // A backlog never reached counts nothing.
+        assert_eq!(pace_with_backlog(&created, &bound, 5), (0.0, 0));
     }
 }
