@@ -319,6 +319,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     let initial_cluster =
         record.servers.iter().map(|s| format!("{}={}", s.name, s.peer_url)).collect::<Vec<_>>().join(",");
+    // A server whose data is gone while the others have theirs joins the running cluster
+    // (after `etcdctl member remove` and `member add`) instead of founding one. Decided
+    // before any server starts: a founding server writes its member file at once, and the
+    // others of a new cluster must not take that for a running cluster.
+    let member_file = |s: &ServerRecord| s.data_dir(dir).join("member.json").exists();
+    let rejoin: Vec<String> = match record.servers.iter().any(member_file) {
+        true => record.servers.iter().filter(|s| !member_file(s)).map(|s| s.name.clone()).collect(),
+        false => Vec::new(),
+    };
     let mut started = 0;
     for i in 0..record.servers.len() {
         let server = &record.servers[i];
@@ -329,12 +338,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             nodenet::ensure_node(net, &server.name, i)
                 .with_context(|| format!("making server {}'s namespace", server.name))?;
         }
-        // A server whose data is gone while the others have theirs joins the running
-        // cluster (after `etcdctl member remove` and `member add`) instead of founding one.
-        let member_file = |s: &ServerRecord| s.data_dir(dir).join("member.json").exists();
-        let rejoin = !member_file(server) && record.servers.iter().any(member_file);
         let mut flags = record.server_flags.clone();
-        if rejoin {
+        if rejoin.contains(&server.name) {
             println!("note: {} has no data: it joins the running cluster as an existing member", server.name);
             flags.extend(["--initial-cluster-state".to_string(), "existing".to_string()]);
         }
@@ -450,14 +455,56 @@ fn is_our_server(pid: u32, dir: &Path) -> bool {
     is_ours(pid, dir, "server")
 }
 
+/// An error naming the process and the error it ended with, if `pid` (a `corral <command>`
+/// this `up` started) is no longer running: waiting on would only end in a timeout.
+async fn gone(pid: u32, command: &str, name: &str, log: &Path) -> Result<()> {
+    // Not `is_ours`: for a moment after the spawn, the process is still `nsenter`. Looked
+    // at twice, in case a process just starting is ever seen between states.
+    if running(pid) {
+        return Ok(());
+    }
+    let first = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if running(pid) {
+        eprintln!("note: {command} {name} (pid {pid}) was seen not running once: {first:?}");
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+    let last = last_error(&text).unwrap_or_else(|| format!("its log is empty (pid {pid}: {stat:?})"));
+    bail!("{command} {name} exited: {last}; see {}", log.display())
+}
+
+/// What a process ended with: its `Error: ...` and causes, or its panic and message; else
+/// its last line.
+fn last_error(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    let Some(start) = lines.iter().rposition(|l| l.starts_with("Error: ") || l.contains("panicked at")) else {
+        return lines.iter().rev().find(|l| !l.is_empty()).map(|l| l.to_string());
+    };
+    let end = |l: &&str| l.eq_ignore_ascii_case("stack backtrace:") || l.starts_with("note: ");
+    let told: Vec<&str> = lines[start..]
+        .iter()
+        .take_while(|l| !end(l))
+        .filter(|l| !l.is_empty() && **l != "Caused by:")
+        .take(6)
+        .copied()
+        .collect();
+    Some(told.join(" "))
+}
+
 /// True if `pid` is a live `corral <command>` started for this state directory.
 fn is_ours(pid: u32, dir: &Path, command: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let text = String::from_utf8_lossy(&cmdline);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
     // argv[1] is the subcommand: `server\0` also appears in an agent's `--server` argument.
-    !zombie && text.split('\0').nth(1) == Some(command) && text.contains(&*dir.to_string_lossy())
+    running(pid) && text.split('\0').nth(1) == Some(command) && text.contains(&*dir.to_string_lossy())
+}
+
+/// True if `pid` exists and is not a zombie (an exited child not yet reaped).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    !stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'))
 }
 
 /// Builds the images and a join token (once), starts every agent that is not running, and
@@ -551,8 +598,7 @@ async fn start_agents(
     record.save(dir)?;
     progress.done(&format!("{started} started"));
     progress.start("waiting for the nodes to be Ready");
-    let names: Vec<String> = record.agents.iter().map(|a| a.name.clone()).collect();
-    let nodes = wait_nodes_ready(dir, &record.servers[0].api_url, &names, timeout).await?;
+    let nodes = wait_nodes_ready(dir, &record.servers[0].api_url, &record.agents, timeout).await?;
     progress.done("Ready");
     if record.network.is_some() {
         // The host reaches every node's pods through the node.
@@ -607,13 +653,19 @@ fn spawn_agent(
 async fn wait_nodes_ready(
     dir: &Path,
     api_url: &str,
-    names: &[String],
+    agents: &[AgentRecord],
     timeout: Duration,
 ) -> Result<Vec<serde_json::Value>> {
     let client = crate::kube::Client::connect(&dir.join("pki"), api_url, 1).await?;
     let deadline = Instant::now() + timeout;
-    let mut missing = names.to_vec();
+    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+    let mut missing = names.clone();
     while Instant::now() < deadline {
+        for agent in agents {
+            if let Some(pid) = agent.pid {
+                gone(pid, "agent", &agent.name, &agent.data_dir(dir).join("agent.log")).await?;
+            }
+        }
         if let Ok(body) = client.ok(hyper::Method::GET, "/api/v1/nodes", None, "application/json").await {
             let list: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let ready: Vec<&str> = list["items"]
@@ -655,6 +707,12 @@ async fn wait_healthy(dir: &Path, record: &ClusterRecord, timeout: Duration) -> 
     let tls = tls::client_config(&dir.join("pki"), "admin")?;
     let mut last = String::new();
     while Instant::now() < deadline {
+        for server in &record.servers {
+            let log = dir.join("servers").join(&server.name).join("server.log");
+            if let Some(pid) = server.pid {
+                gone(pid, "server", &server.name, &log).await?;
+            }
+        }
         let mut leaders = Vec::new();
         for server in &record.servers {
             match status(&server.client_url, &tls).await {
@@ -925,4 +983,26 @@ pub async fn down(args: DownArgs) -> Result<()> {
     let _ = std::fs::remove_dir(dir);
     progress.done("removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_processs_error_is_what_its_log_ended_with() {
+        let anyhow = "INFO starting\nError: starting the API\n\nCaused by:\n    0: binding the API to 10.0.0.1:6443\n    1: Address in use (os error 98)\n\nStack backtrace:\n   0: anyhow::msg\n             at src/x.rs:1\n";
+        assert_eq!(
+            last_error(anyhow).as_deref(),
+            Some("Error: starting the API 0: binding the API to 10.0.0.1:6443 1: Address in use (os error 98)")
+        );
+        let panic =
+            "INFO ok\nthread 'main' panicked at src/server.rs:9:5:\nsignal handler: EPERM\nstack backtrace:\n   0: x\n";
+        assert_eq!(
+            last_error(panic).as_deref(),
+            Some("thread 'main' panicked at src/server.rs:9:5: signal handler: EPERM")
+        );
+        assert_eq!(last_error("INFO one\nWARN two\n\n").as_deref(), Some("WARN two"));
+        assert_eq!(last_error(""), None);
+    }
 }

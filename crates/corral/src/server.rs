@@ -413,6 +413,11 @@ async fn join(args: &ServerArgs, initial: &[(String, String)], peers: &Peers) ->
         for (_, url) in initial.iter().filter(|(name, _)| name != &args.name) {
             let Ok(mut client) = peers.client(url) else { continue };
             match client.cluster_info(ClusterInfoRequest {}).await {
+                // A member that has not formed its cluster yet (started a moment ago) lists
+                // nobody: ask again rather than conclude this server was never added.
+                Ok(info) if info.get_ref().members.is_empty() => {
+                    last_error = format!("{url}: its cluster has not formed yet");
+                }
                 Ok(info) => {
                     let info = info.into_inner();
                     let me = info.members.iter().find(|m| m.peer_ur_ls.iter().any(|u| u == args.peer_url()));
