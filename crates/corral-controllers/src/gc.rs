@@ -41,8 +41,8 @@ pub enum Action {
     Update { plural: &'static str, object: Value, gone: Vec<Value> },
 }
 
-fn refs(obj: &Value) -> Vec<Value> {
-    obj.at("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default()
+fn refs(obj: &Value) -> &[Value] {
+    obj.at("/metadata/ownerReferences").and_then(Value::as_array).map_or(&[], Vec::as_slice)
 }
 
 fn finalizers(obj: &Value) -> Vec<&str> {
@@ -55,27 +55,35 @@ fn deleting(obj: &Value) -> bool {
 
 fn without_refs(obj: &Value, uids: &[&str]) -> Value {
     let mut out = obj.clone();
-    let kept: Vec<Value> = refs(obj).into_iter().filter(|r| !uids.contains(&text(r, "/uid"))).collect();
+    let kept: Vec<Value> = refs(obj).iter().filter(|r| !uids.contains(&text(r, "/uid"))).cloned().collect();
     out["metadata"]["ownerReferences"] = Value::Array(kept);
     out
 }
 
 /// What to do, from every collected object (with its plural).
 pub fn plan(objects: &[(&'static str, Arc<Value>)]) -> Vec<Action> {
-    let by_uid: HashMap<&str, &Arc<Value>> = objects.iter().map(|(_, o)| (text(o, "/metadata/uid"), o)).collect();
-    let mut dependents: HashMap<String, usize> = HashMap::new();
-    let mut actions = Vec::new();
-    for (plural, obj) in objects {
-        let owners = refs(obj);
-        if owners.is_empty() {
-            continue;
+    // Most objects have no owner and are no owner being deleted: those are read once, for
+    // two fields, and only the owners that dependents name are looked up.
+    let with_owners: Vec<&(&'static str, Arc<Value>)> = objects.iter().filter(|(_, o)| !refs(o).is_empty()).collect();
+    let deleting_owners: Vec<&(&'static str, Arc<Value>)> = objects.iter().filter(|(_, o)| deleting(o)).collect();
+    let named: std::collections::HashSet<&str> =
+        with_owners.iter().flat_map(|(_, o)| refs(o)).map(|r| text(r, "/uid")).collect();
+    let by_uid: HashMap<&str, &Arc<Value>> = match named.is_empty() {
+        true => HashMap::new(),
+        false => {
+            objects.iter().map(|(_, o)| (text(o, "/metadata/uid"), o)).filter(|(uid, _)| named.contains(uid)).collect()
         }
+    };
+    let mut dependents: HashMap<&str, usize> = HashMap::new();
+    let mut actions = Vec::new();
+    for (plural, obj) in with_owners {
+        let owners = refs(obj);
         let mut missing = Vec::new();
         let mut orphaned_by = Vec::new();
         let mut foreground = false;
-        for r in &owners {
+        for r in owners {
             let uid = text(r, "/uid");
-            *dependents.entry(uid.to_string()).or_default() += 1;
+            *dependents.entry(uid).or_default() += 1;
             match by_uid.get(uid) {
                 // Only kinds collected here are judged; anything else is left alone.
                 None if plural_of(text(r, "/kind")).is_some() => missing.push(r.clone()),
@@ -101,9 +109,9 @@ pub fn plan(objects: &[(&'static str, Arc<Value>)]) -> Vec<Action> {
         }
     }
     // Owners whose finalizer has done its work: no dependent refers to them any more.
-    for (plural, owner) in objects {
+    for (plural, owner) in deleting_owners {
         let uid = text(owner, "/metadata/uid");
-        if !deleting(owner) || dependents.get(uid).is_some_and(|n| *n > 0) {
+        if dependents.get(uid).is_some_and(|n| *n > 0) {
             continue;
         }
         let held = finalizers(owner);

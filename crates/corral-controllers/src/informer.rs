@@ -154,6 +154,45 @@ impl Informer {
     }
 }
 
+/// What a loop read from each object, kept per object version: an informer hands out the
+/// same `Arc` for a version until it changes, so a pass looks its objects up by address
+/// instead of reading their JSON again. The memo holds each `Arc`, so an address is never
+/// reused while it is kept.
+pub struct ByVersion<T> {
+    seen: HashMap<usize, (Arc<Value>, T)>,
+}
+
+impl<T> Default for ByVersion<T> {
+    fn default() -> Self {
+        Self { seen: HashMap::new() }
+    }
+}
+
+impl<T: Clone> ByVersion<T> {
+    /// What `read` makes of this version of the object, read once.
+    pub fn get(&mut self, object: &Arc<Value>, read: impl FnOnce(&Arc<Value>) -> T) -> T {
+        let entry = self.seen.entry(Arc::as_ptr(object) as usize).or_insert_with(|| (object.clone(), read(object)));
+        entry.1.clone()
+    }
+
+    /// Forgets versions that are not in `live` (the objects as they are now), once those
+    /// are a good part of what is kept.
+    pub fn forget_gone(&mut self, live: &[Arc<Value>]) {
+        if self.seen.len() > live.len() + live.len() / 4 + 1024 {
+            let current: std::collections::HashSet<usize> = live.iter().map(|o| Arc::as_ptr(o) as usize).collect();
+            self.seen.retain(|address, _| current.contains(address));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// Waits before a loop's next pass: at least `debounce`, and long enough that the pass that
 /// just ran (`worked`, its time before waiting for news) was at most `share` of the time, so
 /// a loop whose passes grow with the cluster spends at most that share of a core however fast
@@ -162,4 +201,33 @@ impl Informer {
 pub async fn pace(worked: Duration, debounce: Duration, share: f64) {
     let rest = worked.mul_f64((1.0 - share) / share.clamp(0.01, 1.0));
     tokio::time::sleep(debounce.max(rest)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_read_once_and_forgotten_when_gone() {
+        let mut memo: ByVersion<String> = ByVersion::default();
+        let mut reads = 0;
+        let mut read = |o: &Arc<Value>| {
+            reads += 1;
+            o["v"].to_string()
+        };
+        let first: Vec<Arc<Value>> = (0..2000).map(|i| Arc::new(serde_json::json!({"v": i}))).collect();
+        for o in &first {
+            memo.get(o, &mut read);
+        }
+        assert_eq!(memo.get(&first[7], &mut read), "7");
+        // Every object changes: the old versions go once the new ones are far more.
+        let second: Vec<Arc<Value>> = (0..2000).map(|i| Arc::new(serde_json::json!({"v": i + 10_000}))).collect();
+        for o in &second {
+            memo.get(o, &mut read);
+        }
+        memo.forget_gone(&second);
+        assert_eq!(memo.len(), 2000, "only the versions listed now are kept");
+        assert_eq!(memo.get(&second[7], &mut read), "10007");
+        assert_eq!(reads, 4000, "each version read once");
+    }
 }

@@ -137,11 +137,25 @@ pub fn plan(
 ) -> Vec<Action> {
     let now_text = corral_api::meta::rfc3339(wall);
     let mut actions = Vec::new();
+    // Pods matter only on nodes that are not ready or carry NoExecute taints: on a healthy
+    // cluster a pass reads no pod at all.
+    let judged = |node: &Value| {
+        let silent = probes.get(text(node, "/metadata/name")).is_some_and(|p| now.duration_since(p.at) >= grace);
+        let no_execute = node
+            .at("/spec/taints")
+            .and_then(Value::as_array)
+            .is_some_and(|t| t.iter().any(|t| t["effect"] == "NoExecute"));
+        silent || no_execute || !matches!(ready_status(node), "True" | "")
+    };
+    let troubled: std::collections::HashSet<&str> =
+        nodes.iter().filter(|n| judged(n)).map(|n| text(n, "/metadata/name")).collect();
     let mut by_node: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
-    for pod in pods {
-        let node = text(pod, "/spec/nodeName");
-        if !node.is_empty() {
-            by_node.entry(node).or_default().push(pod);
+    if !troubled.is_empty() {
+        for pod in pods {
+            let node = text(pod, "/spec/nodeName");
+            if troubled.contains(node) {
+                by_node.entry(node).or_default().push(pod);
+            }
         }
     }
     for node in nodes {

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, text};
-use crate::informer::Informers;
+use crate::informer::{ByVersion, Informers};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// Changes that come this close together are scheduled in one pass.
@@ -45,30 +45,35 @@ pub struct Volumes {
     pub volumes: Vec<Arc<Value>>,
 }
 
+/// What a pass needs of a pod, read once per version.
+#[derive(Debug)]
+pub struct PodFacts {
+    pub info: Arc<PodInfo>,
+    /// `pending` holds: the scheduler must place it.
+    pub pending: bool,
+    pub created: String,
+}
+
 /// Pods read once per version: a pass builds its snapshot from these instead of parsing
-/// every bound pod again.
+/// every pod again.
 #[derive(Default)]
-pub struct PodInfos(HashMap<String, (String, Arc<PodInfo>)>);
+pub struct PodInfos(ByVersion<Arc<PodFacts>>);
 
 impl PodInfos {
-    fn get(&mut self, pod: &Arc<Value>) -> Arc<PodInfo> {
-        let (uid, rv) = (text(pod, "/metadata/uid"), text(pod, "/metadata/resourceVersion"));
-        if let Some((seen, info)) = self.0.get(uid)
-            && seen == rv
-        {
-            return info.clone();
-        }
-        let info = Arc::new(PodInfo::new(pod.clone()));
-        self.0.insert(uid.to_string(), (rv.to_string(), info.clone()));
-        info
+    fn get(&mut self, pod: &Arc<Value>) -> Arc<PodFacts> {
+        self.0.get(pod, |pod| {
+            Arc::new(PodFacts {
+                info: Arc::new(PodInfo::new(pod.clone())),
+                pending: pending(pod),
+                created: text(pod, "/metadata/creationTimestamp").to_string(),
+            })
+        })
     }
 
-    /// Drops pods no longer there, once they are a good part of what is kept.
-    fn forget_gone(&mut self, pods: &[Arc<Value>]) {
-        if self.0.len() > pods.len() + pods.len() / 4 + 1024 {
-            let live: std::collections::HashSet<&str> = pods.iter().map(|p| text(p, "/metadata/uid")).collect();
-            self.0.retain(|uid, _| live.contains(uid.as_str()));
-        }
+    /// The pods' facts, in the same order; versions no longer listed are forgotten.
+    pub fn read(&mut self, pods: &[Arc<Value>]) -> Vec<Arc<PodFacts>> {
+        self.0.forget_gone(pods);
+        pods.iter().map(|p| self.get(p)).collect()
     }
 }
 
@@ -96,35 +101,33 @@ pub fn plan(
     assumed: &HashMap<String, String>,
     infos: &mut PodInfos,
 ) -> Plan {
-    fn uid(p: &Value) -> &str {
-        text(p, "/metadata/uid")
-    }
-    let mut waiting: Vec<&Arc<Value>> = pods.iter().filter(|p| pending(p) && !assumed.contains_key(uid(p))).collect();
+    let facts = infos.read(pods);
+    let mut waiting: Vec<&PodFacts> =
+        facts.iter().filter(|f| f.pending && !assumed.contains_key(&f.info.uid)).map(|f| &**f).collect();
     if waiting.is_empty() {
         // Most changes are status reports of running pods: no snapshot is needed for them.
         return Plan::default();
     }
-    infos.forget_gone(pods);
-    let bound: Vec<Arc<PodInfo>> =
-        pods.iter().filter(|p| !text(p, "/spec/nodeName").is_empty()).map(|p| infos.get(p)).collect();
+    let bound = facts.iter().filter(|f| !f.info.node_name.is_empty()).map(|f| f.info.clone());
     let mut snapshot = Snapshot::from_infos(nodes.iter().cloned(), bound)
         .with_volumes(volumes.claims.iter().cloned(), volumes.volumes.iter().cloned());
-    for p in pods.iter().filter(|p| text(p, "/spec/nodeName").is_empty()) {
-        if let Some(node) = assumed.get(uid(p)) {
-            let mut info = PodInfo::new(p.clone());
+    for f in facts.iter().filter(|f| f.info.node_name.is_empty()) {
+        if let Some(node) = assumed.get(&f.info.uid) {
+            let mut info = (*f.info).clone();
             info.node_name = node.clone();
             snapshot.assume(Arc::new(info));
         }
     }
-    waiting.sort_by_cached_key(|p| {
-        ["/metadata/creationTimestamp", "/metadata/namespace", "/metadata/name"].map(|path| text(p, path).to_string())
+    waiting.sort_by(|a, b| {
+        (&a.created, &a.info.namespace, &a.info.name).cmp(&(&b.created, &b.info.namespace, &b.info.name))
     });
     let mut plan = Plan { more: waiting.len() > PER_PASS, ..Plan::default() };
     waiting.truncate(PER_PASS);
-    for pod in waiting {
-        let mut info = PodInfo::new(pod.clone());
-        match framework.schedule(&info, &snapshot) {
+    for f in waiting {
+        let pod = &f.info.object;
+        match framework.schedule(&f.info, &snapshot) {
             Ok(decision) => {
+                let mut info = (*f.info).clone();
                 info.node_name = decision.node.clone();
                 snapshot.assume(Arc::new(info));
                 plan.bind.push((pod.clone(), decision.node));
@@ -169,12 +172,12 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let pod_change = pods.changed();
         let pod_list = pods.list();
         // Forget assumptions the informer has caught up with, or that never came true.
-        let unbound: std::collections::HashSet<&str> = pod_list
-            .iter()
-            .filter(|p| text(p, "/spec/nodeName").is_empty())
-            .map(|p| text(p, "/metadata/uid"))
-            .collect();
-        assumed.retain(|uid, (_, at)| at.elapsed() < ASSUME_FOR && unbound.contains(uid.as_str()));
+        if !assumed.is_empty() {
+            let facts = infos.read(&pod_list);
+            let unbound: std::collections::HashSet<&str> =
+                facts.iter().filter(|f| f.info.node_name.is_empty()).map(|f| f.info.uid.as_str()).collect();
+            assumed.retain(|uid, (_, at)| at.elapsed() < ASSUME_FOR && unbound.contains(uid.as_str()));
+        }
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
         let storage = Volumes { claims: claims.list(), volumes: volumes.list() };

@@ -73,6 +73,8 @@ pub struct PodInfo {
     pub required_anti_affinity: bool,
     /// spec.nodeSelector, read once: NodeAffinity asks for every node.
     pub node_selector: Vec<(String, String)>,
+    /// Succeeded or Failed: it holds no room on its node any more.
+    pub finished: bool,
     pub object: Arc<Value>,
 }
 
@@ -115,6 +117,7 @@ impl PodInfo {
             owner,
             node_name: text(&pod, "/spec/nodeName").to_string(),
             node_selector: string_map(pod.at("/spec/nodeSelector")).into_iter().collect(),
+            finished: matches!(text(&pod, "/status/phase"), "Succeeded" | "Failed"),
             object: pod,
         }
     }
@@ -206,7 +209,7 @@ impl Snapshot {
         let mut nodes: Vec<NodeInfo> = nodes.into_iter().map(NodeInfo::new).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let mut snapshot = Snapshot { nodes, ..Default::default() };
-        for info in pods.into_iter().filter(|p| occupies(&p.object)) {
+        for info in pods.into_iter().filter(|p| !p.node_name.is_empty() && !p.finished) {
             snapshot.assume(info);
         }
         snapshot
