@@ -92,16 +92,15 @@ pub struct Plan {
 }
 
 /// Decides a pass: the pending pods in creation order, each placed on the snapshot as it
-/// was left by the ones before it. `assumed` are bindings not yet visible in `pods`.
+/// was left by the ones before it; `facts` are the pods as listed (`PodInfos::read`),
+/// `assumed` bindings not yet visible in them.
 pub fn plan(
     framework: &Framework,
     nodes: &[Arc<Value>],
-    pods: &[Arc<Value>],
+    facts: &[Arc<PodFacts>],
     volumes: &Volumes,
     assumed: &HashMap<String, String>,
-    infos: &mut PodInfos,
 ) -> Plan {
-    let facts = infos.read(pods);
     let mut waiting: Vec<&PodFacts> =
         facts.iter().filter(|f| f.pending && !assumed.contains_key(&f.info.uid)).map(|f| &**f).collect();
     if waiting.is_empty() {
@@ -171,9 +170,9 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let volume_change = (claims.changed(), volumes.changed());
         let pod_change = pods.changed();
         let pod_list = pods.list();
+        let facts = infos.read(&pod_list);
         // Forget assumptions the informer has caught up with, or that never came true.
         if !assumed.is_empty() {
-            let facts = infos.read(&pod_list);
             let unbound: std::collections::HashSet<&str> =
                 facts.iter().filter(|f| f.info.node_name.is_empty()).map(|f| f.info.uid.as_str()).collect();
             assumed.retain(|uid, (_, at)| at.elapsed() < ASSUME_FOR && unbound.contains(uid.as_str()));
@@ -181,7 +180,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
         let storage = Volumes { claims: claims.list(), volumes: volumes.list() };
-        let decided = plan(&framework, &nodes.list(), &pod_list, &storage, &view, &mut infos);
+        let decided = plan(&framework, &nodes.list(), &facts, &storage, &view);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         let planned_ms = started.elapsed().as_millis() as u64;
         // The previous pass's Events are written while this one's bindings go out: both wait
@@ -329,7 +328,8 @@ mod tests {
         let f = Framework::default();
         let nodes = [node("n1"), node("n2")];
         let pods = [pod("a", "600m", ""), pod("bb", "600m", ""), pod("ccc", "600m", ""), pod("running", "100m", "n1")];
-        let p = plan(&f, &nodes, &pods, &Volumes::default(), &HashMap::new(), &mut PodInfos::default());
+        let facts = PodInfos::default().read(&pods);
+        let p = plan(&f, &nodes, &facts, &Volumes::default(), &HashMap::new());
         let mut placed: Vec<&str> = p.bind.iter().map(|(_, n)| n.as_str()).collect();
         placed.sort();
         assert_eq!(placed, ["n1", "n2"], "one 600m pod per 1-cpu node");
@@ -342,7 +342,8 @@ mod tests {
         let f = Framework::default();
         let pods = [pod("a", "600m", ""), pod("bb", "600m", "")];
         let assumed = HashMap::from([("u-a".to_string(), "n1".to_string())]);
-        let p = plan(&f, &[node("n1")], &pods, &Volumes::default(), &assumed, &mut PodInfos::default());
+        let facts = PodInfos::default().read(&pods);
+        let p = plan(&f, &[node("n1")], &facts, &Volumes::default(), &assumed);
         assert!(p.bind.is_empty(), "a is assumed on n1 and not scheduled again; bb no longer fits");
         assert_eq!(p.unschedulable[0].0["metadata"]["name"], "bb");
     }

@@ -470,8 +470,7 @@ async fn gone(pid: u32, command: &str, name: &str, log: &Path) -> Result<()> {
         return Ok(());
     }
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-    let last = last_error(&text).unwrap_or_else(|| format!("its log is empty (pid {pid}: {stat:?})"));
+    let last = last_error(&text).unwrap_or_else(|| format!("its log is empty (pid {pid})"));
     bail!("{command} {name} exited: {last}; see {}", log.display())
 }
 
