@@ -435,7 +435,7 @@ pub fn text(raw: &[u8]) -> String {
 }
 
 /// A line of a printed backtrace: `  12: function` or `      at file:line`.
-fn backtrace_frame(line: &str) -> bool {
+pub fn backtrace_frame(line: &str) -> bool {
     let l = line.trim_start();
     l.starts_with("at ") || l == "Stack backtrace:" || l.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
 }

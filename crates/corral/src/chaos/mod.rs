@@ -310,7 +310,13 @@ fn cluster_error(e: anyhow::Error) -> Error {
 }
 
 impl Processes {
+    /// Signals a member; one that has already exited on its own (a crash the faults led to,
+    /// which the checkers judge) is left as it is: killing or pausing it again is moot.
     fn signal(&self, member: &str, signal: i32) -> Result<(), Error> {
+        if !Cluster::running(self, member) {
+            warn!(member, signal, "the member has already exited; not signalled");
+            return Ok(());
+        }
         self.target.signal(member, signal).map_err(cluster_error)
     }
 
