@@ -291,10 +291,12 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
     loop {
         let pass = std::time::Instant::now();
         let changes = (services.changed(), pods.changed(), endpoints.changed(), slices.changed());
-        let all_pods = pods.list();
-        let mut by_ns: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
-        for p in &all_pods {
-            by_ns.entry(text(p, "/metadata/namespace")).or_default().push(p);
+        let all_services = services.list();
+        // Only the namespaces that have Services with selectors: their pods, each read once.
+        let mut by_ns: HashMap<&str, Vec<Arc<Value>>> = HashMap::new();
+        for svc in all_services.iter().filter(|svc| selector(svc).is_some()) {
+            let ns = text(svc, "/metadata/namespace");
+            by_ns.entry(ns).or_insert_with(|| pods.list_in(ns));
         }
         let all_slices = slices.list();
         let mut owned: HashMap<String, Vec<&Arc<Value>>> = HashMap::new();
@@ -305,20 +307,20 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
                 owned.entry(owner.to_string()).or_default().push(s);
             }
         }
-        for svc in services.list() {
-            let ns = text(&svc, "/metadata/namespace");
-            let in_ns = by_ns.get(ns).cloned().unwrap_or_default();
-            if let Some(desired) = desired_endpoints(&svc, &in_ns) {
-                let existing = endpoints.get(&format!("{ns}/{}", text(&svc, "/metadata/name")));
+        for svc in &all_services {
+            let ns = text(svc, "/metadata/namespace");
+            let in_ns: Vec<&Arc<Value>> = by_ns.get(ns).into_iter().flatten().collect();
+            if let Some(desired) = desired_endpoints(svc, &in_ns) {
+                let existing = endpoints.get(&format!("{ns}/{}", text(svc, "/metadata/name")));
                 let result = match endpoints_action(desired, existing.as_deref()) {
                     Some(EndpointsAction::Create(ep)) => cluster.create("endpoints", ns, ep).await.map(|_| ()),
                     Some(EndpointsAction::Update(ep)) => cluster.update("endpoints", ep).await.map(|_| ()),
                     None => Ok(()),
                 };
-                log_write("endpoints", &svc, result);
+                log_write("endpoints", svc, result);
             }
-            let mine = owned.get(text(&svc, "/metadata/uid")).cloned().unwrap_or_default();
-            for action in slice_actions(&svc, &in_ns, &mine) {
+            let mine = owned.get(text(svc, "/metadata/uid")).cloned().unwrap_or_default();
+            for action in slice_actions(svc, &in_ns, &mine) {
                 let result = match action {
                     SliceAction::Create(s) => {
                         cluster.create("discovery.k8s.io/endpointslices", ns, s).await.map(|_| ())
@@ -328,7 +330,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>) {
                         cluster.delete("discovery.k8s.io/endpointslices", ns, &name, json!({})).await
                     }
                 };
-                log_write("endpointslice", &svc, result);
+                log_write("endpointslice", svc, result);
             }
         }
         // Endpoints this controller made for Services gone or without a selector now.

@@ -2,7 +2,7 @@
 //! the watch ends; waiters are woken on every change. `Informers` shares one informer per
 //! resource among all the control loops of a term.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,10 +55,11 @@ impl Drop for Informers {
     }
 }
 
-/// The objects of one resource, by `namespace/name`.
+/// The objects of one resource, by `namespace/name`: in order, so that one namespace's
+/// objects are a range of keys.
 pub struct Informer {
     plural: String,
-    objects: Mutex<HashMap<String, Arc<Value>>>,
+    objects: Mutex<BTreeMap<String, Arc<Value>>>,
     changed: Notify,
     /// Turns true once the first list has been read.
     synced: watch::Sender<bool>,
@@ -69,7 +70,7 @@ impl Informer {
     pub fn start<C: Cluster>(cluster: Arc<C>, plural: &str) -> (Arc<Informer>, tokio::task::JoinHandle<()>) {
         let informer = Arc::new(Informer {
             plural: plural.to_string(),
-            objects: Mutex::new(HashMap::new()),
+            objects: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
             synced: watch::channel(false).0,
         });
@@ -152,6 +153,13 @@ impl Informer {
     pub fn list(&self) -> Vec<Arc<Value>> {
         self.objects.lock().expect("not poisoned").values().cloned().collect()
     }
+
+    /// The objects of one namespace (of a namespaced resource), without reading any other's.
+    pub fn list_in(&self, namespace: &str) -> Vec<Arc<Value>> {
+        // Keys are `namespace/name`; '0' is the character after '/'.
+        let (from, to) = (format!("{namespace}/"), format!("{namespace}0"));
+        self.objects.lock().expect("not poisoned").range(from..to).map(|(_, o)| o.clone()).collect()
+    }
 }
 
 /// What a loop read from each object, kept per object version: an informer hands out the
@@ -206,6 +214,29 @@ pub async fn pace(worked: Duration, debounce: Duration, share: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_lists_its_own_objects_only() {
+        let informer = Informer {
+            plural: "pods".into(),
+            objects: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            synced: watch::channel(true).0,
+        };
+        // Names that sort around `a/`: a namespace that extends another, one that is its
+        // prefix, and a cluster-scoped key.
+        for (ns, name) in [("a", "p1"), ("a", "p2"), ("a-b", "p3"), ("ab", "p4"), ("", "a"), ("b", "p5")] {
+            let pod = serde_json::json!({"metadata": {"namespace": ns, "name": name}});
+            informer.objects.lock().unwrap().insert(key_of(&pod), Arc::new(pod));
+        }
+        let names = |ns: &str| -> Vec<String> {
+            informer.list_in(ns).iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(names("a"), ["p1", "p2"]);
+        assert_eq!(names("a-b"), ["p3"]);
+        assert_eq!(names("b"), ["p5"]);
+        assert!(names("c").is_empty());
+    }
 
     #[test]
     fn a_version_is_read_once_and_forgotten_when_gone() {

@@ -217,17 +217,19 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let pass = std::time::Instant::now();
         let rs_change = sets.changed();
         let pod_change = pods.changed();
-        let all_pods = pods.list();
         let all_sets = sets.list();
-        let mut by_namespace: HashMap<&str, Vec<&Arc<Value>>> = HashMap::new();
-        for p in &all_pods {
-            by_namespace.entry(text(p, "/metadata/namespace")).or_default().push(p);
+        // Only the namespaces that have ReplicaSets: their pods, each namespace read once.
+        let mut by_namespace: HashMap<&str, Vec<Arc<Value>>> = HashMap::new();
+        for rs in &all_sets {
+            let ns = text(rs, "/metadata/namespace");
+            by_namespace.entry(ns).or_insert_with(|| pods.list_in(ns));
         }
         // By uid: a ReplicaSet deleted and made again under its name starts afresh.
         let live: HashSet<&str> = all_sets.iter().map(|rs| text(rs, "/metadata/uid")).collect();
         expectations.retain(|uid, _| live.contains(uid.as_str()));
         for rs in &all_sets {
-            let in_ns = by_namespace.get(text(rs, "/metadata/namespace")).cloned().unwrap_or_default();
+            let in_ns: Vec<&Arc<Value>> =
+                by_namespace.get(text(rs, "/metadata/namespace")).into_iter().flatten().collect();
             let exp = expectations.entry(text(rs, "/metadata/uid").to_string()).or_default();
             let met = exp.met(&in_ns);
             if met {
