@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use corral_proto::etcdserverpb::cluster_client::ClusterClient;
 use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use corral_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest, StatusRequest};
-use corral_proto::etcdserverpb::{MemberAddRequest, MemberListRequest, MemberRemoveRequest};
+use corral_proto::etcdserverpb::{Member, MemberAddRequest, MemberListRequest, MemberRemoveRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -771,12 +771,8 @@ where
 
 /// Removes the member named `name` from the membership; its peer URLs, to add it back with.
 async fn remove_member(channels: &[Channel], name: &str) -> Result<Vec<String>, Error> {
-    let list = on_any_member(channels, "listing the members", |mut c| async move {
-        c.member_list(MemberListRequest::default()).await
-    })
-    .await?;
-    let member = list
-        .members
+    let member = members(channels)
+        .await?
         .into_iter()
         .find(|m| m.name == name)
         .ok_or_else(|| Error::Cluster(format!("no member named {name} to remove")))?;
@@ -805,16 +801,13 @@ async fn add_member(channels: &[Channel], peer_urls: &[String], is_learner: bool
 /// address refuses at once, on each server's own loopback) is added, then removed.
 ///
 /// The server crashing in these rounds is the one that applies membership changes, so an
-/// answer may be lost after the change committed: a learner left by a lost add is removed
-/// (that removal is the change), and a lost removal is found done.
+/// answer may be lost after the change committed: a learner an unanswered add left is
+/// removed all the same, and a removal that finds it gone is done.
 async fn churn_membership(channels: &[Channel]) -> Result<(), Error> {
     const CHURN_URL: &str = "https://127.0.0.1:1";
-    let id = match learner_at(channels, CHURN_URL).await? {
-        Some(left) => left,
-        None => match add_member(channels, &[CHURN_URL.to_string()], true).await {
-            Ok(id) => id,
-            Err(e) => learner_at(channels, CHURN_URL).await?.ok_or(e)?,
-        },
+    let id = match add_member(channels, &[CHURN_URL.to_string()], true).await {
+        Ok(id) => id,
+        Err(e) => learner_at(channels, CHURN_URL).await?.ok_or(e)?,
     };
     for _ in 0..3 {
         match on_any_member(channels, "removing the learner added for a membership change", |mut c| async move {
@@ -833,13 +826,18 @@ async fn churn_membership(channels: &[Channel]) -> Result<(), Error> {
     Err(Error::Cluster(format!("the learner {id:x} added for a membership change could not be removed")))
 }
 
-/// The member whose peer URLs include `url`, if any.
+/// The id of the member whose peer URLs include `url`, if any.
 async fn learner_at(channels: &[Channel], url: &str) -> Result<Option<u64>, Error> {
+    Ok(members(channels).await?.into_iter().find(|m| m.peer_ur_ls.iter().any(|u| u == url)).map(|m| m.id))
+}
+
+/// The membership, as any member answers it.
+async fn members(channels: &[Channel]) -> Result<Vec<Member>, Error> {
     let list = on_any_member(channels, "listing the members", |mut c| async move {
         c.member_list(MemberListRequest::default()).await
     })
     .await?;
-    Ok(list.members.into_iter().find(|m| m.peer_ur_ls.iter().any(|u| u == url)).map(|m| m.id))
+    Ok(list.members)
 }
 
 /// True once every member answers Status with a leader, within `bound`.
