@@ -2,7 +2,6 @@
 //! kube-apiserver answers them, over the [`ObjectStore`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -19,7 +18,7 @@ use corral_api::{ApiError, FieldError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::cache::{Change, FeedHandle, Subscription, WatchCache};
+use crate::cache::{ChangeSource, WatchCache};
 use crate::route::ObjectRoute;
 use crate::services::{self, Ranges};
 use crate::storage::{ObjectStore, Stored, WriteOutcome};
@@ -115,51 +114,26 @@ pub struct Api {
     pub tolerations: crate::defaults::DefaultTolerations,
 }
 
-/// Where one client watch's changes come from.
-enum Source {
-    /// The resource's shared feed; changes up to `skip_upto` are already known.
-    Shared {
-        rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
-        replay: std::collections::VecDeque<Arc<Change>>,
-        skip_upto: i64,
-        feed: FeedHandle,
-    },
-    /// A store watch of its own, for a revision older than the feed remembers.
-    Direct(corral_store::watch::WatchStream),
+/// What a read-modify-write was asked: the object, the resourceVersion the client expects
+/// (0: any), the query and the form of the answer.
+struct Ask<'a> {
+    route: &'a ObjectRoute,
+    name: &'a str,
+    expect: i64,
+    q: &'a Query,
+    out: Output,
 }
 
-impl Source {
-    /// The next changes; `Err(None)` ends the watch quietly (the client watches again),
-    /// `Err(Some)` with an error event.
-    async fn next(&mut self) -> Result<Vec<Arc<Change>>, Option<ApiError>> {
-        use tokio::sync::broadcast::error::RecvError;
-        match self {
-            Source::Shared { rx, replay, skip_upto, .. } => loop {
-                let c = match replay.pop_front() {
-                    Some(c) => c,
-                    None => match rx.recv().await {
-                        Ok(c) => c,
-                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return Err(None),
-                    },
-                };
-                if c.rev > *skip_upto {
-                    return Ok(vec![c]);
-                }
-            },
-            Source::Direct(stream) => {
-                let events = stream.next().await.map_err(|e| Some(crate::storage::store_error(e)))?;
-                Ok(events.iter().filter_map(Change::from_event).map(Arc::new).collect())
-            }
-        }
-    }
-
-    /// The revision everything up to which has been seen, for bookmarks.
-    fn progress(&self) -> i64 {
-        match self {
-            Source::Shared { feed, .. } => feed.progress(),
-            Source::Direct(stream) => stream.next_revision() - 1,
-        }
-    }
+/// How one read-modify-write step ended.
+enum Written {
+    /// Written: the answer.
+    Done(Reply),
+    /// An answer without a write (dry run, nothing to change).
+    Answer(Reply),
+    /// The compare-and-swap found another version (None: the object is gone).
+    Swapped(Option<Stored>),
+    /// A cluster IP or node port the write claimed was taken meanwhile: again, from `old`.
+    ClaimTaken(Stored),
 }
 
 fn now(api: &Api) -> i64 {
@@ -428,36 +402,81 @@ impl Api {
     ) -> Result<Reply, ApiError> {
         let r = route.resource;
         let key = r.key(route.namespace.as_deref(), name);
-        let mut current = self.store.get(&key, false).await?;
-        for _ in 0..WRITE_RETRIES {
-            let old = current.take().ok_or_else(|| ApiError::not_found(r, name))?;
-            if expect != 0 && expect != old.rev {
-                return Err(ApiError::modified(r, name));
-            }
-            let mut new = change(r, &old)?;
-            crate::validate::object(r, &new)?;
-            let side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
-            if dry_run(q) || new == old.value {
-                return Ok(Reply::Object(200, self.present_sub(r, route, new, old.rev, out)));
-            }
-            // A namespace is removed by its cleaner once empty, never by a write.
-            let written = if r.plural != "namespaces" && deletion::finished(&new) {
-                // The last finalizer is gone from a marked object: the update deletes it.
-                let side = services::side_of_delete(r, &old.value);
-                self.store.delete_if_with(&key, old.rev, &side).await?
-            } else {
-                self.store.put_if_with(&key, &new, old.rev, &side).await?
+        // The first read is this server's own state, without a quorum round: the write is a
+        // compare-and-swap on the revision read, so a stale read only costs a failed swap,
+        // which answers with the current object. Any answer other than a write (not found,
+        // another resourceVersion than the client's, a refusal, nothing to change) is given
+        // only from a linearizable read.
+        let mut current = self.store.get(&key, true).await?;
+        let mut fresh = false;
+        let mut tries = 0;
+        while tries < WRITE_RETRIES {
+            let ask = Ask { route, name, expect, q, out };
+            let outcome = self.try_write(&ask, &change, &key, current.take()).await;
+            let answer = match outcome {
+                Ok(Written::Done(reply)) => return Ok(reply),
+                Ok(Written::Swapped(found)) => {
+                    // Somebody wrote in between: go again from what the failed swap found.
+                    (current, fresh) = (found, true);
+                    tries += 1;
+                    continue;
+                }
+                Ok(Written::ClaimTaken(old)) => {
+                    current = Some(old);
+                    tries += 1;
+                    continue;
+                }
+                Ok(Written::Answer(reply)) => Ok(reply),
+                // The store could not answer (the write's outcome may be unknown): as it is.
+                Err(e @ (ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::Internal(_))) => return Err(e),
+                Err(e) => Err(e),
             };
-            match written {
-                WriteOutcome::Written(rev) => return Ok(Reply::Object(200, self.present_sub(r, route, new, rev, out))),
-                WriteOutcome::Mismatch(None) => return Err(ApiError::not_found(r, name)),
-                WriteOutcome::Mismatch(Some(_)) if expect != 0 => return Err(ApiError::modified(r, name)),
-                // Somebody wrote in between: go again from what the failed write found.
-                WriteOutcome::Mismatch(found) => current = found,
-                WriteOutcome::ClaimTaken => current = Some(old),
+            if fresh {
+                return answer;
             }
+            current = self.store.get(&key, false).await?;
+            fresh = true;
         }
-        Err(ApiError::modified(r, name))
+        Err(ApiError::modified(route.resource, name))
+    }
+
+    /// One read-modify-write step from `current`.
+    async fn try_write(
+        &self,
+        ask: &Ask<'_>,
+        change: &impl Fn(&Resource, &Stored) -> Result<Value, ApiError>,
+        key: &str,
+        current: Option<Stored>,
+    ) -> Result<Written, ApiError> {
+        let Ask { route, name, expect, q, out } = *ask;
+        let r = route.resource;
+        let old = current.ok_or_else(|| ApiError::not_found(r, name))?;
+        if expect != 0 && expect != old.rev {
+            return Err(ApiError::modified(r, name));
+        }
+        let mut new = change(r, &old)?;
+        crate::validate::object(r, &new)?;
+        let side = services::side_of_write(&self.store, &self.services, r, Some(&old.value), &mut new).await?;
+        if dry_run(q) || new == old.value {
+            return Ok(Written::Answer(Reply::Object(200, self.present_sub(r, route, new, old.rev, out))));
+        }
+        // A namespace is removed by its cleaner once empty, never by a write.
+        let written = if r.plural != "namespaces" && deletion::finished(&new) {
+            // The last finalizer is gone from a marked object: the update deletes it.
+            let side = services::side_of_delete(r, &old.value);
+            self.store.delete_if_with(key, old.rev, &side).await?
+        } else {
+            self.store.put_if_with(key, &new, old.rev, &side).await?
+        };
+        match written {
+            WriteOutcome::Written(rev) => {
+                Ok(Written::Done(Reply::Object(200, self.present_sub(r, route, new, rev, out))))
+            }
+            WriteOutcome::Mismatch(None) => Err(ApiError::not_found(r, name)),
+            WriteOutcome::Mismatch(Some(_)) if expect != 0 => Err(ApiError::modified(r, name)),
+            WriteOutcome::Mismatch(found) => Ok(Written::Swapped(found)),
+            WriteOutcome::ClaimTaken => Ok(Written::ClaimTaken(old)),
+        }
     }
 
     fn present_sub(&self, r: &Resource, route: &ObjectRoute, obj: Value, rev: i64, out: Output) -> Value {
@@ -672,6 +691,7 @@ impl Api {
         // A watch of one object (`.../pods/web?watch=1`) watches its namespace and keeps only
         // that name: a key prefix would also match `web-2`.
         let only = route.name.clone();
+        let everything = labels.is_empty() && fields.is_empty() && only.is_none();
         let selected = move |obj: &Value| {
             labels.matches(obj) && fields.matches(obj) && only.as_deref().is_none_or(|n| meta::name(obj) == n)
         };
@@ -680,32 +700,26 @@ impl Api {
         let (tx, rx) = mpsc::channel::<Value>(256);
         let mut initial = Vec::new();
         let mut source = match from {
-            Some(rv) if rv > 0 => match self.cache.subscribe(&self.store, r, Some(rv))? {
-                Subscription::Shared { rx, replay, feed } => {
-                    Source::Shared { rx, replay: replay.into(), skip_upto: rv, feed }
+            Some(rv) if rv > 0 => match ChangeSource::after(&self.cache, &self.store, r, &prefix, rv) {
+                Ok(source) => source,
+                Err(ApiError::Gone { oldest, .. }) => {
+                    let status = ApiError::Gone { requested: rv, oldest }.to_status();
+                    let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
+                    return Ok(Reply::Watch(rx));
                 }
-                Subscription::TooOld => match self.store.watch(&prefix, rv) {
-                    Ok(stream) => Source::Direct(stream),
-                    Err(ApiError::Gone { oldest, .. }) => {
-                        let status = ApiError::Gone { requested: rv, oldest }.to_status();
-                        let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
-                        return Ok(Reply::Watch(rx));
-                    }
-                    Err(e) => return Err(e),
-                },
+                Err(e) => return Err(e),
             },
             _ => {
                 // Subscribe before listing: whatever the feed sent before is in the list.
-                let Subscription::Shared { rx, feed, .. } = self.cache.subscribe(&self.store, r, None)? else {
-                    unreachable!("a subscription from now on is always shared")
-                };
+                let mut source = ChangeSource::from_now(&self.cache, &self.store, r)?;
                 let page = self.store.list(&prefix, None, 0, 0, false).await?;
                 for item in page.items {
                     if selected(&item.value) {
                         initial.push(("ADDED", item.value, item.rev));
                     }
                 }
-                Source::Shared { rx, replay: Default::default(), skip_upto: page.rev, feed }
+                source.known_upto(page.rev);
+                source
             }
         };
         let now_fn = self.mint.now();
@@ -762,9 +776,11 @@ impl Api {
                     }
                 };
                 for c in changes.iter().filter(|c| c.key.starts_with(&prefix)) {
-                    let was = c.prev.as_ref().is_some_and(&selected);
+                    // Without selectors, the object before the change matters only for a
+                    // deletion (it is the event's object).
+                    let was = if everything { c.had_prev() } else { c.prev().is_some_and(&selected) };
                     let message = match &c.obj {
-                        None => c.prev.as_ref().filter(|_| was).map(|p| ("DELETED", p)),
+                        None => c.prev().filter(|_| was).map(|p| ("DELETED", p)),
                         Some(obj) => match (was, selected(obj)) {
                             (false, true) => Some(("ADDED", obj)),
                             (true, true) => Some(("MODIFIED", obj)),

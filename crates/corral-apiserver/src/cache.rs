@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use corral_api::{ApiError, Resource};
@@ -23,15 +23,18 @@ const BUFFER: usize = 2048;
 /// Changes a client may fall behind before it is dropped.
 pub const FANOUT_CAPACITY: usize = 1024;
 
-/// One change to one object, decoded once for every watcher.
+/// One change to one object, decoded once for every watcher. The object before the change
+/// is decoded only when a watcher asks for it: a watch without selectors needs to know only
+/// whether it existed (ADDED or MODIFIED), so most changes never decode it.
 #[derive(Debug)]
 pub struct Change {
     pub key: String,
     pub rev: i64,
     /// The object after the change; None for a deletion.
     pub obj: Option<Value>,
-    /// The object before it, if it existed.
-    pub prev: Option<Value>,
+    /// The object before it as stored, if it existed.
+    prev_raw: Option<Vec<u8>>,
+    prev: OnceLock<Option<Value>>,
 }
 
 impl Change {
@@ -41,8 +44,19 @@ impl Change {
             key: String::from_utf8_lossy(&kv.key).into_owned(),
             rev: kv.mod_revision,
             obj: if ev.inner.r#type == 1 { None } else { ObjectStore::decode(&kv.value).ok() },
-            prev: ev.inner.prev_kv.as_ref().and_then(|p| ObjectStore::decode(&p.value).ok()),
+            prev_raw: ev.inner.prev_kv.as_ref().map(|p| p.value.clone()),
+            prev: OnceLock::new(),
         })
+    }
+
+    /// Whether the object existed before the change.
+    pub fn had_prev(&self) -> bool {
+        self.prev_raw.is_some()
+    }
+
+    /// The object before the change, decoded on first use.
+    pub fn prev(&self) -> Option<&Value> {
+        self.prev.get_or_init(|| self.prev_raw.as_deref().and_then(|raw| ObjectStore::decode(raw).ok())).as_ref()
     }
 }
 
@@ -76,13 +90,22 @@ pub struct FeedHandle(Arc<Feed>);
 
 impl FeedHandle {
     pub fn progress(&self) -> i64 {
-        self.0.progress.load(Ordering::Relaxed)
+        self.0.progress.load(Ordering::Acquire)
     }
 }
 
-#[derive(Default)]
 pub struct WatchCache {
     feeds: Mutex<HashMap<&'static str, Arc<Feed>>>,
+    /// Where feeds run: the runtime the cache was made on (the server's own), not that of
+    /// whoever subscribes first (the control loops' runtime runs at a lower priority, and
+    /// every API and agent watch of the server reads from these feeds).
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Default for WatchCache {
+    fn default() -> Self {
+        Self { feeds: Mutex::default(), runtime: tokio::runtime::Handle::try_current().ok() }
+    }
 }
 
 impl WatchCache {
@@ -124,13 +147,13 @@ impl WatchCache {
         });
         feeds.insert(r.plural, feed.clone());
         let f = feed.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 let events = tokio::select! {
                     e = stream.next() => e,
                     _ = tick.tick() => {
-                        f.progress.store(stream.next_revision() - 1, Ordering::Relaxed);
+                        f.progress.store(stream.next_revision() - 1, Ordering::Release);
                         continue;
                     }
                 };
@@ -153,10 +176,113 @@ impl WatchCache {
                     // No receivers is fine: the buffer keeps it for the next one.
                     let _ = f.tx.send(change);
                 }
-                f.progress.store(stream.next_revision() - 1, Ordering::Relaxed);
+                f.progress.store(stream.next_revision() - 1, Ordering::Release);
             }
             f.alive.store(false, Ordering::Relaxed);
-        });
+        };
+        match &self.runtime {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        };
         Ok(feed)
+    }
+}
+
+/// Where one watcher's changes come from: the resource's shared feed, or a store watch of
+/// its own for a revision older than the feed remembers.
+pub enum ChangeSource {
+    /// Changes up to `skip_upto` are already known to the watcher; `given` is the revision
+    /// of the last change handed out.
+    Shared {
+        rx: broadcast::Receiver<Arc<Change>>,
+        replay: VecDeque<Arc<Change>>,
+        skip_upto: i64,
+        given: i64,
+        feed: FeedHandle,
+    },
+    Direct(corral_store::watch::WatchStream),
+}
+
+impl ChangeSource {
+    /// Every change of `r` after revision `after` (> 0): from the feed if it still has
+    /// them, else from the store (there only those under `prefix`, the watcher's own);
+    /// `ApiError::Gone` when the store has compacted them away.
+    pub fn after(
+        cache: &WatchCache,
+        store: &ObjectStore,
+        r: &'static Resource,
+        prefix: &str,
+        after: i64,
+    ) -> Result<Self, ApiError> {
+        Ok(match cache.subscribe(store, r, Some(after))? {
+            Subscription::Shared { rx, replay, feed } => {
+                ChangeSource::Shared { rx, replay: replay.into(), skip_upto: after, given: after, feed }
+            }
+            Subscription::TooOld => ChangeSource::Direct(store.watch(prefix, after)?),
+        })
+    }
+
+    /// Every change of `r` from now on. A watcher that lists after subscribing passes the
+    /// list's revision to `known_upto`.
+    pub fn from_now(cache: &WatchCache, store: &ObjectStore, r: &'static Resource) -> Result<Self, ApiError> {
+        match cache.subscribe(store, r, None)? {
+            Subscription::Shared { rx, feed, .. } => {
+                Ok(ChangeSource::Shared { rx, replay: VecDeque::new(), skip_upto: 0, given: 0, feed })
+            }
+            Subscription::TooOld => unreachable!("a subscription from now on is always shared"),
+        }
+    }
+
+    /// Skips the changes up to `rev` (those a list read after subscribing already has).
+    pub fn known_upto(&mut self, rev: i64) {
+        if let ChangeSource::Shared { skip_upto, .. } = self {
+            *skip_upto = (*skip_upto).max(rev);
+        }
+    }
+
+    /// The next changes; `Err(None)` when the watcher fell too far behind or the feed
+    /// restarts (it watches again from its last revision), `Err(Some)` for a store error.
+    pub async fn next(&mut self) -> Result<Vec<Arc<Change>>, Option<ApiError>> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self {
+            ChangeSource::Shared { rx, replay, skip_upto, given, .. } => loop {
+                let c = match replay.pop_front() {
+                    Some(c) => c,
+                    None => match rx.recv().await {
+                        Ok(c) => c,
+                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return Err(None),
+                    },
+                };
+                if c.rev > *skip_upto {
+                    *given = c.rev;
+                    return Ok(vec![c]);
+                }
+            },
+            ChangeSource::Direct(stream) => {
+                let events = stream.next().await.map_err(|e| Some(store_error(e)))?;
+                Ok(events.iter().filter_map(Change::from_event).map(Arc::new).collect())
+            }
+        }
+    }
+
+    /// The revision every change up to which this watcher has been given, for bookmarks
+    /// and progress: the feed's own only once nothing it sent is still waiting here (a
+    /// client resuming from it would otherwise miss those changes).
+    pub fn progress(&self) -> i64 {
+        match self {
+            ChangeSource::Shared { rx, replay, skip_upto, given, feed } => {
+                // Read before looking at the queue: the feed sends a change before it
+                // advances its progress past it.
+                let fed = feed.progress();
+                // The next change, waiting or still to be sent, may be of the same revision
+                // as the last one given.
+                let given = (*given - 1).max(*skip_upto);
+                match replay.is_empty() && rx.is_empty() {
+                    true => fed.max(given),
+                    false => given,
+                }
+            }
+            ChangeSource::Direct(stream) => stream.next_revision() - 1,
+        }
     }
 }

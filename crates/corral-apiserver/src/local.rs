@@ -59,7 +59,10 @@ impl corral_controllers::Cluster for LocalCluster {
                     Some("BOOKMARK") => continue,
                     _ => EventKind::Expired,
                 };
-                let object = event.get("object").cloned().unwrap_or(Value::Null);
+                let object = match event {
+                    Value::Object(mut event) => event.remove("object").unwrap_or(Value::Null),
+                    _ => Value::Null,
+                };
                 if tx.send(WatchEvent { kind, object }).await.is_err() || kind == EventKind::Expired {
                     break;
                 }

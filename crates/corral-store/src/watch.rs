@@ -107,8 +107,13 @@ impl WatchStream {
                     self.next_rev = batch.to_rev + 1;
                     out
                 }
-                // A gap, a lag, or batches without events: the store has it all.
-                _ => self.catch_up(applied)?,
+                // A gap, a lag, or batches without events: the store has it all. Reading it
+                // is plain computation on this thread, and a watcher far behind reads step
+                // after step: other tasks get their turn before each one.
+                _ => {
+                    tokio::task::yield_now().await;
+                    self.catch_up(applied)?
+                }
             };
             if !out.is_empty() {
                 return Ok(out);
@@ -135,14 +140,11 @@ impl WatchStream {
     fn catch_up(&mut self, upto: i64) -> StoreResult<Vec<Event>> {
         let mut out = Vec::new();
         while self.next_rev <= upto {
-            let events = self.mvcc.events(self.next_rev, upto, CATCH_UP_EVENTS, self.prev_kv)?;
-            let last = events.last().map(|e| e.revision());
-            out.extend(events.into_iter().filter(|e| self.range.contains(e.key())));
-            match last {
-                Some(rev) if rev < upto => self.next_rev = rev + 1,
-                _ => self.next_rev = upto + 1,
-            }
-            if out.len() >= CATCH_UP_EVENTS {
+            let (events, covered) =
+                self.mvcc.events_in(&self.range, self.next_rev, upto, CATCH_UP_EVENTS, self.prev_kv)?;
+            out.extend(events);
+            self.next_rev = covered + 1;
+            if out.len() >= CATCH_UP_EVENTS || covered < upto {
                 break;
             }
         }

@@ -157,6 +157,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             "this build acknowledges writes before they are on disk (chaos negative control): never use it"
         );
     }
+    tokio::spawn(watch_for_stalls());
     let armed = corral_store::failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     if !armed.is_empty() {
         tracing::warn!(failpoints = ?armed, "failpoints armed (chaos testing)");
@@ -484,5 +485,35 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Reports when this server's runtime could not run a task on time: a worker thread held by
+/// plain computation or a blocking call delays Raft's heartbeats and every connection with
+/// it. A plain thread beside it tells a stalled runtime (the thread was on time) from a
+/// starved process or machine (both late).
+async fn watch_for_stalls() {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+    let thread_late = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let late = thread_late.clone();
+    let _ = std::thread::Builder::new().name("stall-watch".into()).spawn(move || {
+        loop {
+            let t = std::time::Instant::now();
+            std::thread::sleep(TICK);
+            let ms = (t.elapsed().saturating_sub(TICK)).as_millis() as u64;
+            late.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    loop {
+        let t = std::time::Instant::now();
+        tokio::time::sleep(TICK).await;
+        let ms = (t.elapsed().saturating_sub(TICK)).as_millis() as u64;
+        if ms >= 100 {
+            let thread_ms = thread_late.swap(0, std::sync::atomic::Ordering::Relaxed);
+            match ms >= 1000 {
+                true => tracing::warn!(late_ms = ms, thread_late_ms = thread_ms, "runtime stalled"),
+                false => tracing::debug!(late_ms = ms, thread_late_ms = thread_ms, "runtime stalled"),
+            }
+        }
     }
 }

@@ -21,7 +21,7 @@ use corral_transport::{CertificateAuthority, JoinToken, frame, quic};
 use serde_json::{Value, json};
 
 use crate::api::{Api, Output, Query, Reply};
-use crate::cache::Change;
+use crate::cache::ChangeSource;
 use crate::storage::{Stored, WriteOutcome};
 
 /// How often an idle pod watch tells the agent how far it has got.
@@ -187,10 +187,10 @@ impl AgentEndpoint {
             (Some(Kind::Join(join)), _) => self.join(join).await,
             (_, None) => refused("join first: this connection has no node certificate"),
             (Some(Kind::WatchPods(w)), Some(node)) => {
-                let prefix = route("pods", None, None).resource.prefix(None);
+                let pods = route("pods", None, None).resource;
                 let mine = |pod: &Value| rules::node_name(pod) == node;
                 let event = |obj: Option<&Value>, prev: Option<&Value>| rules::pod_event(obj, prev, &node);
-                if let Err(e) = self.watch(&prefix, w.from_revision, &mut send, mine, event).await {
+                if let Err(e) = self.watch(pods, w.from_revision, &mut send, mine, event).await {
                     tracing::debug!(error = %e, "pod watch ended");
                 }
                 let _ = send.finish();
@@ -201,8 +201,8 @@ impl AgentEndpoint {
             }
             (Some(Kind::WatchServices(w)), Some(_)) => {
                 let plural = watched_plural(w.resource).expect("checked above");
-                let prefix = route(plural, None, None).resource.prefix(None);
-                let watched = self.watch(&prefix, w.from_revision, &mut send, |_| true, rules::object_event).await;
+                let resource = route(plural, None, None).resource;
+                let watched = self.watch(resource, w.from_revision, &mut send, |_| true, rules::object_event).await;
                 if let Err(e) = watched {
                     tracing::debug!(error = %e, plural, "service watch ended");
                 }
@@ -255,28 +255,35 @@ impl AgentEndpoint {
         }
     }
 
-    /// Streams the objects under `prefix` that are the agent's (`mine`; `event` says what a
-    /// change means to it): a snapshot first when starting from 0 or from a revision
-    /// compacted away, then every change in revision order, with progress when idle.
+    /// Streams the objects of `r` that are the agent's (`mine`; `event` says what a change
+    /// means to it): a snapshot first when starting from 0 or from a revision compacted
+    /// away, then every change in revision order, with progress when idle. Changes come
+    /// from the server's watch cache, decoded once for every agent and API watcher.
     async fn watch(
         &self,
-        prefix: &str,
+        r: &'static corral_api::Resource,
         from: i64,
         send: &mut Send,
         mine: impl Fn(&Value) -> bool,
         event: impl Fn(Option<&Value>, Option<&Value>) -> Option<(Type, Value)>,
     ) -> Result<(), String> {
-        let prefix = prefix.to_string();
-        let store = &self.api.store;
-        let resumed = if from > 0 { store.watch(&prefix, from).ok() } else { None };
-        let mut stream = match resumed {
-            Some(s) => {
+        let (api, prefix) = (&self.api, r.prefix(None));
+        let resumed = match from > 0 {
+            true => ChangeSource::after(&api.cache, &api.store, r, &prefix, from).ok(),
+            false => None,
+        };
+        // The revision every change up to which is handled (sent, or not the agent's).
+        let mut sent = from;
+        let mut source = match resumed {
+            Some(source) => {
                 // At once, so the agent knows its watch is live again.
                 self.send_event(send, Type::Progress, from, Vec::new()).await?;
-                s
+                source
             }
             None => {
-                let page = store.list(&prefix, None, 0, 0, false).await.map_err(|e| e.to_string())?;
+                // Subscribe before listing: whatever the feed sent before is in the list.
+                let mut source = ChangeSource::from_now(&api.cache, &api.store, r).map_err(|e| e.to_string())?;
+                let page = api.store.list(&prefix, None, 0, 0, false).await.map_err(|e| e.to_string())?;
                 let objects: Vec<Value> = page
                     .items
                     .into_iter()
@@ -288,7 +295,9 @@ impl AgentEndpoint {
                     .collect();
                 let raw = serde_json::to_vec(&objects).expect("JSON");
                 self.send_event(send, Type::Snapshot, page.rev, raw).await?;
-                store.watch(&prefix, page.rev).map_err(|e| e.to_string())?
+                source.known_upto(page.rev);
+                sent = page.rev;
+                source
             }
         };
         // An interval, not a sleep per loop: in a busy cluster, changes of other nodes' pods
@@ -296,18 +305,30 @@ impl AgentEndpoint {
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.reset();
         loop {
-            let events = tokio::select! {
-                e = stream.next() => e.map_err(|e| e.to_string())?,
+            let changes = tokio::select! {
+                c = source.next() => match c {
+                    Ok(changes) => changes,
+                    // Fell behind the feed (or it restarts): on from what was sent, from the
+                    // store's history if the feed no longer has it.
+                    Err(None) => {
+                        source = ChangeSource::after(&api.cache, &api.store, r, &prefix, sent).map_err(|e| e.to_string())?;
+                        continue;
+                    }
+                    Err(Some(e)) => return Err(e.to_string()),
+                },
                 _ = progress.tick() => {
-                    self.send_event(send, Type::Progress, stream.next_revision() - 1, Vec::new()).await?;
+                    sent = sent.max(source.progress());
+                    self.send_event(send, Type::Progress, sent, Vec::new()).await?;
                     continue;
                 }
             };
-            for change in events.iter().filter_map(Change::from_event) {
-                if let Some((kind, mut obj)) = event(change.obj.as_ref(), change.prev.as_ref()) {
+            for change in changes {
+                if let Some((kind, mut obj)) = event(change.obj.as_ref(), change.prev()) {
                     meta::set_resource_version(&mut obj, change.rev);
                     self.send_event(send, kind, change.rev, serde_json::to_vec(&obj).expect("JSON")).await?;
                 }
+                // Sent, or none of the agent's business: handled either way.
+                sent = sent.max(change.rev);
             }
         }
     }

@@ -75,12 +75,16 @@ impl Engine for RocksEngine {
             wo.set_sync(false);
             wo.disable_wal(true);
         }
+        let started = std::time::Instant::now();
         self.db.write_opt(wb, &wo)?;
+        slow("write", sync, started);
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         self.db.flush_wal(true)?;
+        slow("WAL sync", true, started);
         Ok(())
     }
 
@@ -172,5 +176,16 @@ impl Cursor for RocksCursor<'_> {
 
     fn status(&self) -> Result<()> {
         Ok(self.inner.status()?)
+    }
+}
+
+/// Reports a write that held its thread long (a slow disk, or RocksDB delaying writes while
+/// compaction catches up): a warning past a second, as etcd warns of a slow fdatasync.
+fn slow(what: &str, sync: bool, started: std::time::Instant) {
+    let ms = started.elapsed().as_millis() as u64;
+    if ms >= 1000 {
+        tracing::warn!(ms, sync, "slow engine {what}");
+    } else if ms >= 50 {
+        tracing::debug!(ms, sync, "slow engine {what}");
     }
 }

@@ -235,6 +235,9 @@ pub(crate) fn range_with_overlay(
     Ok(RangeResponse { header: None, kvs, more, count })
 }
 
+/// Revisions of history looked at per read at most (see [`Mvcc::events_in`]).
+pub const SCAN_PER_READ: usize = 20_000;
+
 impl Mvcc {
     /// A Range at the request's revision (0: the current one).
     pub fn range(&self, req: &RangeRequest) -> StoreResult<RangeResponse> {
@@ -258,6 +261,23 @@ impl Mvcc {
     /// boundary once `max_events` is reached. With `prev_kv`, each event carries the version
     /// before it.
     pub fn events(&self, from_rev: i64, to_rev: i64, max_events: usize, prev_kv: bool) -> StoreResult<Vec<Event>> {
+        let all = KeyRange::new(b"", b"\0");
+        Ok(self.events_in(&all, from_rev, to_rev, max_events, prev_kv)?.0)
+    }
+
+    /// The events of keys in `range` with revisions in `[from_rev, to_rev]`, in order, and
+    /// the revision up to which history was read: it stops at a revision boundary once
+    /// `max_events` are found or [`SCAN_PER_READ`] revisions were looked at, so a watcher of
+    /// a quiet range catching up through a busy history reads it in bounded steps. Only the
+    /// events in the range are rebuilt from their versions.
+    pub fn events_in(
+        &self,
+        range: &KeyRange,
+        from_rev: i64,
+        to_rev: i64,
+        max_events: usize,
+        prev_kv: bool,
+    ) -> StoreResult<(Vec<Event>, i64)> {
         let _gate = self.reading();
         let compact_rev = self.compact_revision();
         if from_rev < compact_rev {
@@ -267,25 +287,31 @@ impl Mvcc {
         let mut out: Vec<Event> = Vec::new();
         let mut cursor = view.cursor(Cf::Rev);
         cursor.seek(&super::keys::rev_key(from_rev, 0));
+        let (mut scanned, mut covered) = (0usize, to_rev);
+        let mut last_main = from_rev - 1;
         while cursor.valid() {
             let (main, sub) = split_rev_key(cursor.key())
                 .ok_or_else(|| EngineError::Corrupt { cf: Cf::Rev, what: "bad revision key".into() })?;
             if main > to_rev {
                 break;
             }
-            if out.len() >= max_events && out.last().map(|e| e.revision()) != Some(main) {
+            if main != last_main && (out.len() >= max_events || scanned >= SCAN_PER_READ) {
+                covered = last_main;
                 break;
             }
-            let key = cursor.value().to_vec();
-            let event = event_at(view.as_ref(), key, main, sub, prev_kv)?;
-            out.push(event);
+            last_main = main;
+            scanned += 1;
+            if range.contains(cursor.value()) {
+                let key = cursor.value().to_vec();
+                out.push(event_at(view.as_ref(), key, main, sub, prev_kv)?);
+            }
             cursor.next();
         }
         cursor.status()?;
         if from_rev < self.compact_revision() {
             return Err(StoreError::Compacted { compact_rev: self.compact_revision() });
         }
-        Ok(out)
+        Ok((out, covered))
     }
 
     /// A hash of every version at or below `rev` (0: current) that compaction keeps, equal on

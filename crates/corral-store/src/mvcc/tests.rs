@@ -269,6 +269,36 @@ fn events_replay_in_order_with_prev_kv() {
 }
 
 #[test]
+fn a_quiet_range_reads_a_busy_history_in_bounded_steps() {
+    use super::KeyRange;
+    use super::read::SCAN_PER_READ;
+    for (name, f) in stores() {
+        let m = &f.mvcc;
+        // One write to the quiet range between many to another, in one batch per revision.
+        let busy = SCAN_PER_READ + SCAN_PER_READ / 2;
+        let mut quiet_rev = 0;
+        for i in 0..busy {
+            put(m, &format!("busy/{i}"), "x");
+            if i == SCAN_PER_READ + 10 {
+                quiet_rev = put(m, "quiet/a", "1");
+            }
+        }
+        let last = m.current_revision();
+        let quiet = KeyRange::new(b"quiet/", b"quiet0");
+
+        tracing::info!("the first read stops after its share of revisions, having found nothing");
+        let (events, covered) = m.events_in(&quiet, 2, last, 100, true).unwrap();
+        assert!(events.is_empty(), "{name}");
+        assert_eq!(covered, 1 + SCAN_PER_READ as i64, "{name}: read up to a revision boundary");
+
+        tracing::info!("the next one, from there, finds the quiet write and reaches the end");
+        let (events, covered) = m.events_in(&quiet, covered + 1, last, 100, true).unwrap();
+        assert_eq!(events.iter().map(|e| e.revision()).collect::<Vec<_>>(), vec![quiet_rev], "{name}");
+        assert_eq!(covered, last, "{name}");
+    }
+}
+
+#[test]
 fn compaction_keeps_what_later_revisions_read() {
     for (name, f) in stores() {
         let m = &f.mvcc;
