@@ -25,6 +25,10 @@ pub enum LinkError {
     Refused(String),
     #[error("the request broke off: {0}")]
     Broken(String),
+    /// No answer in time on a connection that did not break: a busy server, not a dead one
+    /// (a dead or wedged one is found by the watches, which go silent).
+    #[error("no answer in {0:?}")]
+    Slow(Duration),
     #[error("{0}")]
     Setup(String),
 }
@@ -88,9 +92,8 @@ async fn call(conn: &quinn::Connection, request: &AgentRequest) -> Result<AgentR
         let reply: Option<AgentResponse> = frame::read(&mut recv).await.map_err(|e| broken(&e))?;
         reply.ok_or_else(|| LinkError::Broken("the server closed the stream without an answer".into()))
     };
-    let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| LinkError::Broken(format!("no answer in {REQUEST_TIMEOUT:?}")))??;
+    let reply =
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| LinkError::Slow(REQUEST_TIMEOUT))??;
     match reply.kind {
         Some(agent_response::Kind::Refused(r)) => Err(LinkError::Refused(r.message)),
         _ => Ok(reply),
@@ -267,7 +270,9 @@ impl Link {
         }
     }
 
-    /// One request and its answer; a broken connection is abandoned.
+    /// One request and its answer; a broken connection is abandoned (a slow answer leaves it
+    /// be: under load a server can take long to write, and abandoning the connection would
+    /// also break every watch on it, which then resume from the server's history).
     pub async fn request(&self, request: AgentRequest) -> Result<AgentResponse, LinkError> {
         let conn = self.connection().await?;
         let reply = call(&conn, &request).await;

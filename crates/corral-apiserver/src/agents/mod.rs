@@ -348,12 +348,20 @@ impl AgentEndpoint {
             if meta::name(&reported) != node {
                 return refused(format!("an agent of node {node} may not report node {}", meta::name(&reported)));
             }
-            if let Err(e) = self.write_node(node, &reported).await {
+            let started = std::time::Instant::now();
+            let written = self.write_node(node, &reported).await;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "node written");
+            if let Err(e) = written {
                 return refused(format!("updating node {node}: {e}"));
             }
         }
         if report.heartbeat
-            && let Err(e) = self.renew_lease(node).await
+            && let Err(e) = {
+                let started = std::time::Instant::now();
+                let renewed = self.renew_lease(node).await;
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "lease renewed");
+                renewed
+            }
         {
             return refused(format!("renewing node {node}'s lease: {e}"));
         }
