@@ -61,7 +61,9 @@ impl Change {
 }
 
 struct Feed {
-    tx: broadcast::Sender<Arc<Change>>,
+    /// The feed's task holds the only sender: when it ends, every subscriber's receiver
+    /// closes and its watcher starts again (on a new feed).
+    tx: broadcast::WeakSender<Arc<Change>>,
     state: Mutex<FeedState>,
     /// The revision everything up to which has been seen (for bookmarks).
     progress: AtomicI64,
@@ -116,9 +118,19 @@ impl WatchCache {
         r: &'static Resource,
         after: Option<i64>,
     ) -> Result<Subscription, ApiError> {
-        let feed = self.feed(store, r)?;
-        let state = feed.state.lock().expect("feed lock");
-        let rx = feed.tx.subscribe();
+        let mut feed = self.feed(store, r)?;
+        let mut state = feed.state.lock().expect("feed lock");
+        let rx = match feed.tx.upgrade() {
+            Some(tx) => tx.subscribe(),
+            None => {
+                // It ended between the two calls: the next one starts a new feed.
+                drop(state);
+                feed = self.feed(store, r)?;
+                state = feed.state.lock().expect("feed lock");
+                let tx = feed.tx.upgrade().ok_or_else(|| ApiError::Unavailable("the watch cache restarts".into()))?;
+                tx.subscribe()
+            }
+        };
         let replay = match after {
             None => Vec::new(),
             Some(rev) if rev + 1 >= state.covered_from => {
@@ -140,7 +152,7 @@ impl WatchCache {
         let start = stream.next_revision();
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let feed = Arc::new(Feed {
-            tx,
+            tx: tx.downgrade(),
             state: Mutex::new(FeedState { buffer: VecDeque::new(), covered_from: start }),
             progress: AtomicI64::new(start - 1),
             alive: AtomicBool::new(true),
@@ -174,11 +186,12 @@ impl WatchCache {
                     }
                     state.buffer.push_back(change.clone());
                     // No receivers is fine: the buffer keeps it for the next one.
-                    let _ = f.tx.send(change);
+                    let _ = tx.send(change);
                 }
                 f.progress.store(stream.next_revision() - 1, Ordering::Release);
             }
             f.alive.store(false, Ordering::Relaxed);
+            drop(tx);
         };
         match &self.runtime {
             Some(runtime) => runtime.spawn(task),

@@ -327,8 +327,10 @@ impl AgentEndpoint {
                     meta::set_resource_version(&mut obj, change.rev);
                     self.send_event(send, kind, change.rev, serde_json::to_vec(&obj).expect("JSON")).await?;
                 }
-                // Sent, or none of the agent's business: handled either way.
-                sent = sent.max(change.rev);
+                // Sent, or none of the agent's business: handled either way. Another change
+                // of the same revision may still be on its way, so that revision is complete
+                // only once a later one (or the feed's progress) says so.
+                sent = sent.max(change.rev - 1);
             }
         }
     }

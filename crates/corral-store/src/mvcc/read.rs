@@ -262,7 +262,15 @@ impl Mvcc {
     /// before it.
     pub fn events(&self, from_rev: i64, to_rev: i64, max_events: usize, prev_kv: bool) -> StoreResult<Vec<Event>> {
         let all = KeyRange::new(b"", b"\0");
-        Ok(self.events_in(&all, from_rev, to_rev, max_events, prev_kv)?.0)
+        let (mut out, mut next) = (Vec::new(), from_rev);
+        loop {
+            let (events, covered) = self.events_in(&all, next, to_rev, max_events - out.len(), prev_kv)?;
+            out.extend(events);
+            if covered >= to_rev || out.len() >= max_events {
+                return Ok(out);
+            }
+            next = covered + 1;
+        }
     }
 
     /// The events of keys in `range` with revisions in `[from_rev, to_rev]`, in order, and
