@@ -296,10 +296,6 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                     // It may have crashed before its start was confirmed: what fired decides.
                     warn!(member = %victim, error = %e, "restart with the failpoint armed did not confirm");
                 }
-                if name == "mvcc-compact" && compact_to + 1 < start_revision {
-                    compact_to += 1;
-                    compact(&channels, compact_to).await;
-                }
                 if matches!(name, "snapshot-build" | "raft-log-purge") {
                     // A snapshot interval's worth of entries for the victim to apply.
                     extend_log(&channels, 700).await;
@@ -307,10 +303,17 @@ pub async fn run<C: Cluster>(cluster: &C, scenario: &Scenario, options: &Options
                 let waited = Instant::now();
                 let mut churned: Option<Instant> = None;
                 while cluster.running(victim) && waited.elapsed() < Duration::from_secs(20) {
-                    // Membership entries the victim applies itself, not inside a snapshot it
-                    // installs while catching up: changes again every 2 s until it crashes.
-                    if name == "sm-membership-apply" && churned.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                    // Membership entries and compactions the victim applies itself, not
+                    // inside a snapshot it installs while catching up (a victim down for
+                    // long restarts from one): again every 2 s until it crashes.
+                    let again = churned.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                    if name == "sm-membership-apply" && again {
                         churn_membership(&channels).await?;
+                        churned = Some(Instant::now());
+                    }
+                    if name == "mvcc-compact" && again && compact_to + 1 < start_revision {
+                        compact_to += 1;
+                        compact(&channels, compact_to).await;
                         churned = Some(Instant::now());
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
