@@ -8,7 +8,7 @@
 //! slow watcher's), so a slow reader never grows the server's memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -61,39 +61,18 @@ impl Change {
 }
 
 struct Feed {
-    /// The feed's task holds the only sender: when it ends, every subscriber's receiver
-    /// closes and its watcher starts again (on a new feed).
+    /// The feed's task holds the only sender: a feed whose sender no longer upgrades has
+    /// ended, every subscriber's receiver closes and its watcher starts again (on a new feed).
     tx: broadcast::WeakSender<Arc<Change>>,
     state: Mutex<FeedState>,
-    /// The revision everything up to which has been seen (for bookmarks).
+    /// The revision everything up to which has been sent (for bookmarks).
     progress: AtomicI64,
-    alive: AtomicBool,
 }
 
 struct FeedState {
     buffer: VecDeque<Arc<Change>>,
     /// Every change from this revision on is in the buffer or still to come.
     covered_from: i64,
-}
-
-/// What a client watch reads from.
-pub enum Subscription {
-    Shared {
-        rx: broadcast::Receiver<Arc<Change>>,
-        replay: Vec<Arc<Change>>,
-        feed: FeedHandle,
-    },
-    /// The revision is older than the feed remembers: the client needs its own store watch.
-    TooOld,
-}
-
-/// What a subscriber may ask of its feed.
-pub struct FeedHandle(Arc<Feed>);
-
-impl FeedHandle {
-    pub fn progress(&self) -> i64 {
-        self.0.progress.load(Ordering::Acquire)
-    }
 }
 
 pub struct WatchCache {
@@ -111,41 +90,40 @@ impl Default for WatchCache {
 }
 
 impl WatchCache {
-    /// Subscribes to every change of `r` after `after` (None: from now on).
-    pub fn subscribe(
+    /// A watcher of every change of `r` after `after` (None: from now on) on the shared
+    /// feed; None when the feed no longer remembers that far back.
+    fn shared(
         &self,
         store: &ObjectStore,
         r: &'static Resource,
         after: Option<i64>,
-    ) -> Result<Subscription, ApiError> {
-        let mut feed = self.feed(store, r)?;
-        let mut state = feed.state.lock().expect("feed lock");
-        let rx = match feed.tx.upgrade() {
-            Some(tx) => tx.subscribe(),
-            None => {
-                // It ended between the two calls: the next one starts a new feed.
-                drop(state);
-                feed = self.feed(store, r)?;
-                state = feed.state.lock().expect("feed lock");
-                let tx = feed.tx.upgrade().ok_or_else(|| ApiError::Unavailable("the watch cache restarts".into()))?;
-                tx.subscribe()
-            }
-        };
+    ) -> Result<Option<ChangeSource>, ApiError> {
+        let (feed, tx) = self.feed(store, r)?;
+        let state = feed.state.lock().expect("feed lock");
         let replay = match after {
-            None => Vec::new(),
+            None => VecDeque::new(),
             Some(rev) if rev + 1 >= state.covered_from => {
                 state.buffer.iter().filter(|c| c.rev > rev).cloned().collect()
             }
-            Some(_) => return Ok(Subscription::TooOld),
+            Some(_) => return Ok(None),
         };
+        let rx = tx.subscribe();
         drop(state);
-        Ok(Subscription::Shared { rx, replay, feed: FeedHandle(feed) })
+        let known = after.unwrap_or(0);
+        Ok(Some(ChangeSource(Source::Shared { rx, replay, skip_upto: known, given: known, feed })))
     }
 
-    fn feed(&self, store: &ObjectStore, r: &'static Resource) -> Result<Arc<Feed>, ApiError> {
+    /// The feed of `r`, started if it is not running, and a sender to subscribe with.
+    fn feed(
+        &self,
+        store: &ObjectStore,
+        r: &'static Resource,
+    ) -> Result<(Arc<Feed>, broadcast::Sender<Arc<Change>>), ApiError> {
         let mut feeds = self.feeds.lock().expect("feeds lock");
-        if let Some(f) = feeds.get(r.plural).filter(|f| f.alive.load(Ordering::Relaxed)) {
-            return Ok(f.clone());
+        if let Some(f) = feeds.get(r.plural)
+            && let Some(tx) = f.tx.upgrade()
+        {
+            return Ok((f.clone(), tx));
         }
         let prefix = r.prefix(None);
         let mut stream = store.watch(&prefix, 0)?;
@@ -155,10 +133,9 @@ impl WatchCache {
             tx: tx.downgrade(),
             state: Mutex::new(FeedState { buffer: VecDeque::new(), covered_from: start }),
             progress: AtomicI64::new(start - 1),
-            alive: AtomicBool::new(true),
         });
         feeds.insert(r.plural, feed.clone());
-        let f = feed.clone();
+        let (f, subscribe_with) = (feed.clone(), tx.clone());
         let task = async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -190,20 +167,21 @@ impl WatchCache {
                 }
                 f.progress.store(stream.next_revision() - 1, Ordering::Release);
             }
-            f.alive.store(false, Ordering::Relaxed);
             drop(tx);
         };
         match &self.runtime {
             Some(runtime) => runtime.spawn(task),
             None => tokio::spawn(task),
         };
-        Ok(feed)
+        Ok((feed, subscribe_with))
     }
 }
 
 /// Where one watcher's changes come from: the resource's shared feed, or a store watch of
 /// its own for a revision older than the feed remembers.
-pub enum ChangeSource {
+pub struct ChangeSource(Source);
+
+enum Source {
     /// Changes up to `skip_upto` are already known to the watcher; `given` is the revision
     /// of the last change handed out.
     Shared {
@@ -211,7 +189,7 @@ pub enum ChangeSource {
         replay: VecDeque<Arc<Change>>,
         skip_upto: i64,
         given: i64,
-        feed: FeedHandle,
+        feed: Arc<Feed>,
     },
     Direct(corral_store::watch::WatchStream),
 }
@@ -227,28 +205,21 @@ impl ChangeSource {
         prefix: &str,
         after: i64,
     ) -> Result<Self, ApiError> {
-        Ok(match cache.subscribe(store, r, Some(after))? {
-            Subscription::Shared { rx, replay, feed } => {
-                ChangeSource::Shared { rx, replay: replay.into(), skip_upto: after, given: after, feed }
-            }
-            Subscription::TooOld => ChangeSource::Direct(store.watch(prefix, after)?),
-        })
+        match cache.shared(store, r, Some(after))? {
+            Some(source) => Ok(source),
+            None => Ok(ChangeSource(Source::Direct(store.watch(prefix, after)?))),
+        }
     }
 
     /// Every change of `r` from now on. A watcher that lists after subscribing passes the
     /// list's revision to `known_upto`.
     pub fn from_now(cache: &WatchCache, store: &ObjectStore, r: &'static Resource) -> Result<Self, ApiError> {
-        match cache.subscribe(store, r, None)? {
-            Subscription::Shared { rx, feed, .. } => {
-                Ok(ChangeSource::Shared { rx, replay: VecDeque::new(), skip_upto: 0, given: 0, feed })
-            }
-            Subscription::TooOld => unreachable!("a subscription from now on is always shared"),
-        }
+        Ok(cache.shared(store, r, None)?.expect("a watcher from now on is always on the feed"))
     }
 
     /// Skips the changes up to `rev` (those a list read after subscribing already has).
     pub fn known_upto(&mut self, rev: i64) {
-        if let ChangeSource::Shared { skip_upto, .. } = self {
+        if let Source::Shared { skip_upto, .. } = &mut self.0 {
             *skip_upto = (*skip_upto).max(rev);
         }
     }
@@ -257,8 +228,8 @@ impl ChangeSource {
     /// restarts (it watches again from its last revision), `Err(Some)` for a store error.
     pub async fn next(&mut self) -> Result<Vec<Arc<Change>>, Option<ApiError>> {
         use tokio::sync::broadcast::error::RecvError;
-        match self {
-            ChangeSource::Shared { rx, replay, skip_upto, given, .. } => loop {
+        match &mut self.0 {
+            Source::Shared { rx, replay, skip_upto, given, .. } => loop {
                 let c = match replay.pop_front() {
                     Some(c) => c,
                     None => match rx.recv().await {
@@ -271,7 +242,7 @@ impl ChangeSource {
                     return Ok(vec![c]);
                 }
             },
-            ChangeSource::Direct(stream) => {
+            Source::Direct(stream) => {
                 let events = stream.next().await.map_err(|e| Some(store_error(e)))?;
                 Ok(events.iter().filter_map(Change::from_event).map(Arc::new).collect())
             }
@@ -282,11 +253,11 @@ impl ChangeSource {
     /// and progress: the feed's own only once nothing it sent is still waiting here (a
     /// client resuming from it would otherwise miss those changes).
     pub fn progress(&self) -> i64 {
-        match self {
-            ChangeSource::Shared { rx, replay, skip_upto, given, feed } => {
+        match &self.0 {
+            Source::Shared { rx, replay, skip_upto, given, feed } => {
                 // Read before looking at the queue: the feed sends a change before it
                 // advances its progress past it.
-                let fed = feed.progress();
+                let fed = feed.progress.load(Ordering::Acquire);
                 // The next change, waiting or still to be sent, may be of the same revision
                 // as the last one given.
                 let given = (*given - 1).max(*skip_upto);
@@ -295,7 +266,7 @@ impl ChangeSource {
                     false => given,
                 }
             }
-            ChangeSource::Direct(stream) => stream.next_revision() - 1,
+            Source::Direct(stream) => stream.next_revision() - 1,
         }
     }
 }

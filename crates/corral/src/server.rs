@@ -508,8 +508,9 @@ async fn watch_for_stalls() {
         let t = std::time::Instant::now();
         tokio::time::sleep(TICK).await;
         let ms = (t.elapsed().saturating_sub(TICK)).as_millis() as u64;
+        // The thread's lateness over this same tick.
+        let thread_ms = thread_late.swap(0, std::sync::atomic::Ordering::Relaxed);
         if ms >= 100 {
-            let thread_ms = thread_late.swap(0, std::sync::atomic::Ordering::Relaxed);
             match ms >= 1000 {
                 true => tracing::warn!(late_ms = ms, thread_late_ms = thread_ms, "runtime stalled"),
                 false => tracing::debug!(late_ms = ms, thread_late_ms = thread_ms, "runtime stalled"),

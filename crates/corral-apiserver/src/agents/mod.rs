@@ -268,10 +268,7 @@ impl AgentEndpoint {
         event: impl Fn(Option<&Value>, Option<&Value>) -> Option<(Type, Value)>,
     ) -> Result<(), String> {
         let (api, prefix) = (&self.api, r.prefix(None));
-        let resumed = match from > 0 {
-            true => ChangeSource::after(&api.cache, &api.store, r, &prefix, from).ok(),
-            false => None,
-        };
+        let resumed = (from > 0).then(|| ChangeSource::after(&api.cache, &api.store, r, &prefix, from).ok()).flatten();
         // The revision every change up to which is handled (sent, or not the agent's).
         let mut sent = from;
         let mut source = match resumed {
@@ -350,20 +347,12 @@ impl AgentEndpoint {
             if meta::name(&reported) != node {
                 return refused(format!("an agent of node {node} may not report node {}", meta::name(&reported)));
             }
-            let started = std::time::Instant::now();
-            let written = self.write_node(node, &reported).await;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "node written");
-            if let Err(e) = written {
+            if let Err(e) = timed("node written", self.write_node(node, &reported)).await {
                 return refused(format!("updating node {node}: {e}"));
             }
         }
         if report.heartbeat
-            && let Err(e) = {
-                let started = std::time::Instant::now();
-                let renewed = self.renew_lease(node).await;
-                tracing::debug!(ms = started.elapsed().as_millis() as u64, "lease renewed");
-                renewed
-            }
+            && let Err(e) = timed("lease renewed", self.renew_lease(node)).await
         {
             return refused(format!("renewing node {node}'s lease: {e}"));
         }
@@ -624,4 +613,13 @@ impl AgentEndpoint {
         }
         Ok((send, recv))
     }
+}
+
+/// Runs `work`, logging how long it took (debug): under load a node's report waits on the
+/// store, and these say for how long.
+async fn timed<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "{what}");
+    out
 }
