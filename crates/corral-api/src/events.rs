@@ -4,7 +4,7 @@
 //! writes what `take` returns and, when that fails, records nothing lost: the Events stay
 //! pending until the next `take`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Value, json};
 
@@ -74,6 +74,8 @@ struct Entry {
     count: u64,
     first: i64,
     last: i64,
+    /// Its place in `Recorder::quiet`.
+    quiet_at: (i64, u64),
 }
 
 /// Folds and keeps Events until they are written. Bounded: past `limit` distinct Events, the
@@ -84,6 +86,11 @@ pub struct Recorder {
     limit: usize,
     entries: HashMap<Key, Entry>,
     pending: BTreeSet<Key>,
+    /// Every entry by when it last happened (and then by when it was recorded), so the
+    /// quietest is found without looking at the rest.
+    quiet: BTreeMap<(i64, u64), Key>,
+    /// Recordings so far: orders entries that last happened in the same second.
+    recorded: u64,
     minted: u64,
     /// From the component and host: part of every Event name this recorder mints.
     tag: u16,
@@ -101,6 +108,8 @@ impl Recorder {
             limit: DEFAULT_LIMIT,
             entries: HashMap::new(),
             pending: BTreeSet::new(),
+            quiet: BTreeMap::new(),
+            recorded: 0,
             minted: 0,
             tag: format!("{component}/{host}")
                 .bytes()
@@ -122,9 +131,13 @@ impl Recorder {
             reason: reason.into(),
             message: message.into(),
         };
+        self.recorded += 1;
+        let quiet_at = (now, self.recorded);
         if let Some(e) = self.entries.get_mut(&key) {
             e.count += 1;
             e.last = now;
+            self.quiet.remove(&e.quiet_at);
+            e.quiet_at = quiet_at;
         } else {
             if self.entries.len() >= self.limit {
                 self.forget_quietest();
@@ -134,15 +147,15 @@ impl Recorder {
             // the recorder's own tag keeps the scheduler's and a kubelet's Events of the same
             // second apart.
             let name = format!("{}.{:x}{:04x}{:04x}", involved.name, now, self.tag, self.minted & 0xffff);
-            let entry = Entry { involved: involved.clone(), name, count: 1, first: now, last: now };
+            let entry = Entry { involved: involved.clone(), name, count: 1, first: now, last: now, quiet_at };
             self.entries.insert(key.clone(), entry);
         }
+        self.quiet.insert(quiet_at, key.clone());
         self.pending.insert(key);
     }
 
     fn forget_quietest(&mut self) {
-        let quietest = self.entries.iter().min_by_key(|(_, e)| e.last).map(|(k, _)| k.clone());
-        if let Some(k) = quietest {
+        if let Some((_, k)) = self.quiet.pop_first() {
             self.entries.remove(&k);
             self.pending.remove(&k);
         }
@@ -269,5 +282,11 @@ mod tests {
         }
         let reasons: Vec<Value> = r.peek(10).iter().map(|e| e["reason"].clone()).collect();
         assert_eq!(reasons, [json!("B"), json!("C")]);
+
+        // A repeat keeps its Event: the quietest one goes instead.
+        r.record(&app, false, "B", "m", 3);
+        r.record(&app, false, "D", "m", 4);
+        let reasons: Vec<Value> = r.peek(10).iter().map(|e| e["reason"].clone()).collect();
+        assert_eq!(reasons, [json!("B"), json!("D")]);
     }
 }

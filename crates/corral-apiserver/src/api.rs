@@ -2,6 +2,7 @@
 //! kube-apiserver answers them, over the [`ObjectStore`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -91,7 +92,32 @@ fn decode_component(s: &str) -> String {
 pub enum Reply {
     Object(u16, Value),
     /// A watch: lines of JSON events, until the receiver closes.
-    Watch(mpsc::Receiver<Value>),
+    Watch(mpsc::Receiver<WatchEvent>),
+}
+
+/// One event of a watch as it is sent: its type and object, the object shared with every
+/// other watcher of the same change.
+#[derive(Clone, Debug)]
+pub struct WatchEvent {
+    pub kind: &'static str,
+    pub object: Arc<Value>,
+}
+
+impl WatchEvent {
+    fn new(kind: &'static str, object: Value) -> Self {
+        WatchEvent { kind, object: Arc::new(object) }
+    }
+
+    /// `{"type": .., "object": ..}` and a newline, written without building the envelope.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = Vec::with_capacity(256);
+        line.extend_from_slice(br#"{"type":""#);
+        line.extend_from_slice(self.kind.as_bytes());
+        line.extend_from_slice(br#"","object":"#);
+        serde_json::to_writer(&mut line, &*self.object).expect("JSON");
+        line.extend_from_slice(b"}\n");
+        line
+    }
 }
 
 impl Reply {
@@ -493,18 +519,15 @@ impl Api {
         let events = crate::route::object_route("events", Some(&namespace), None);
         let key = events.resource.key(Some(&namespace), &name);
         let q = Query::default();
-        match self.store.get(&key, true).await? {
-            None => match self.create(&events, event, &q, Output::default()).await {
-                Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Some(stored) => {
-                let mut updated = event;
-                updated["metadata"] = stored.value["metadata"].clone();
-                meta::set_resource_version(&mut updated, stored.rev);
-                self.update(&events, &name, updated, &q, Output::default()).await.map(|_| ())
-            }
-        }
+        // Most events are new (their names are unique): create first, read only for a repeat.
+        let mut updated = match self.create(&events, event.clone(), &q, Output::default()).await {
+            Err(ApiError::AlreadyExists { .. }) => event,
+            done => return done.map(|_| ()),
+        };
+        let Some(stored) = self.store.get(&key, true).await? else { return Ok(()) };
+        updated["metadata"] = stored.value["metadata"].clone();
+        meta::set_resource_version(&mut updated, stored.rev);
+        self.update(&events, &name, updated, &q, Output::default()).await.map(|_| ())
     }
 
     /// POST pods/binding: assigns an unassigned pod to a node (the scheduler's write).
@@ -697,14 +720,14 @@ impl Api {
         };
         let prefix = r.prefix(route.namespace.as_deref());
         let from = q.get("resourceVersion").filter(|v| !v.is_empty()).map(meta::parse_resource_version).transpose()?;
-        let (tx, rx) = mpsc::channel::<Value>(256);
+        let (tx, rx) = mpsc::channel::<WatchEvent>(256);
         let mut initial = Vec::new();
         let mut source = match from {
             Some(rv) if rv > 0 => match ChangeSource::after(&self.cache, &self.store, r, &prefix, rv) {
                 Ok(source) => source,
                 Err(ApiError::Gone { oldest, .. }) => {
                     let status = ApiError::Gone { requested: rv, oldest }.to_status();
-                    let _ = tx.send(json!({"type": "ERROR", "object": status})).await;
+                    let _ = tx.send(WatchEvent::new("ERROR", status)).await;
                     return Ok(Reply::Watch(rx));
                 }
                 Err(e) => return Err(e),
@@ -715,7 +738,9 @@ impl Api {
                 let page = self.store.list(&prefix, None, 0, 0, false).await?;
                 for item in page.items {
                     if selected(&item.value) {
-                        initial.push(("ADDED", item.value, item.rev));
+                        let mut obj = item.value;
+                        meta::set_resource_version(&mut obj, item.rev);
+                        initial.push(Arc::new(obj));
                     }
                 }
                 source.known_upto(page.rev);
@@ -726,21 +751,31 @@ impl Api {
         tokio::spawn(async move {
             // Table watches carry the column definitions in their first event only.
             let mut columns_sent = !out.table;
-            let mut send_event = |kind: &str, mut obj: Value, rev: i64| {
-                meta::set_resource_version(&mut obj, rev);
-                meta::set_type(r, &mut obj);
-                if !out.table {
-                    return json!({"type": kind, "object": obj});
+            // Objects come with their resourceVersion and, but for another version of the
+            // resource sharing the feed, their kind.
+            let mut send_event = |kind: &'static str, obj: &Arc<Value>| {
+                let mut obj = match obj.get("apiVersion").and_then(Value::as_str) == Some(&r.api_version()) {
+                    true => obj.clone(),
+                    false => {
+                        let mut typed = (**obj).clone();
+                        meta::set_type(r, &mut typed);
+                        Arc::new(typed)
+                    }
+                };
+                if out.table {
+                    let rev = obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null);
+                    let mut t =
+                        table::table(r, &[(*obj).clone()], now_fn, out.include, json!({"resourceVersion": rev}));
+                    if columns_sent {
+                        t["columnDefinitions"] = Value::Null;
+                    }
+                    columns_sent = true;
+                    obj = Arc::new(t);
                 }
-                let mut t = table::table(r, &[obj], now_fn, out.include, json!({"resourceVersion": rev.to_string()}));
-                if columns_sent {
-                    t["columnDefinitions"] = Value::Null;
-                }
-                columns_sent = true;
-                json!({"type": kind, "object": t})
+                WatchEvent { kind, object: obj }
             };
-            for (kind, obj, rev) in initial {
-                if tx.send(send_event(kind, obj, rev)).await.is_err() {
+            for obj in &initial {
+                if tx.send(send_event("ADDED", obj)).await.is_err() {
                     return;
                 }
             }
@@ -758,8 +793,8 @@ impl Api {
                     c = next => c,
                     _ = bookmark.tick(), if bookmarks => {
                         let rev = source.progress();
-                        let mark = json!({"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version(),
-                            "metadata": {"resourceVersion": rev.to_string()}}});
+                        let mark = WatchEvent::new("BOOKMARK", json!({"kind": r.kind, "apiVersion": r.api_version(),
+                            "metadata": {"resourceVersion": rev.to_string()}}));
                         if tx.send(mark).await.is_err() { return; }
                         continue;
                     }
@@ -771,14 +806,14 @@ impl Api {
                     // Too slow, or the feed restarts: the client watches again.
                     Err(None) => return,
                     Err(Some(e)) => {
-                        let _ = tx.send(json!({"type": "ERROR", "object": e.to_status()})).await;
+                        let _ = tx.send(WatchEvent::new("ERROR", e.to_status())).await;
                         return;
                     }
                 };
                 for c in changes.iter().filter(|c| c.key.starts_with(&prefix)) {
                     // Without selectors, the object before the change matters only for a
                     // deletion (it is the event's object).
-                    let was = if everything { c.had_prev() } else { c.prev().is_some_and(&selected) };
+                    let was = if everything { c.had_prev() } else { c.prev().is_some_and(|p| selected(p)) };
                     let message = match &c.obj {
                         None => c.prev().filter(|_| was).map(|p| ("DELETED", p)),
                         Some(obj) => match (was, selected(obj)) {
@@ -789,7 +824,7 @@ impl Api {
                         },
                     };
                     if let Some((kind, obj)) = message
-                        && tx.send(send_event(kind, obj.clone(), c.rev)).await.is_err()
+                        && tx.send(send_event(kind, obj)).await.is_err()
                     {
                         return;
                     }
@@ -842,6 +877,9 @@ fn into_update(r: &Resource, sub: Option<&str>, old: &Stored, mut new: Value) ->
         None => {
             meta::prepare_update(r, &old.value, &mut new)?;
             crate::defaults::apply(r, &mut new);
+            if (r.group, r.plural) == ("", "pods") {
+                crate::validate::pod_update(r, &old.value, &new)?;
+            }
             Ok(new)
         }
         Some(other) => Err(ApiError::BadRequest(format!("subresource {other:?} cannot be written this way"))),

@@ -23,29 +23,37 @@ const BUFFER: usize = 2048;
 /// Changes a client may fall behind before it is dropped.
 pub const FANOUT_CAPACITY: usize = 1024;
 
-/// One change to one object, decoded once for every watcher. The object before the change
-/// is decoded only when a watcher asks for it: a watch without selectors needs to know only
+/// One change to one object, decoded once for every watcher and shared by all of them: the
+/// object carries its kind and resourceVersion, as sent. The object before the change is
+/// decoded only when a watcher asks for it: a watch without selectors needs to know only
 /// whether it existed (ADDED or MODIFIED), so most changes never decode it.
 #[derive(Debug)]
 pub struct Change {
     pub key: String,
     pub rev: i64,
     /// The object after the change; None for a deletion.
-    pub obj: Option<Value>,
+    pub obj: Option<Arc<Value>>,
     /// The object before it as stored, if it existed.
     prev_raw: Option<Vec<u8>>,
-    prev: OnceLock<Option<Value>>,
+    /// Decoded, it carries the change's revision (a deletion is sent as it).
+    prev: OnceLock<Option<Arc<Value>>>,
+    r: &'static Resource,
 }
 
 impl Change {
-    pub fn from_event(ev: &corral_store::mvcc::Event) -> Option<Change> {
+    pub fn from_event(r: &'static Resource, ev: &corral_store::mvcc::Event) -> Option<Change> {
         let kv = ev.inner.kv.as_ref()?;
+        let obj = match ev.inner.r#type == 1 {
+            true => None,
+            false => ObjectStore::decode(&kv.value).ok().map(|o| Arc::new(as_sent(r, o, kv.mod_revision))),
+        };
         Some(Change {
             key: String::from_utf8_lossy(&kv.key).into_owned(),
             rev: kv.mod_revision,
-            obj: if ev.inner.r#type == 1 { None } else { ObjectStore::decode(&kv.value).ok() },
+            obj,
             prev_raw: ev.inner.prev_kv.as_ref().map(|p| p.value.clone()),
             prev: OnceLock::new(),
+            r,
         })
     }
 
@@ -55,9 +63,21 @@ impl Change {
     }
 
     /// The object before the change, decoded on first use.
-    pub fn prev(&self) -> Option<&Value> {
-        self.prev.get_or_init(|| self.prev_raw.as_deref().and_then(|raw| ObjectStore::decode(raw).ok())).as_ref()
+    pub fn prev(&self) -> Option<&Arc<Value>> {
+        self.prev
+            .get_or_init(|| {
+                let raw = self.prev_raw.as_deref()?;
+                ObjectStore::decode(raw).ok().map(|o| Arc::new(as_sent(self.r, o, self.rev)))
+            })
+            .as_ref()
     }
+}
+
+/// An object as watchers are sent it: its kind, and the revision of the change.
+fn as_sent(r: &Resource, mut obj: Value, rev: i64) -> Value {
+    corral_api::meta::set_resource_version(&mut obj, rev);
+    corral_api::meta::set_type(r, &mut obj);
+    obj
 }
 
 struct Feed {
@@ -154,7 +174,7 @@ impl WatchCache {
                     }
                 };
                 let mut state = f.state.lock().expect("feed lock");
-                for change in events.iter().filter_map(Change::from_event) {
+                for change in events.iter().filter_map(|e| Change::from_event(r, e)) {
                     let change = Arc::new(change);
                     if state.buffer.len() == BUFFER
                         && let Some(old) = state.buffer.pop_front()
@@ -191,7 +211,7 @@ enum Source {
         given: i64,
         feed: Arc<Feed>,
     },
-    Direct(corral_store::watch::WatchStream),
+    Direct(corral_store::watch::WatchStream, &'static Resource),
 }
 
 impl ChangeSource {
@@ -207,7 +227,7 @@ impl ChangeSource {
     ) -> Result<Self, ApiError> {
         match cache.shared(store, r, Some(after))? {
             Some(source) => Ok(source),
-            None => Ok(ChangeSource(Source::Direct(store.watch(prefix, after)?))),
+            None => Ok(ChangeSource(Source::Direct(store.watch(prefix, after)?, r))),
         }
     }
 
@@ -242,9 +262,9 @@ impl ChangeSource {
                     return Ok(vec![c]);
                 }
             },
-            Source::Direct(stream) => {
+            Source::Direct(stream, r) => {
                 let events = stream.next().await.map_err(|e| Some(store_error(e)))?;
-                Ok(events.iter().filter_map(Change::from_event).map(Arc::new).collect())
+                Ok(events.iter().filter_map(|e| Change::from_event(r, e)).map(Arc::new).collect())
             }
         }
     }
@@ -266,7 +286,7 @@ impl ChangeSource {
                     false => given,
                 }
             }
-            Source::Direct(stream) => stream.next_revision() - 1,
+            Source::Direct(stream, _) => stream.next_revision() - 1,
         }
     }
 }

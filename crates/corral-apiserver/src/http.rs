@@ -379,11 +379,8 @@ async fn object(
     Ok(match reply {
         Reply::Object(code, value) => json_response(code, &value),
         Reply::Watch(rx) => {
-            let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|event| {
-                let mut line = serde_json::to_vec(&event).unwrap_or_default();
-                line.push(b'\n');
-                Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
-            });
+            let lines = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|event| Ok::<_, Infallible>(Frame::data(Bytes::from(event.to_line()))));
             Response::builder()
                 .status(200)
                 .header("content-type", "application/json")

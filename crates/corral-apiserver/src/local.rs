@@ -51,18 +51,16 @@ impl corral_controllers::Cluster for LocalCluster {
         let (tx, events) = mpsc::channel(1024);
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
-                let kind = match event.get("type").and_then(Value::as_str) {
-                    Some("ADDED") => EventKind::Added,
-                    Some("MODIFIED") => EventKind::Modified,
-                    Some("DELETED") => EventKind::Deleted,
+                let kind = match event.kind {
+                    "ADDED" => EventKind::Added,
+                    "MODIFIED" => EventKind::Modified,
+                    "DELETED" => EventKind::Deleted,
                     // BOOKMARK carries nothing; ERROR (a compacted revision) ends the watch.
-                    Some("BOOKMARK") => continue,
+                    "BOOKMARK" => continue,
                     _ => EventKind::Expired,
                 };
-                let object = match event {
-                    Value::Object(mut event) => event.remove("object").unwrap_or(Value::Null),
-                    _ => Value::Null,
-                };
+                // The watch cache's own object, shared: informers keep it without a copy.
+                let object = event.object;
                 if tx.send(WatchEvent { kind, object }).await.is_err() || kind == EventKind::Expired {
                     break;
                 }

@@ -108,3 +108,80 @@ fn pod_spec(spec: Option<&Value>, path: &str, errs: &mut Vec<FieldError>) {
         ));
     }
 }
+
+const POD_UPDATE_FORBIDDEN: &str = "pod updates may not change fields other than `spec.containers[*].image`,\
+`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing \
+tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)";
+
+/// What an update (PUT, PATCH, apply) may change of a pod's spec, as Kubernetes allows:
+/// container images, the active deadline and added tolerations. The rest is fixed at
+/// creation; the node most of all, which only a binding sets (agents rely on it: a pod
+/// never moves from one node to another).
+pub fn pod_update(r: &Resource, old: &Value, new: &Value) -> Result<(), ApiError> {
+    let (Some(was), Some(is)) = (old.get("spec"), new.get("spec")) else {
+        return Err(ApiError::invalid(r, meta::name(new), vec![FieldError::forbidden("spec", POD_UPDATE_FORBIDDEN)]));
+    };
+    let mut errs = Vec::new();
+    let tolerations = |s: &Value| s.get("tolerations").and_then(Value::as_array).cloned().unwrap_or_default();
+    let (kept, now) = (tolerations(was), tolerations(is));
+    if !kept.iter().all(|t| now.contains(t)) {
+        errs.push(FieldError::forbidden(
+            "spec.tolerations",
+            "existing toleration can not be modified except its tolerationSeconds",
+        ));
+    }
+    // The spec with what may change carried over from the stored one must be the stored one.
+    let mut fixed = is.clone();
+    if let Some(m) = fixed.as_object_mut() {
+        for field in ["activeDeadlineSeconds", "tolerations"] {
+            match was.get(field) {
+                Some(v) => m.insert(field.into(), v.clone()),
+                None => m.remove(field),
+            };
+        }
+        for list in ["containers", "initContainers"] {
+            let images = was.get(list).and_then(Value::as_array);
+            if let (Some(images), Some(Value::Array(cs))) = (images, m.get_mut(list))
+                && images.len() == cs.len()
+            {
+                for (c, old) in cs.iter_mut().zip(images) {
+                    c["image"] = old.get("image").cloned().unwrap_or(Value::Null);
+                }
+            }
+        }
+    }
+    if &fixed != was {
+        errs.push(FieldError::forbidden("spec", POD_UPDATE_FORBIDDEN));
+    }
+    if errs.is_empty() { Ok(()) } else { Err(ApiError::invalid(r, meta::name(new), errs)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(node: &str, image: &str) -> Value {
+        json!({"metadata": {"name": "web"}, "spec": {"nodeName": node, "containers": [{"name": "c", "image": image}],
+               "tolerations": [{"key": "a", "operator": "Exists"}]}})
+    }
+
+    #[test]
+    fn a_pod_update_may_change_images_and_add_tolerations_but_never_move_the_pod() {
+        let r = corral_api::resources::find("", "pods").expect("pods");
+        let stored = pod("n1", "nginx:1");
+
+        // Images and added tolerations may change.
+        let mut newer = pod("n1", "nginx:2");
+        newer["spec"]["tolerations"].as_array_mut().unwrap().push(json!({"key": "b", "operator": "Exists"}));
+        newer["spec"]["activeDeadlineSeconds"] = json!(30);
+        pod_update(r, &stored, &newer).expect("images, deadline and tolerations");
+
+        // The node may not, nor may a toleration go away.
+        let err = pod_update(r, &stored, &pod("n2", "nginx:1")).unwrap_err().to_string();
+        assert!(err.contains("spec: Forbidden: pod updates may not change fields other than"), "{err}");
+        let mut fewer = pod("n1", "nginx:1");
+        fewer["spec"]["tolerations"] = json!([]);
+        let err = pod_update(r, &stored, &fewer).unwrap_err().to_string();
+        assert!(err.contains("spec.tolerations: Forbidden"), "{err}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The cluster as control loops see it: typed enough to be mocked, plain JSON objects.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use corral_api::meta::JsonAt;
 use serde_json::Value;
@@ -19,7 +20,8 @@ pub enum EventKind {
 #[derive(Clone, Debug)]
 pub struct WatchEvent {
     pub kind: EventKind,
-    pub object: Value,
+    /// Shared with the server's other watchers of the change.
+    pub object: Arc<Value>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -120,7 +120,7 @@ impl Informer {
                 if event.kind == EventKind::Deleted {
                     objects.remove(&key);
                 } else {
-                    objects.insert(key, Arc::new(event.object));
+                    objects.insert(key, event.object);
                 }
                 drop(objects);
                 self.changed.notify_waiters();

@@ -20,7 +20,7 @@ use corral_api::meta::JsonAt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, pod_ready, text};
-use crate::informer::Informers;
+use crate::informer::{ByVersion, Informers};
 use crate::scheduling::flush_events;
 
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
@@ -36,25 +36,89 @@ pub struct Probe {
     at: Instant,
 }
 
+/// What passes read of each node and Lease version, read once per version: most passes
+/// see most of them as they were.
+#[derive(Default)]
+pub struct Reads {
+    nodes: ByVersion<Arc<NodeRead>>,
+    /// A kube-node-lease Lease's name and renewTime (None: another namespace's).
+    leases: ByVersion<Option<Arc<(String, String)>>>,
+}
+
+struct NodeRead {
+    name: String,
+    heartbeat: String,
+    /// Ready (or not yet judged), no NoExecute taint, its taints as its readiness wants:
+    /// while heard from, a pass has nothing to do for it.
+    steady: bool,
+}
+
+impl Reads {
+    fn node(&mut self, node: &Arc<Value>) -> Arc<NodeRead> {
+        self.nodes.get(node, |n| {
+            let current: &[Value] = n.at("/spec/taints").and_then(Value::as_array).map_or(&[], Vec::as_slice);
+            Arc::new(NodeRead {
+                name: text(n, "/metadata/name").to_string(),
+                heartbeat: ready(n).map(|c| text(c, "/lastHeartbeatTime")).unwrap_or_default().to_string(),
+                steady: matches!(ready_status(n), "True" | "")
+                    && !current.iter().any(|t| t["effect"] == "NoExecute")
+                    && wanted_taints(n, "") == current,
+            })
+        })
+    }
+
+    /// The nodes a pass must look at: those not steady, and those not heard from for `grace`.
+    pub fn judged(
+        &mut self,
+        nodes: &[Arc<Value>],
+        probes: &HashMap<String, Probe>,
+        grace: Duration,
+        now: Instant,
+    ) -> Vec<Arc<Value>> {
+        self.nodes.forget_gone(nodes);
+        let silent = |name: &str| probes.get(name).is_some_and(|p| now.duration_since(p.at) >= grace);
+        nodes
+            .iter()
+            .filter(|n| {
+                let read = self.node(n);
+                !read.steady || silent(&read.name)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
 /// Notes what changed since the last look; a node seen for the first time (as after a
 /// change of leader) counts as heard from now.
-pub fn observe(probes: &mut HashMap<String, Probe>, nodes: &[Arc<Value>], leases: &[Arc<Value>], now: Instant) {
-    let renewed: HashMap<&str, &str> = leases
+pub fn observe(
+    probes: &mut HashMap<String, Probe>,
+    reads: &mut Reads,
+    nodes: &[Arc<Value>],
+    leases: &[Arc<Value>],
+    now: Instant,
+) {
+    reads.leases.forget_gone(leases);
+    reads.nodes.forget_gone(nodes);
+    let leases: Vec<Arc<(String, String)>> = leases
         .iter()
-        .filter(|l| text(l, "/metadata/namespace") == "kube-node-lease")
-        .map(|l| (text(l, "/metadata/name"), text(l, "/spec/renewTime")))
+        .filter_map(|l| {
+            reads.leases.get(l, |l| {
+                (text(l, "/metadata/namespace") == "kube-node-lease")
+                    .then(|| Arc::new((text(l, "/metadata/name").to_string(), text(l, "/spec/renewTime").to_string())))
+            })
+        })
         .collect();
-    let present: std::collections::HashSet<&str> = nodes.iter().map(|n| text(n, "/metadata/name")).collect();
+    let renewed: HashMap<&str, &str> = leases.iter().map(|l| (l.0.as_str(), l.1.as_str())).collect();
+    let nodes: Vec<Arc<NodeRead>> = nodes.iter().map(|n| reads.node(n)).collect();
+    let present: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     probes.retain(|name, _| present.contains(name.as_str()));
-    for node in nodes {
-        let name = text(node, "/metadata/name");
-        let heartbeat = ready(node).map(|c| text(c, "/lastHeartbeatTime")).unwrap_or_default();
-        let seen = (renewed.get(name).copied().unwrap_or_default().to_string(), heartbeat.to_string());
-        match probes.get_mut(name) {
+    for node in &nodes {
+        let seen = (renewed.get(node.name.as_str()).copied().unwrap_or_default().to_string(), node.heartbeat.clone());
+        match probes.get_mut(&node.name) {
             Some(p) if p.seen == seen => {}
             Some(p) => *p = Probe { seen, at: now },
             None => {
-                probes.insert(name.to_string(), Probe { seen, at: now });
+                probes.insert(node.name.clone(), Probe { seen, at: now });
             }
         }
     }
@@ -231,11 +295,17 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     let pods = informers.get("pods").await;
     let events = Arc::new(Mutex::new(Recorder::new("node-controller", &host)));
     let mut probes: HashMap<String, Probe> = HashMap::new();
+    let mut reads = Reads::default();
     let mut evicted: HashMap<String, Instant> = HashMap::new();
     loop {
         let node_list = nodes.list();
-        observe(&mut probes, &node_list, &leases.list(), Instant::now());
-        let actions = plan(&node_list, &pods.list(), &probes, grace, Instant::now(), now_seconds());
+        observe(&mut probes, &mut reads, &node_list, &leases.list(), Instant::now());
+        // Steady nodes heard from lately call for nothing: the pass plans for the others.
+        let judged = reads.judged(&node_list, &probes, grace, Instant::now());
+        let actions = match judged.is_empty() {
+            true => Vec::new(),
+            false => plan(&judged, &pods.list(), &probes, grace, Instant::now(), now_seconds()),
+        };
         // An eviction is asked for once; the informer shows the deletion soon after.
         evicted.retain(|_, at| at.elapsed() < Duration::from_secs(30));
         for action in actions {
@@ -317,13 +387,18 @@ mod tests {
     fn a_silent_node_goes_unknown_after_the_grace_period_and_is_tainted_unreachable() {
         let start = Instant::now();
         let mut probes = HashMap::new();
+        let mut reads = Reads::default();
         let nodes = [node("a1", "True", "h1"), node("a2", "True", "h1")];
-        observe(&mut probes, &nodes, &[lease("a1", "r1"), lease("a2", "r1")], start);
+        observe(&mut probes, &mut reads, &nodes, &[lease("a1", "r1"), lease("a2", "r1")], start);
         // a2 keeps renewing its Lease; a1 falls silent.
         let later = start + Duration::from_secs(30);
-        observe(&mut probes, &nodes, &[lease("a1", "r1"), lease("a2", "r2")], later);
+        observe(&mut probes, &mut reads, &nodes, &[lease("a1", "r1"), lease("a2", "r2")], later);
         let at = start + Duration::from_secs(41);
         assert!(plan(&nodes, &[], &probes, GRACE, start + Duration::from_secs(39), 0).is_empty());
+        // Steady nodes are passed over until they fall silent.
+        assert!(reads.judged(&nodes, &probes, GRACE, start + Duration::from_secs(39)).is_empty());
+        let judged = reads.judged(&nodes, &probes, GRACE, at);
+        assert_eq!(judged.iter().map(|n| text(n, "/metadata/name")).collect::<Vec<_>>(), ["a1"]);
         let actions = plan(&nodes, &[], &probes, GRACE, at, 1_000);
         let Some(Action::Unknown(n)) = actions.first() else { panic!("{actions:?}") };
         assert_eq!(n["metadata"]["name"], "a1");
@@ -351,7 +426,7 @@ mod tests {
         let mut probes = HashMap::new();
         // The Lease was last renewed long ago by the wall clock: that does not count.
         let nodes = [node("a1", "True", "2000-01-01T00:00:00Z")];
-        observe(&mut probes, &nodes, &[lease("a1", "2000-01-01T00:00:00.000000Z")], start);
+        observe(&mut probes, &mut Reads::default(), &nodes, &[lease("a1", "2000-01-01T00:00:00.000000Z")], start);
         assert!(plan(&nodes, &[], &probes, GRACE, start + Duration::from_secs(39), 0).is_empty());
     }
 
@@ -402,7 +477,7 @@ mod tests {
         let fresh = Arc::new(json!({"metadata": {"name": "a1"}, "spec": {}}));
         let pod = pod("early", "a1", json!([]));
         let mut probes = HashMap::new();
-        observe(&mut probes, std::slice::from_ref(&fresh), &[], start);
+        observe(&mut probes, &mut Reads::default(), std::slice::from_ref(&fresh), &[], start);
         assert!(plan(std::slice::from_ref(&fresh), std::slice::from_ref(&pod), &probes, GRACE, start, 0).is_empty());
         let late = plan(std::slice::from_ref(&fresh), &[], &probes, GRACE, start + GRACE, 0);
         assert!(matches!(&late[..], [Action::Unknown(_)]), "{late:?}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use corral_api::events::{Involved, Recorder};
 use corral_api::meta::JsonAt;
-use corral_scheduler::{Framework, PodInfo, Snapshot};
+use corral_scheduler::{Framework, NodeInfo, PodInfo, Snapshot};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -77,6 +77,19 @@ impl PodInfos {
     }
 }
 
+/// Nodes read once per version, without their pods: a pass starts from copies of these
+/// (their labels and taints shared) instead of parsing every node again.
+#[derive(Default)]
+pub struct NodeInfos(ByVersion<NodeInfo>);
+
+impl NodeInfos {
+    /// The nodes' infos, read as the pass takes them (none if it needs no snapshot).
+    pub fn read<'a>(&'a mut self, nodes: &'a [Arc<Value>]) -> impl Iterator<Item = NodeInfo> + 'a {
+        self.0.forget_gone(nodes);
+        nodes.iter().map(|n| self.0.get(n, |n| NodeInfo::new(n.clone())))
+    }
+}
+
 /// Pods placed per pass at most: bindings go out while the rest wait for the next pass.
 const PER_PASS: usize = 1_000;
 
@@ -96,7 +109,7 @@ pub struct Plan {
 /// `assumed` bindings not yet visible in them.
 pub fn plan(
     framework: &Framework,
-    nodes: &[Arc<Value>],
+    nodes: impl IntoIterator<Item = NodeInfo>,
     facts: &[Arc<PodFacts>],
     volumes: &Volumes,
     assumed: &HashMap<String, String>,
@@ -108,7 +121,7 @@ pub fn plan(
         return Plan::default();
     }
     let bound = facts.iter().filter(|f| !f.info.node_name.is_empty()).map(|f| f.info.clone());
-    let mut snapshot = Snapshot::from_infos(nodes.iter().cloned(), bound)
+    let mut snapshot = Snapshot::from_node_infos(nodes, bound)
         .with_volumes(volumes.claims.iter().cloned(), volumes.volumes.iter().cloned());
     for f in facts.iter().filter(|f| f.info.node_name.is_empty()) {
         if let Some(node) = assumed.get(&f.info.uid) {
@@ -165,6 +178,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
     let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
     let mut infos = PodInfos::default();
+    let mut node_infos = NodeInfos::default();
     loop {
         let node_change = nodes.changed();
         let volume_change = (claims.changed(), volumes.changed());
@@ -180,7 +194,8 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let view: HashMap<String, String> = assumed.iter().map(|(k, (n, _))| (k.clone(), n.clone())).collect();
         let started = Instant::now();
         let storage = Volumes { claims: claims.list(), volumes: volumes.list() };
-        let decided = plan(&framework, &nodes.list(), &facts, &storage, &view);
+        let node_list = nodes.list();
+        let decided = plan(&framework, node_infos.read(&node_list), &facts, &storage, &view);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         let planned_ms = started.elapsed().as_millis() as u64;
         // The previous pass's Events are written while this one's bindings go out: both wait
@@ -329,7 +344,7 @@ mod tests {
         let nodes = [node("n1"), node("n2")];
         let pods = [pod("a", "600m", ""), pod("bb", "600m", ""), pod("ccc", "600m", ""), pod("running", "100m", "n1")];
         let facts = PodInfos::default().read(&pods);
-        let p = plan(&f, &nodes, &facts, &Volumes::default(), &HashMap::new());
+        let p = plan(&f, NodeInfos::default().read(&nodes), &facts, &Volumes::default(), &HashMap::new());
         let mut placed: Vec<&str> = p.bind.iter().map(|(_, n)| n.as_str()).collect();
         placed.sort();
         assert_eq!(placed, ["n1", "n2"], "one 600m pod per 1-cpu node");
@@ -343,7 +358,7 @@ mod tests {
         let pods = [pod("a", "600m", ""), pod("bb", "600m", "")];
         let assumed = HashMap::from([("u-a".to_string(), "n1".to_string())]);
         let facts = PodInfos::default().read(&pods);
-        let p = plan(&f, &[node("n1")], &facts, &Volumes::default(), &assumed);
+        let p = plan(&f, NodeInfos::default().read(&[node("n1")]), &facts, &Volumes::default(), &assumed);
         assert!(p.bind.is_empty(), "a is assumed on n1 and not scheduled again; bb no longer fits");
         assert_eq!(p.unschedulable[0].0["metadata"]["name"], "bb");
     }

@@ -131,7 +131,8 @@ impl PodInfo {
 #[derive(Clone, Debug)]
 pub struct NodeInfo {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    /// Shared by every copy of this node version (a pass starts from copies).
+    pub labels: Arc<BTreeMap<String, String>>,
     pub allocatable: Resources,
     pub requested: Resources,
     /// The pods' requests with the non-zero defaults, summed: (milli-cpu, memory).
@@ -141,7 +142,7 @@ pub struct NodeInfo {
     pub pods: Vec<Arc<PodInfo>>,
     /// spec.unschedulable (cordoned) and spec.taints, read once: filters ask for every pod.
     pub unschedulable: bool,
-    pub taints: Vec<Value>,
+    pub taints: Arc<Vec<Value>>,
     pub object: Arc<Value>,
 }
 
@@ -153,14 +154,14 @@ impl NodeInfo {
         }
         NodeInfo {
             name: text(&node, "/metadata/name").to_string(),
-            labels: string_map(node.at("/metadata/labels")),
+            labels: Arc::new(string_map(node.at("/metadata/labels"))),
             allocatable,
             requested: Resources::default(),
             non_zero_requested: (0, 0),
             anti_affinity_pods: 0,
             pods: Vec::new(),
             unschedulable: node.at("/spec/unschedulable").and_then(Value::as_bool) == Some(true),
-            taints: node.at("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default(),
+            taints: Arc::new(node.at("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default()),
             object: node,
         }
     }
@@ -206,7 +207,16 @@ impl Snapshot {
         nodes: impl IntoIterator<Item = Arc<Value>>,
         pods: impl IntoIterator<Item = Arc<PodInfo>>,
     ) -> Self {
-        let mut nodes: Vec<NodeInfo> = nodes.into_iter().map(NodeInfo::new).collect();
+        Self::from_node_infos(nodes.into_iter().map(NodeInfo::new), pods)
+    }
+
+    /// From nodes already read (with no pods yet: a reader may keep them from pass to pass)
+    /// and the pods' infos.
+    pub fn from_node_infos(
+        nodes: impl IntoIterator<Item = NodeInfo>,
+        pods: impl IntoIterator<Item = Arc<PodInfo>>,
+    ) -> Self {
+        let mut nodes: Vec<NodeInfo> = nodes.into_iter().collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let mut snapshot = Snapshot { nodes, ..Default::default() };
         for info in pods.into_iter().filter(|p| !p.node_name.is_empty() && !p.finished) {

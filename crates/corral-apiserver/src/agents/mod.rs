@@ -189,7 +189,7 @@ impl AgentEndpoint {
             (Some(Kind::WatchPods(w)), Some(node)) => {
                 let pods = route("pods", None, None).resource;
                 let mine = |pod: &Value| rules::node_name(pod) == node;
-                let event = |obj: Option<&Value>, prev: Option<&Value>| rules::pod_event(obj, prev, &node);
+                let event = |obj: Option<&Value>, deleted: Option<&Value>| rules::pod_event(obj, deleted, &node);
                 if let Err(e) = self.watch(pods, w.from_revision, &mut send, mine, event).await {
                     tracing::debug!(error = %e, "pod watch ended");
                 }
@@ -256,7 +256,7 @@ impl AgentEndpoint {
     }
 
     /// Streams the objects of `r` that are the agent's (`mine`; `event` says what a change
-    /// means to it): a snapshot first when starting from 0 or from a revision compacted
+    /// means to it, given the object and, for a deletion, the one deleted): a snapshot first when starting from 0 or from a revision compacted
     /// away, then every change in revision order, with progress when idle. Changes come
     /// from the server's watch cache, decoded once for every agent and API watcher.
     async fn watch(
@@ -265,7 +265,7 @@ impl AgentEndpoint {
         from: i64,
         send: &mut Send,
         mine: impl Fn(&Value) -> bool,
-        event: impl Fn(Option<&Value>, Option<&Value>) -> Option<(Type, Value)>,
+        event: impl Fn(Option<&Value>, Option<&Value>) -> Option<Type>,
     ) -> Result<(), String> {
         let (api, prefix) = (&self.api, r.prefix(None));
         let resumed = (from > 0).then(|| ChangeSource::after(&api.cache, &api.store, r, &prefix, from).ok()).flatten();
@@ -320,9 +320,17 @@ impl AgentEndpoint {
                 }
             };
             for change in changes {
-                if let Some((kind, mut obj)) = event(change.obj.as_ref(), change.prev()) {
-                    meta::set_resource_version(&mut obj, change.rev);
-                    self.send_event(send, kind, change.rev, serde_json::to_vec(&obj).expect("JSON")).await?;
+                // Only a deletion's object before is decoded: for the rest it never matters.
+                let deleted = if change.obj.is_none() { change.prev() } else { None };
+                // The watch cache's objects carry their resourceVersion.
+                let (obj, deleted) = (change.obj.as_deref(), deleted.map(|d| &**d));
+                let sent_as = match event(obj, deleted) {
+                    Some(Type::Delete) => deleted.map(|d| (Type::Delete, d)),
+                    Some(kind) => obj.map(|o| (kind, o)),
+                    None => None,
+                };
+                if let Some((kind, obj)) = sent_as {
+                    self.send_event(send, kind, change.rev, serde_json::to_vec(obj).expect("JSON")).await?;
                 }
                 // Sent, or none of the agent's business: handled either way. Another change
                 // of the same revision may still be on its way, so that revision is complete

@@ -83,12 +83,14 @@ pub fn node_name(pod: &Value) -> &str {
 }
 
 /// What a change to a pod means to the agent of `node`: a pod bound to it was written
-/// (PUT) or went away (DELETE); None when the pod is not the node's.
-pub fn pod_event(obj: Option<&Value>, prev: Option<&Value>, node: &str) -> Option<(Type, Value)> {
-    match (obj, prev) {
-        (Some(o), _) if node_name(o) == node => Some((Type::Put, o.clone())),
-        (Some(_), Some(p)) | (None, Some(p)) if node_name(p) == node => Some((Type::Delete, p.clone())),
-        _ => None,
+/// (PUT, the event's object being `obj`) or deleted (DELETE, its object `deleted`); None
+/// when the pod is not the node's. A pod never moves from one node to another (an update may not change
+/// `spec.nodeName`), so the object before any other change never matters.
+pub fn pod_event(obj: Option<&Value>, deleted: Option<&Value>, node: &str) -> Option<Type> {
+    match (obj, deleted) {
+        (Some(o), _) => (node_name(o) == node).then_some(Type::Put),
+        (None, Some(p)) => (node_name(p) == node).then_some(Type::Delete),
+        (None, None) => None,
     }
 }
 
@@ -106,10 +108,10 @@ pub fn pin_to_node(pv: &Value, node: &str) -> Option<Value> {
 
 /// What a change to a Service or EndpointSlice means to an agent: every one is its
 /// business (as kube-proxy's).
-pub fn object_event(obj: Option<&Value>, prev: Option<&Value>) -> Option<(Type, Value)> {
-    match (obj, prev) {
-        (Some(o), _) => Some((Type::Put, o.clone())),
-        (None, Some(p)) => Some((Type::Delete, p.clone())),
+pub fn object_event(obj: Option<&Value>, deleted: Option<&Value>) -> Option<Type> {
+    match (obj, deleted) {
+        (Some(_), _) => Some(Type::Put),
+        (None, Some(_)) => Some(Type::Delete),
         (None, None) => None,
     }
 }
@@ -266,10 +268,10 @@ mod tests {
     #[test]
     fn an_agent_sees_puts_of_its_pods_and_their_deletion() {
         let pod = |node: &str| json!({"metadata": {"name": "p"}, "spec": {"nodeName": node}});
-        let kind = |e: Option<(Type, Value)>| e.map(|(t, _)| t);
+        let kind = |e: Option<Type>| e;
         assert_eq!(kind(pod_event(Some(&pod("w1")), None, "w1")), Some(Type::Put));
-        assert_eq!(kind(pod_event(Some(&pod("w1")), Some(&pod("")), "w1")), Some(Type::Put), "bound to it");
         assert_eq!(kind(pod_event(None, Some(&pod("w1")), "w1")), Some(Type::Delete));
+        assert_eq!(kind(pod_event(None, Some(&pod("w2")), "w1")), None, "another node's deleted");
         assert_eq!(kind(pod_event(Some(&pod("w2")), None, "w1")), None);
         assert_eq!(kind(pod_event(Some(&pod("")), None, "w1")), None, "not scheduled yet");
     }

@@ -8,6 +8,11 @@
 //! 3. M pods are created as fast as C concurrent clients can (each selects hollow nodes, so
 //!    real agents are left alone).
 //!
+//! Every request goes to one of the cluster's servers in turn, as clients behind a load
+//! balancer would (`--server N`: all to one server). Which server is the Raft leader then
+//! matters less: with every request on the leader, creates crowd out its scheduler; with
+//! none, they all cross the network first.
+//!
 //! It prints pods created per second, pods bound per second (first to last binding, and the
 //! best 5 s), create-to-bind latency, and the time until every pod is Running; then removes
 //! what it made.
@@ -50,9 +55,10 @@ pub struct SchedulerArgs {
     /// Give up waiting for every pod to run after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_s: u64,
-    /// Server to send requests to (0-based index in the cluster).
-    #[arg(long, default_value_t = 0)]
-    pub server: usize,
+    /// Send every request to this server (0-based index in the cluster); by default they
+    /// go to each server in turn.
+    #[arg(long)]
+    pub server: Option<usize>,
     /// Leave the nodes and pods in place afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -166,6 +172,16 @@ fn running(node: &str, i: usize) -> Value {
                                "state": {"running": {"startedAt": now}}}]}})
 }
 
+/// A client per server; request `i` goes to server `i` modulo their number.
+#[derive(Clone)]
+struct Spread(Arc<Vec<Client>>);
+
+impl Spread {
+    fn at(&self, i: usize) -> &Client {
+        &self.0[i % self.0.len()]
+    }
+}
+
 /// What the watch saw, per pod index.
 #[derive(Default)]
 struct Seen {
@@ -179,15 +195,26 @@ fn index_of(name: &str) -> Option<usize> {
 }
 
 pub async fn run(args: SchedulerArgs) -> Result<()> {
-    let (servers, url) = super::cluster_api(&args.state_dir, args.server)?;
+    let (servers, url) = super::cluster_api(&args.state_dir, args.server.unwrap_or(0))?;
     let url = url.as_str();
     let client = Client::connect(&args.state_dir.join("pki"), url, 8).await?;
-    println!(
-        "corral bench scheduler: {url}, {} servers, {} hollow nodes, {} pods",
-        servers.len(),
-        args.nodes,
-        args.pods
-    );
+    let mut clients = Vec::new();
+    for (k, server) in servers.iter().enumerate() {
+        match (args.server, server["api_url"].as_str()) {
+            (Some(_), _) => {}
+            (None, Some(api)) if k > 0 => clients.push(Client::connect(&args.state_dir.join("pki"), api, 8).await?),
+            _ => clients.push(client.clone()),
+        }
+    }
+    if clients.is_empty() {
+        clients.push(client.clone());
+    }
+    let spread = Spread(Arc::new(clients));
+    let to = match args.server {
+        Some(_) => url.to_string(),
+        None => format!("{} servers in turn", spread.0.len()),
+    };
+    println!("corral bench scheduler: {to}, {} hollow nodes, {} pods", args.nodes, args.pods);
     // A previous run's namespace may still be going away.
     namespace_gone(&client).await?;
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
@@ -195,15 +222,15 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
 
     // 1. Hollow nodes.
     let started = Instant::now();
-    let c = client.clone();
+    let c = spread.clone();
     each(args.nodes, 64, move |i| {
         let c = c.clone();
-        async move { register(&c, i).await }
+        async move { register(c.at(i), i).await }
     })
     .await?;
     println!("registered {} hollow nodes in {:.1} s", args.nodes, started.elapsed().as_secs_f64());
     let stop = Arc::new(AtomicBool::new(false));
-    let renewals = tokio::spawn(renew_leases(client.clone(), args.nodes, args.lease_every_s, stop.clone()));
+    let renewals = tokio::spawn(renew_leases(spread.clone(), args.nodes, args.lease_every_s, stop.clone()));
 
     // 2. The watch and the hollow kubelets.
     let list = client.ok(Method::GET, &format!("/api/v1/namespaces/{NS}/pods?limit=1"), None, JSON).await?;
@@ -230,12 +257,12 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
     let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
     let mut kubelets = tokio::task::JoinSet::new();
     for _ in 0..args.kubelets.max(1) {
-        let (client, rx) = (client.clone(), ready_rx.clone());
+        let (spread, rx) = (spread.clone(), ready_rx.clone());
         kubelets.spawn(async move {
             loop {
                 let Some((i, node)) = rx.lock().await.recv().await else { return };
                 let path = format!("/api/v1/namespaces/{NS}/pods/p-{i:06}/status");
-                if let Err(e) = expect_ok(&client, Method::PATCH, &path, &running(&node, i), MERGE).await {
+                if let Err(e) = expect_ok(spread.at(i), Method::PATCH, &path, &running(&node, i), MERGE).await {
                     eprintln!("hollow kubelet: {e}");
                 }
             }
@@ -244,12 +271,12 @@ pub async fn run(args: SchedulerArgs) -> Result<()> {
 
     // 3. The pods.
     let began = Instant::now();
-    let (c, s) = (client.clone(), seen.clone());
+    let (c, s) = (spread.clone(), seen.clone());
     let creating = tokio::spawn(each(args.pods, args.creators, move |i| {
         let (c, s) = (c.clone(), s.clone());
         async move {
             let at = Instant::now();
-            expect_ok(&c, Method::POST, &format!("/api/v1/namespaces/{NS}/pods"), &pod(i), JSON).await?;
+            expect_ok(c.at(i), Method::POST, &format!("/api/v1/namespaces/{NS}/pods"), &pod(i), JSON).await?;
             s.lock().expect("seen").created.insert(i, at);
             Ok(())
         }
@@ -370,7 +397,7 @@ fn pace_with_backlog(created: &[Instant], bound: &[Instant], backlog: usize) -> 
 }
 
 /// Renews every hollow node's Lease once per period, spread over it.
-async fn renew_leases(client: Client, nodes: usize, every_s: u64, stop: Arc<AtomicBool>) {
+async fn renew_leases(clients: Spread, nodes: usize, every_s: u64, stop: Arc<AtomicBool>) {
     if every_s == 0 || nodes == 0 {
         return;
     }
@@ -383,7 +410,7 @@ async fn renew_leases(client: Client, nodes: usize, every_s: u64, stop: Arc<Atom
             break;
         }
         tick.tick().await;
-        let c = client.clone();
+        let c = clients.at(i).clone();
         tasks.spawn(async move {
             let path = format!("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}", node_name(i));
             let _ = c.call(Method::PATCH, &path, Some(&json!({"spec": {"renewTime": micro_now()}})), MERGE).await;
