@@ -426,6 +426,17 @@ impl Api {
         out: Output,
         change: impl Fn(&Resource, &Stored) -> Result<Value, ApiError>,
     ) -> Result<Reply, ApiError> {
+        self.read_modify_write_from(Ask { route, name, expect, q, out }, None, change).await
+    }
+
+    /// A read-modify-write starting from `known` (None: from this server's own state).
+    async fn read_modify_write_from(
+        &self,
+        ask: Ask<'_>,
+        known: Option<Stored>,
+        change: impl Fn(&Resource, &Stored) -> Result<Value, ApiError>,
+    ) -> Result<Reply, ApiError> {
+        let Ask { route, name, expect, q, out } = ask;
         let r = route.resource;
         let key = r.key(route.namespace.as_deref(), name);
         // The first read is this server's own state, without a quorum round: the write is a
@@ -433,7 +444,10 @@ impl Api {
         // which answers with the current object. Any answer other than a write (not found,
         // another resourceVersion than the client's, a refusal, nothing to change) is given
         // only from a linearizable read.
-        let mut current = self.store.get(&key, true).await?;
+        let mut current = match known {
+            Some(known) => Some(known),
+            None => self.store.get(&key, true).await?,
+        };
         let mut fresh = false;
         let mut tries = 0;
         while tries < WRITE_RETRIES {
@@ -532,6 +546,20 @@ impl Api {
 
     /// POST pods/binding: assigns an unassigned pod to a node (the scheduler's write).
     pub async fn bind(&self, route: &ObjectRoute, name: &str, body: &Value, q: &Query) -> Result<Reply, ApiError> {
+        self.bind_from(route, name, body, q, None).await
+    }
+
+    /// A binding that starts from `known`, the pod as the caller last saw it (None: as this
+    /// server has it): the write is a compare-and-swap on its revision, so a pod changed
+    /// since only costs a failed swap and a read.
+    pub async fn bind_from(
+        &self,
+        route: &ObjectRoute,
+        name: &str,
+        body: &Value,
+        q: &Query,
+        known: Option<Stored>,
+    ) -> Result<Reply, ApiError> {
         let node = body.pointer("/target/name").and_then(Value::as_str).unwrap_or_default().to_string();
         if node.is_empty() {
             let r = route.resource;
@@ -540,7 +568,8 @@ impl Api {
         let pod_route = ObjectRoute { sub: None, ..route.clone() };
         let now = meta::rfc3339(now(self));
         let writer = self.writer(route.resource, q, Some("binding"));
-        self.read_modify_write(&pod_route, name, 0, q, Output::default(), move |r, old| {
+        let ask = Ask { route: &pod_route, name, expect: 0, q, out: Output::default() };
+        self.read_modify_write_from(ask, known, move |r, old| {
             let conflict = |detail: String| ApiError::Conflict {
                 group: r.group.into(),
                 plural: r.plural.into(),

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{Api, Output, Query, Reply};
 use crate::route::object_route;
+use crate::storage::Stored;
 
 pub struct LocalCluster {
     pub api: Arc<Api>,
@@ -111,10 +112,18 @@ impl corral_controllers::Cluster for LocalCluster {
         self.api.put_event(event).await.map_err(error)
     }
 
-    async fn bind(&self, namespace: &str, name: &str, uid: &str, node: &str) -> ClusterResult<()> {
+    async fn bind(&self, pod: &Value, node: &str) -> ClusterResult<()> {
+        let text = |path: &str| pod.pointer(path).and_then(Value::as_str).unwrap_or_default();
+        let (namespace, name, uid) = (text("/metadata/namespace"), text("/metadata/name"), text("/metadata/uid"));
         let route = object_route("pods", Some(namespace), Some("binding"));
         let body = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "uid": uid},
                           "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-        self.api.bind(&route, name, &body, &Query::default()).await.map(|_| ()).map_err(error)
+        // The pod as stored: without the resourceVersion it was presented with.
+        let known = meta::parse_resource_version(text("/metadata/resourceVersion")).ok().map(|rev| {
+            let mut value = pod.clone();
+            meta::metadata_mut(&mut value).remove("resourceVersion");
+            Stored { value, rev }
+        });
+        self.api.bind_from(&route, name, &body, &Query::default(), known).await.map(|_| ()).map_err(error)
     }
 }

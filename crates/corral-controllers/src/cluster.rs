@@ -81,14 +81,10 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> impl Future<Output = ClusterResult<()>> + Send;
     /// Creates an Event, or replaces the one of the same name (a repeat with its new count).
     fn put_event(&self, event: Value) -> impl Future<Output = ClusterResult<()>> + Send;
-    /// pods/binding: sets the pod's node if it has none.
-    fn bind(
-        &self,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-        node: &str,
-    ) -> impl Future<Output = ClusterResult<()>> + Send;
+    /// pods/binding: sets the pod's node if it has none. `pod` is the pod as the caller last
+    /// saw it (with its resourceVersion): the write starts from it and reads the store only
+    /// if it is no longer current.
+    fn bind(&self, pod: &Value, node: &str) -> impl Future<Output = ClusterResult<()>> + Send;
 }
 
 pub use corral_api::meta::str_at as text;

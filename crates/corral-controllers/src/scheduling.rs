@@ -308,7 +308,7 @@ async fn bind_one<C: Cluster>(
     node: &str,
 ) -> Option<(String, String)> {
     let (ns, name, uid) = (text(pod, "/metadata/namespace"), text(pod, "/metadata/name"), text(pod, "/metadata/uid"));
-    match cluster.bind(ns, name, uid, node).await {
+    match cluster.bind(pod, node).await {
         Ok(()) => {
             record(events, pod, false, "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"));
             Some((uid.to_string(), node.to_string()))
