@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterError, now_seconds, text};
-use crate::informer::{ByVersion, Informers};
+use crate::informer::{ByVersion, Informer, Informers};
 
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// Changes that come this close together are scheduled in one pass.
@@ -26,8 +26,11 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 const RETRY_EVERY: Duration = Duration::from_secs(10);
 /// An assumed binding the informer has not confirmed by then is forgotten.
 const ASSUME_FOR: Duration = Duration::from_secs(30);
-/// Bindings in flight at once.
-const BIND_CONCURRENCY: usize = 256;
+/// Bindings in flight at once: a whole pass's, which the store packs into a few Raft
+/// entries (256 at once took four rounds of the store per pass of 1,000).
+const BIND_CONCURRENCY: usize = PER_PASS;
+/// How often the Event writer looks again when nothing was pending or a write failed.
+const EVENTS_IDLE: Duration = Duration::from_millis(100);
 
 /// Pods the scheduler must place: unbound, its own, alive.
 pub fn pending(pod: &Value) -> bool {
@@ -174,8 +177,19 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
     let claims = informers.get("persistentvolumeclaims").await;
     let volumes = informers.get("persistentvolumes").await;
     let pods = informers.get("pods").await;
+    let events = Mutex::new(Recorder::new(SCHEDULER_NAME, &host));
+    // Events are written beside the passes, never in their way: with 1,000 bindings a pass,
+    // waiting for their 1,000 Scheduled Events took twice as long as the bindings themselves.
+    tokio::select! {
+        () = passes(cluster.as_ref(), [nodes, claims, volumes, pods], &events) => {}
+        () = write_events(cluster.as_ref(), &events) => {}
+    }
+}
+
+/// The scheduling passes, until aborted.
+async fn passes<C: Cluster>(cluster: &C, informers: [Arc<Informer>; 4], events: &Mutex<Recorder>) {
+    let [nodes, claims, volumes, pods] = informers;
     let framework = Framework::default();
-    let events = Arc::new(Mutex::new(Recorder::new(SCHEDULER_NAME, &host)));
     let mut assumed: HashMap<String, (String, Instant)> = HashMap::new();
     let mut infos = PodInfos::default();
     let mut node_infos = NodeInfos::default();
@@ -198,11 +212,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         let decided = plan(&framework, node_infos.read(&node_list), &facts, &storage, &view);
         let (to_bind, failed) = (decided.bind.len(), decided.unschedulable.len());
         let planned_ms = started.elapsed().as_millis() as u64;
-        // The previous pass's Events are written while this one's bindings go out: both wait
-        // on the store, not on this server's CPU, and neither holds the other up.
-        let (bound, ()) =
-            tokio::join!(bind_all(cluster.as_ref(), &decided.bind, &events), flush_events(cluster.as_ref(), &events));
-        for bound in bound {
+        for bound in bind_all(cluster, &decided.bind, events).await {
             assumed.insert(bound.0, (bound.1, Instant::now()));
         }
         let now = corral_api::meta::rfc3339(now_seconds());
@@ -212,7 +222,7 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
                     Ok(_) | Err(ClusterError::Conflict(_)) | Err(ClusterError::NotFound(_)) => {}
                     Err(e) => tracing::warn!(pod = %text(pod, "/metadata/name"), error = %e, "writing PodScheduled"),
                 }
-                record(&events, pod, true, "FailedScheduling", message);
+                record(events, pod, true, "FailedScheduling", message);
             }
         }
         if to_bind + failed > 0 {
@@ -225,13 +235,9 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             );
         }
         if decided.more {
-            // More pods wait: the next pass starts at once (its bindings are assumed; this
-            // pass's Events are written beside the next one's bindings).
+            // More pods wait: the next pass starts at once (its bindings are assumed).
             continue;
         }
-        let flushing = Instant::now();
-        flush_events(cluster.as_ref(), &events).await;
-        tracing::trace!(ms = flushing.elapsed().as_millis() as u64, "events written");
         tokio::select! {
             _ = node_change => {}
             _ = volume_change.0 => {}
@@ -247,16 +253,28 @@ fn record(events: &Mutex<Recorder>, pod: &Value, warning: bool, reason: &str, me
     events.lock().expect("not poisoned").record(&Involved::pod(pod, ""), warning, reason, message, now_seconds());
 }
 
-/// Events written at once.
-const EVENT_CONCURRENCY: usize = 32;
+/// Events written at once (the store puts many in one Raft entry).
+const EVENT_CONCURRENCY: usize = 256;
 
 /// Writes the pending Events, a bounded number at once (best effort: those that fail stay
-/// pending for the next pass).
-pub async fn flush_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) {
+/// pending for the next pass). Returns how many were tried and how many written.
+pub async fn flush_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) -> (usize, usize) {
     let batch = events.lock().expect("not poisoned").peek(1024);
+    let tried = batch.len();
     let calls: Vec<_> = batch.into_iter().map(|event| put_event(cluster, event)).collect();
     let written = at_most(EVENT_CONCURRENCY, calls).await;
     events.lock().expect("not poisoned").written(&written);
+    (tried, written.len())
+}
+
+/// Writes Events as they are recorded, until aborted.
+async fn write_events<C: Cluster>(cluster: &C, events: &Mutex<Recorder>) {
+    loop {
+        let (tried, written) = flush_events(cluster, events).await;
+        if tried == 0 || written < tried {
+            tokio::time::sleep(EVENTS_IDLE).await;
+        }
+    }
 }
 
 async fn put_event<C: Cluster>(cluster: &C, event: Value) -> Option<Value> {
