@@ -63,7 +63,7 @@ pub async fn run(args: KvArgs) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let channel = channels[c % conns].clone();
+        let channel = super::eager::EagerEndService(channels[c % conns].clone());
         let next = next.clone();
         let errors = errors.clone();
         let op = args.op;

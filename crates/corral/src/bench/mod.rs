@@ -2,6 +2,7 @@
 //! and print figures (throughput, latency percentiles, unavailability) to compare side by side.
 
 mod api;
+mod eager;
 mod etcd;
 mod failover;
 mod kv;
