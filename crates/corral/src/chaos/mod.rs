@@ -300,6 +300,8 @@ struct Processes {
 const CUT_TABLE: &str = "inet corral-chaos-cut";
 /// The table that sends peer links through the proxies, in every server's namespace.
 const LINKS_TABLE: &str = "ip corral-chaos-links";
+/// Attempts at making the balloon that fills a small disk (the server writes meanwhile).
+const BALLOON_TRIES: u32 = 5;
 
 fn peer_addr(server: &ServerRecord) -> Result<SocketAddr, Error> {
     crate::urls::socket_addr(&server.peer_url).map_err(|e| Error::Cluster(format!("{}: {e:#}", server.name)))
@@ -557,11 +559,23 @@ impl Cluster for Processes {
             warn!(member, error = %e, "restart on the small filesystem did not confirm");
         }
         // Then all but `spare_bytes` of the space left goes to a balloon: the next few
-        // hundred writes fill it.
-        if let Some(free) = free_kib(&small) {
+        // hundred writes fill it. The server writes meanwhile, so the space measured may be
+        // gone by the time the balloon is made (CI once failed on that 'No space left on
+        // device'): measured again and tried again, a few times.
+        let balloon_path = small.join("balloon").display().to_string();
+        for attempt in 1..=BALLOON_TRIES {
+            let Some(free) = free_kib(&small) else { break };
             let balloon = (free * 1024).saturating_sub(spare_bytes);
-            if balloon > 0 {
-                run_tool("fallocate", &["-l", &balloon.to_string(), &small.join("balloon").display().to_string()])?;
+            if balloon == 0 {
+                break;
+            }
+            match run_tool("fallocate", &["-l", &balloon.to_string(), &balloon_path]) {
+                Ok(()) => break,
+                Err(e) if attempt < BALLOON_TRIES => {
+                    warn!(member, attempt, error = %e, "the balloon did not fit; measuring again");
+                    let _ = std::fs::remove_file(&balloon_path);
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
