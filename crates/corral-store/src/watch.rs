@@ -1,8 +1,11 @@
 //! Watch fan-out on one server: every applied batch is published once, and each watcher
 //! reads what it missed from the store's history, so a slow watcher never loses an event
-//! and never holds the applier back.
+//! and never holds the applier back. While no watcher wants prev_kv the applier does not
+//! read the previous values of the keys it overwrites; a watcher that starts wanting them
+//! meanwhile reads such a batch's events from the store, as a late watcher does.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{broadcast, watch};
 
@@ -20,18 +23,28 @@ pub struct Published {
     pub from_rev: i64,
     pub to_rev: i64,
     pub events: Vec<Event>,
+    /// Every event carries its previous version (`mvcc::Applied::prev_kvs`).
+    pub prev_kvs: bool,
 }
 
 pub struct WatchHub {
     batches: broadcast::Sender<Arc<Published>>,
     revision: watch::Sender<i64>,
+    /// Watchers that want prev_kv.
+    prev_kv_watchers: Arc<AtomicUsize>,
 }
 
 impl WatchHub {
     pub fn new(current_rev: i64) -> Arc<Self> {
         let (batches, _) = broadcast::channel(PUBLISHED_BATCHES);
         let (revision, _) = watch::channel(current_rev);
-        Arc::new(Self { batches, revision })
+        Arc::new(Self { batches, revision, prev_kv_watchers: Arc::default() })
+    }
+
+    /// Whether the next batch's events should carry previous versions: some watcher wants
+    /// them. One that starts after this answer reads that batch from the store.
+    pub fn wants_prev_kvs(&self) -> bool {
+        self.prev_kv_watchers.load(Ordering::Acquire) > 0
     }
 
     /// Called by the applier after a batch is durable in the store.
@@ -59,6 +72,8 @@ pub struct WatchStream {
     mvcc: Arc<Mvcc>,
     range: KeyRange,
     prev_kv: bool,
+    /// Counted among the hub's prev_kv watchers while it lives.
+    _counted: Option<Counted>,
     next_rev: i64,
     batches: broadcast::Receiver<Arc<Published>>,
     revision: watch::Receiver<i64>,
@@ -68,6 +83,7 @@ impl WatchStream {
     /// Starts at `start_rev` (0: after the current revision).
     pub fn new(mvcc: Arc<Mvcc>, hub: &WatchHub, range: KeyRange, start_rev: i64, prev_kv: bool) -> StoreResult<Self> {
         // Subscribe before reading the revision, so no batch falls between the two.
+        let counted = prev_kv.then(|| Counted::new(&hub.prev_kv_watchers));
         let batches = hub.batches.subscribe();
         let revision = hub.revision.subscribe();
         let current = *revision.borrow();
@@ -76,7 +92,7 @@ impl WatchStream {
         if next_rev < compact_rev {
             return Err(StoreError::Compacted { compact_rev });
         }
-        Ok(Self { mvcc, range, prev_kv, next_rev, batches, revision })
+        Ok(Self { mvcc, range, prev_kv, _counted: counted, next_rev, batches, revision })
     }
 
     /// The next revision this watcher will deliver.
@@ -101,13 +117,15 @@ impl WatchStream {
             }
             let out = match self.batches.try_recv() {
                 Ok(batch) if batch.to_rev < self.next_rev => continue,
-                // Contiguous with what was delivered: serve from memory.
-                Ok(batch) if batch.from_rev < self.next_rev => {
+                // Contiguous with what was delivered, and with what this watcher wants of
+                // previous versions: serve from memory.
+                Ok(batch) if batch.from_rev < self.next_rev && (batch.prev_kvs || !self.prev_kv) => {
                     let out = self.filter_batch(&batch);
                     self.next_rev = batch.to_rev + 1;
                     out
                 }
-                // A gap, a lag, or batches without events: the store has it all. Reading it
+                // A gap, a lag, batches without events or without the previous versions this
+                // watcher wants: the store has it all. Reading it
                 // is plain computation on this thread, and a watcher far behind reads step
                 // after step: other tasks get their turn before each one.
                 _ => {
@@ -152,6 +170,22 @@ impl WatchStream {
     }
 }
 
+/// One count in a counter while it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -165,7 +199,7 @@ mod tests {
 
     /// Applies puts of `key` one batch at a time, publishing like the state machine does.
     fn put(mvcc: &Mvcc, hub: &WatchHub, keys: &[&str]) {
-        let mut w = mvcc.writer();
+        let mut w = mvcc.writer().with_prev_kvs(hub.wants_prev_kvs());
         let from_rev = w.revision();
         for key in keys {
             let cmd = Command {
@@ -178,7 +212,12 @@ mod tests {
             w.apply(&cmd).unwrap();
         }
         let applied = w.finish(false).unwrap();
-        hub.publish(Published { from_rev, to_rev: applied.revision, events: applied.events });
+        hub.publish(Published {
+            from_rev,
+            to_rev: applied.revision,
+            events: applied.events,
+            prev_kvs: applied.prev_kvs,
+        });
     }
 
     async fn next(stream: &mut WatchStream) -> Vec<(i64, String)> {
@@ -190,6 +229,52 @@ mod tests {
     fn engines() -> Vec<(SharedEngine, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         vec![(Arc::new(MemEngine::new()), None), (Arc::new(RocksEngine::open(dir.path()).unwrap()), Some(dir))]
+    }
+
+    fn put_value(key: &str, value: &str) -> Command {
+        let req = PutRequest { key: key.into(), value: value.into(), ..Default::default() };
+        Command { op: Some(command::Op::Put(req)) }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_wanting_prev_kv_gets_it_even_for_a_batch_written_without() {
+        for (engine, _dir) in engines() {
+            let mvcc = Mvcc::open(engine).unwrap();
+            let hub = WatchHub::new(mvcc.current_revision());
+            put(&mvcc, &hub, &["a"]); // revision 2, value "v"
+
+            tracing::info!("no watcher wants previous versions: the next batch is written without them");
+            assert!(!hub.wants_prev_kvs());
+            let mut w = mvcc.writer().with_prev_kvs(hub.wants_prev_kvs());
+            let from_rev = w.revision();
+
+            tracing::info!("watchers start before the batch is published");
+            let mut with_prev = WatchStream::new(mvcc.clone(), &hub, KeyRange::new(b"a", b""), 0, true).unwrap();
+            let mut without = WatchStream::new(mvcc.clone(), &hub, KeyRange::new(b"a", b""), 0, false).unwrap();
+            assert!(hub.wants_prev_kvs());
+            w.apply(&put_value("a", "new")).unwrap();
+            let applied = w.finish(false).unwrap();
+            assert!(!applied.prev_kvs);
+            assert_eq!(applied.events[0].inner.prev_kv, None, "written without reading the old value");
+            hub.publish(Published { from_rev, to_rev: applied.revision, events: applied.events, prev_kvs: false });
+
+            tracing::info!("the one that wants prev_kv reads the batch from the store, and gets it");
+            let events = tokio::time::timeout(Duration::from_secs(2), with_prev.next()).await.unwrap().unwrap();
+            let prev = events[0].inner.prev_kv.as_ref().expect("prev_kv");
+            assert_eq!((prev.value.as_slice(), prev.mod_revision, prev.version), (&b"v"[..], 2, 1));
+            let events = tokio::time::timeout(Duration::from_secs(2), without.next()).await.unwrap().unwrap();
+            assert_eq!(events[0].inner.prev_kv, None);
+            assert_eq!(events[0].inner.kv.as_ref().map(|kv| kv.version), Some(2), "the version from the index");
+
+            tracing::info!("while it watches, batches carry previous versions; once it is gone, not");
+            let mut w = mvcc.writer().with_prev_kvs(hub.wants_prev_kvs());
+            w.apply(&put_value("a", "newer")).unwrap();
+            let applied = w.finish(false).unwrap();
+            assert!(applied.prev_kvs);
+            assert_eq!(applied.events[0].inner.prev_kv.as_ref().map(|kv| kv.value.as_slice()), Some(&b"new"[..]));
+            drop(with_prev);
+            assert!(!hub.wants_prev_kvs());
+        }
     }
 
     #[tokio::test]

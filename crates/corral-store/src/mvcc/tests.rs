@@ -235,6 +235,52 @@ fn leases_attach_and_revoke_their_keys() {
 }
 
 #[test]
+fn puts_that_read_no_previous_value_keep_versions_and_leases() {
+    for (name, f) in stores() {
+        let m = &f.mvcc;
+        let lean = |op: command::Op| {
+            let mut w = m.writer().with_prev_kvs(false);
+            let result = w.apply(&Command { op: Some(op) }).expect("engine");
+            assert!(!w.finish(false).expect("write").prev_kvs);
+            result
+        };
+        let put_req =
+            |value: &str, lease: i64| PutRequest { key: "k".into(), value: value.into(), lease, ..Default::default() };
+        apply(m, command::Op::LeaseGrant(LeaseGrantRequest { ttl: 30, id: 7 }));
+        let created = {
+            lean(command::Op::Put(put_req("one", 7)));
+            m.current_revision()
+        };
+        lean(command::Op::Put(put_req("two", 7)));
+        assert_eq!(m.lease(7).unwrap().keys.len(), 1, "{name}");
+
+        tracing::info!("an overwrite without the lease detaches the key, from the index alone");
+        lean(command::Op::Put(put_req("three", 0)));
+        let kv = m.range(&key("k")).unwrap().kvs.remove(0);
+        assert_eq!(
+            (kv.create_revision, kv.version, kv.lease, kv.value.as_slice()),
+            (created, 3, 0, &b"three"[..]),
+            "{name}"
+        );
+        assert!(m.lease(7).unwrap().keys.is_empty(), "{name}");
+
+        tracing::info!("a put that asks for prev_kv, or ignore_value, still reads the value");
+        let res = lean(command::Op::Put(PutRequest { prev_kv: true, ..put_req("four", 0) }));
+        let Some(command_result::Result::Put(put)) = res.result else { panic!("{name}: a put result") };
+        assert_eq!(put.prev_kv.map(|kv| kv.value), Some(b"three".to_vec()), "{name}");
+        lean(command::Op::Put(PutRequest { ignore_value: true, lease: 7, ..put_req("", 0) }));
+        let kv = m.range(&key("k")).unwrap().kvs.remove(0);
+        assert_eq!((kv.version, kv.lease, kv.value.as_slice()), (5, 7, &b"four"[..]), "{name}");
+
+        tracing::info!("after a delete the key starts over");
+        lean(command::Op::DeleteRange(DeleteRangeRequest { key: "k".into(), ..Default::default() }));
+        lean(command::Op::Put(put_req("again", 0)));
+        let kv = m.range(&key("k")).unwrap().kvs.remove(0);
+        assert_eq!((kv.create_revision, kv.version), (m.current_revision(), 1), "{name}");
+    }
+}
+
+#[test]
 fn events_replay_in_order_with_prev_kv() {
     for (name, f) in stores() {
         let m = &f.mvcc;

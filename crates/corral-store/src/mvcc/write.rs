@@ -31,6 +31,9 @@ const COMPACTION_BATCH: usize = 10_000;
 pub struct Applied {
     pub revision: i64,
     pub events: Vec<Event>,
+    /// Every event carries its previous version (false: puts were written without reading
+    /// it, and a watcher that wants it reads the events from the store).
+    pub prev_kvs: bool,
 }
 
 /// A batch of commands applied together. Reads inside the batch see its own earlier writes;
@@ -47,6 +50,17 @@ pub struct Writer<'a> {
     events: Vec<Event>,
     compact_to: Option<i64>,
     leases_changed: BTreeSet<i64>,
+    /// Events carry the previous version of a put's key (reading its value).
+    prev_kvs: bool,
+}
+
+/// A key's newest live version as a put needs it: the value only when asked for.
+struct Prev {
+    rev: i64,
+    create_rev: i64,
+    version: i64,
+    lease: i64,
+    value: Option<Vec<u8>>,
 }
 
 /// The revision being written by one command, and its next sub-revision.
@@ -69,7 +83,16 @@ impl<'a> Writer<'a> {
             events: Vec::new(),
             compact_to: None,
             leases_changed: BTreeSet::new(),
+            prev_kvs: true,
         }
+    }
+
+    /// Whether events carry the previous version of a put's key (by default they do). Without,
+    /// a put that asks for no prev_kv reads nothing of the key's previous version but what the
+    /// key index keeps; `Applied::prev_kvs` says which it was.
+    pub fn with_prev_kvs(mut self, prev_kvs: bool) -> Self {
+        self.prev_kvs = prev_kvs;
+        self
     }
 
     /// The revision after every command applied so far.
@@ -117,18 +140,18 @@ impl<'a> Writer<'a> {
             self.batch.put(Cf::Meta, meta::COMPACT_REV.to_vec(), rev.to_be_bytes().to_vec());
             self.mvcc.compact_rev.store(rev, Ordering::Release);
         }
-        let Writer { mvcc, batch, rev, events, view, mut index, overlay, .. } = self;
+        let Writer { mvcc, batch, rev, events, view, mut index, overlay, prev_kvs, .. } = self;
         drop(view);
         mvcc.engine.write(batch, sync)?;
         for (key, (rev, record)) in overlay {
-            index.set(key, rev, record.is_live());
+            index.set(key, rev, &record);
         }
         drop(index);
         mvcc.current_rev.store(rev, Ordering::Release);
         if let Some(compact_rev) = compact_to {
             mvcc.schedule_compaction(compact_rev);
         }
-        Ok(Applied { revision: rev, events })
+        Ok(Applied { revision: rev, events, prev_kvs })
     }
 
     fn persist_lease(&mut self, id: i64) {
@@ -199,7 +222,30 @@ impl<'a> Writer<'a> {
     }
 
     /// Checks a put; returns the key's live version, if any, so the put need not look again.
-    fn check_put(&self, req: &PutRequest) -> StoreResult<Option<(i64, Record)>> {
+    /// The newest live version of `key`, with its value if `with_value`.
+    fn lookup_prev(&self, key: &[u8], with_value: bool) -> Result<Option<Prev>, EngineError> {
+        let live = |rev: i64, record: Record| match record {
+            Record::Live { create_rev, version, lease, value } => {
+                Some(Prev { rev, create_rev, version, lease, value: Some(value) })
+            }
+            Record::Tombstone => None,
+        };
+        if let Some((rev, record)) = self.overlay.get(key) {
+            return Ok(live(*rev, record.clone()));
+        }
+        if with_value {
+            return Ok(self.index.get(self.view.as_ref(), key)?.and_then(|(rev, record)| live(rev, record)));
+        }
+        Ok(self.index.newest(key).map(|n| Prev {
+            rev: n.rev,
+            create_rev: n.create_rev,
+            version: n.version,
+            lease: n.lease,
+            value: None,
+        }))
+    }
+
+    fn check_put(&self, req: &PutRequest, with_value: bool) -> StoreResult<Option<Prev>> {
         if req.key.is_empty() {
             return Err(StoreError::EmptyKey);
         }
@@ -209,10 +255,7 @@ impl<'a> Writer<'a> {
         if req.ignore_lease && req.lease != 0 {
             return Err(StoreError::LeaseProvided);
         }
-        let prev = match self.lookup(&req.key)? {
-            Some((rev, record @ Record::Live { .. })) => Some((rev, record)),
-            _ => None,
-        };
+        let prev = self.lookup_prev(&req.key, with_value)?;
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(StoreError::KeyNotFound);
         }
@@ -223,14 +266,17 @@ impl<'a> Writer<'a> {
     }
 
     fn put(&mut self, step: &mut Step, req: &PutRequest) -> StoreResult<PutResponse> {
-        let prev = self.check_put(req)?;
-        let (create_rev, version, prev_value, prev_lease) = match &prev {
-            Some((_, Record::Live { create_rev, version, value, lease })) => {
-                (*create_rev, version + 1, Some(value), *lease)
-            }
-            _ => (step.rev, 1, None, 0),
+        let with_value = req.prev_kv || req.ignore_value || self.prev_kvs;
+        let prev = self.check_put(req, with_value)?;
+        let (create_rev, version, prev_lease) = match &prev {
+            Some(p) => (p.create_rev, p.version + 1, p.lease),
+            None => (step.rev, 1, 0),
         };
-        let value = if req.ignore_value { prev_value.cloned().unwrap_or_default() } else { req.value.clone() };
+        let value = match (&prev, req.ignore_value) {
+            (Some(Prev { value: Some(value), .. }), true) => value.clone(),
+            (_, true) => Vec::new(),
+            (_, false) => req.value.clone(),
+        };
         let lease = if req.ignore_lease { prev_lease } else { req.lease };
         let record = Record::Live { create_rev, version, lease, value };
         if prev_lease != 0 && prev_lease != lease {
@@ -239,7 +285,10 @@ impl<'a> Writer<'a> {
         if lease != 0 {
             self.attach(lease, &req.key);
         }
-        let prev_kv = prev.map(|(rev, rec)| key_value(req.key.clone(), rev, rec, false).expect("live"));
+        let prev_kv = prev.and_then(|p| {
+            let record = Record::Live { create_rev: p.create_rev, version: p.version, lease: p.lease, value: p.value? };
+            key_value(req.key.clone(), p.rev, record, false)
+        });
         self.record(step, &req.key, record, prev_kv.clone());
         Ok(PutResponse { header: Some(header(step.rev)), prev_kv: if req.prev_kv { prev_kv } else { None } })
     }
@@ -341,7 +390,7 @@ impl<'a> Writer<'a> {
         for op in ops {
             match &op.request {
                 Some(request_op::Request::RequestPut(r)) => {
-                    self.check_put(r)?;
+                    self.check_put(r, false)?;
                 }
                 Some(request_op::Request::RequestRange(r)) => {
                     if r.revision > self.rev {

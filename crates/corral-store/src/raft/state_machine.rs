@@ -158,7 +158,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut writer = self.mvcc.writer();
+        let mut writer = self.mvcc.writer().with_prev_kvs(self.hub.wants_prev_kvs());
         let from_rev = writer.revision();
         let mut replies = Vec::new();
         for entry in entries {
@@ -184,7 +184,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         fail::fail_point!("sm-before-batch");
         let applied = writer.finish(false).map_err(sm_err)?;
         fail::fail_point!("sm-after-batch");
-        self.hub.publish(Published { from_rev, to_rev: applied.revision, events: applied.events });
+        self.hub.publish(Published {
+            from_rev,
+            to_rev: applied.revision,
+            events: applied.events,
+            prev_kvs: applied.prev_kvs,
+        });
         Ok(replies)
     }
 
