@@ -113,7 +113,7 @@ impl corral_controllers::Cluster for LocalCluster {
     }
 
     async fn bind(&self, pod: &Value, node: &str) -> ClusterResult<()> {
-        let text = |path: &str| pod.pointer(path).and_then(Value::as_str).unwrap_or_default();
+        let text = |path: &str| meta::str_at(pod, path);
         let (namespace, name, uid) = (text("/metadata/namespace"), text("/metadata/name"), text("/metadata/uid"));
         let route = object_route("pods", Some(namespace), Some("binding"));
         let body = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "uid": uid},

@@ -33,7 +33,7 @@ pub(crate) struct Newest {
 }
 
 impl Newest {
-    fn of(rev: i64, record: &Record) -> Option<Self> {
+    pub fn of(rev: i64, record: &Record) -> Option<Self> {
         match record {
             Record::Live { create_rev, version, lease, .. } => {
                 Some(Newest { rev, create_rev: *create_rev, version: *version, lease: *lease })

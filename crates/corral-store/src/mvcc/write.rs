@@ -12,7 +12,7 @@ use corral_proto::etcdserverpb::{
 use corral_proto::mvccpb::{self, KeyValue};
 use corral_proto::store::{Command, CommandResult, command, command_result};
 
-use super::index::KeyIndex;
+use super::index::{KeyIndex, Newest};
 use super::keys::{rev_key, split_rev_key, split_version_key, version_key};
 use super::read::{KeyRange, header, key_value, range_with_overlay};
 use super::{Event, LeaseInfo, Mvcc, Record, encode_alarms, lease_attachment_key, lease_key, meta};
@@ -54,14 +54,8 @@ pub struct Writer<'a> {
     prev_kvs: bool,
 }
 
-/// A key's newest live version as a put needs it: the value only when asked for.
-struct Prev {
-    rev: i64,
-    create_rev: i64,
-    version: i64,
-    lease: i64,
-    value: Option<Vec<u8>>,
-}
+/// A key's newest live version as a put needs it: its value only when asked for.
+type Prev = (Newest, Option<Vec<u8>>);
 
 /// The revision being written by one command, and its next sub-revision.
 struct Step {
@@ -221,30 +215,21 @@ impl<'a> Writer<'a> {
         Ok(out)
     }
 
-    /// Checks a put; returns the key's live version, if any, so the put need not look again.
-    /// The newest live version of `key`, with its value if `with_value`.
-    fn lookup_prev(&self, key: &[u8], with_value: bool) -> Result<Option<Prev>, EngineError> {
-        let live = |rev: i64, record: Record| match record {
-            Record::Live { create_rev, version, lease, value } => {
-                Some(Prev { rev, create_rev, version, lease, value: Some(value) })
-            }
-            Record::Tombstone => None,
-        };
-        if let Some((rev, record)) = self.overlay.get(key) {
-            return Ok(live(*rev, record.clone()));
+    /// The newest live version of `key`, with its value if `with_value` (or if this batch
+    /// wrote it: then it is in memory anyway).
+    fn lookup_newest(&self, key: &[u8], with_value: bool) -> Result<Option<Prev>, EngineError> {
+        if !with_value && !self.overlay.contains_key(key) {
+            return Ok(self.index.newest(key).map(|newest| (newest, None)));
         }
-        if with_value {
-            return Ok(self.index.get(self.view.as_ref(), key)?.and_then(|(rev, record)| live(rev, record)));
-        }
-        Ok(self.index.newest(key).map(|n| Prev {
-            rev: n.rev,
-            create_rev: n.create_rev,
-            version: n.version,
-            lease: n.lease,
-            value: None,
+        Ok(self.lookup(key)?.and_then(|(rev, record)| {
+            let newest = Newest::of(rev, &record)?;
+            let Record::Live { value, .. } = record else { return None };
+            Some((newest, Some(value)))
         }))
     }
 
+    /// Checks a put; returns the key's live version, if any (its value if `with_value`), so
+    /// the put need not look again.
     fn check_put(&self, req: &PutRequest, with_value: bool) -> StoreResult<Option<Prev>> {
         if req.key.is_empty() {
             return Err(StoreError::EmptyKey);
@@ -255,7 +240,7 @@ impl<'a> Writer<'a> {
         if req.ignore_lease && req.lease != 0 {
             return Err(StoreError::LeaseProvided);
         }
-        let prev = self.lookup_prev(&req.key, with_value)?;
+        let prev = self.lookup_newest(&req.key, with_value)?;
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(StoreError::KeyNotFound);
         }
@@ -269,13 +254,13 @@ impl<'a> Writer<'a> {
         let with_value = req.prev_kv || req.ignore_value || self.prev_kvs;
         let prev = self.check_put(req, with_value)?;
         let (create_rev, version, prev_lease) = match &prev {
-            Some(p) => (p.create_rev, p.version + 1, p.lease),
+            Some((p, _)) => (p.create_rev, p.version + 1, p.lease),
             None => (step.rev, 1, 0),
         };
-        let value = match (&prev, req.ignore_value) {
-            (Some(Prev { value: Some(value), .. }), true) => value.clone(),
-            (_, true) => Vec::new(),
-            (_, false) => req.value.clone(),
+        // ignore_value: check_put found the key and read its value.
+        let value = match &prev {
+            Some((_, Some(value))) if req.ignore_value => value.clone(),
+            _ => req.value.clone(),
         };
         let lease = if req.ignore_lease { prev_lease } else { req.lease };
         let record = Record::Live { create_rev, version, lease, value };
@@ -285,9 +270,15 @@ impl<'a> Writer<'a> {
         if lease != 0 {
             self.attach(lease, &req.key);
         }
-        let prev_kv = prev.and_then(|p| {
-            let record = Record::Live { create_rev: p.create_rev, version: p.version, lease: p.lease, value: p.value? };
-            key_value(req.key.clone(), p.rev, record, false)
+        let prev_kv = prev.and_then(|(p, value)| {
+            Some(KeyValue {
+                key: req.key.clone(),
+                create_revision: p.create_rev,
+                mod_revision: p.rev,
+                version: p.version,
+                value: value?,
+                lease: p.lease,
+            })
         });
         self.record(step, &req.key, record, prev_kv.clone());
         Ok(PutResponse { header: Some(header(step.rev)), prev_kv: if req.prev_kv { prev_kv } else { None } })
