@@ -235,14 +235,14 @@ impl StoreNode {
 
     /// Whether this server is the Raft leader, as it changes (for what runs on the leader only).
     pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
-        let mut metrics = self.raft.metrics();
+        let mut server = self.raft.server_metrics();
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             loop {
-                let leading = metrics.borrow_and_update().state == ServerState::Leader;
+                let leading = server.borrow_and_update().state == ServerState::Leader;
                 tx.send_if_modified(|l| std::mem::replace(l, leading) != leading);
                 tokio::select! {
-                    changed = metrics.changed() => if changed.is_err() { break },
+                    changed = server.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,
                 }
             }
@@ -288,33 +288,32 @@ impl StoreNode {
     /// The leader's member record, waiting up to one election for one to be known.
     async fn leader(&self) -> StoreResult<(NodeId, Member)> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 3);
-        let mut metrics = self.raft.metrics();
+        let mut server = self.raft.server_metrics();
         loop {
             let found = {
-                let m = metrics.borrow_and_update();
+                let m = server.borrow_and_update();
                 m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned().map(|n| (id, n)))
             };
             if let Some(found) = found {
                 return Ok(found);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, metrics.changed()).await.is_err() {
+            if left.is_zero() || tokio::time::timeout(left, server.changed()).await.is_err() {
                 return Err(StoreError::NoLeader);
             }
         }
     }
 
     /// Resolves when Raft has stopped on a fatal error (a storage write that failed: a full
-    /// or failing disk); what stopped it.
+    /// or failing disk); what stopped it. Raft reports it last, then drops its metrics, so
+    /// this waits on the server metrics (changed only by elections and membership) rather
+    /// than being woken by every entry.
     pub async fn raft_stopped(&self) -> String {
-        let mut metrics = self.raft.metrics();
-        loop {
-            if let Err(fatal) = &metrics.borrow_and_update().running_state {
-                return fatal.to_string();
-            }
-            if metrics.changed().await.is_err() {
-                return "raft's metrics closed".into();
-            }
+        let mut server = self.raft.server_metrics();
+        while server.changed().await.is_ok() {}
+        match &self.raft.metrics().borrow().running_state {
+            Err(fatal) => fatal.to_string(),
+            Ok(()) => "raft's metrics closed".into(),
         }
     }
 
@@ -355,19 +354,22 @@ impl StoreNode {
     /// none is, or (on `leader` itself) it has not heard from a quorum for two election
     /// timeouts. A write in flight to it then has an unknown outcome, and waiting longer
     /// only holds up the writes queued behind it.
+    ///
+    /// It waits on the server metrics, which change with leaders and votes only: every write
+    /// in flight waits here, and the full metrics change with every entry.
     async fn leadership_lost(&self, leader: NodeId) {
-        let mut metrics = self.raft.metrics();
+        let mut server = self.raft.server_metrics();
         loop {
             {
-                let m = metrics.borrow_and_update();
-                if m.current_leader != Some(leader) || (m.id == leader && self.quorum_lost(&m)) {
+                let m = server.borrow_and_update();
+                if m.current_leader != Some(leader) || (m.id == leader && self.quorum_lost(&self.metrics_rx.borrow())) {
                     return;
                 }
             }
-            // The time since the quorum's last ack grows without a metrics change: look
-            // again at least every heartbeat.
+            // The time since the quorum's last ack grows without a change: look again at
+            // least every heartbeat.
             let beat = Duration::from_millis(self.cfg.heartbeat_interval_ms);
-            if let Ok(Err(_)) = tokio::time::timeout(beat, metrics.changed()).await {
+            if let Ok(Err(_)) = tokio::time::timeout(beat, server.changed()).await {
                 return; // Raft stopped
             }
         }

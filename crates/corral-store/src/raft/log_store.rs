@@ -1,11 +1,16 @@
 //! The Raft log, vote and markers in the engine's `Log` and `Raft` column families.
 //!
-//! To ensure durability, `append`, `save_vote`, `truncate` and `purge` write with sync: an
-//! entry is reported flushed only once it is on disk, so a quorum's acknowledgement means a
-//! quorum's fsync.
+//! To ensure durability, an entry is reported flushed only once it is on disk, so a quorum's
+//! acknowledgement means a quorum's fsync. `save_vote`, `truncate` and `purge` write with
+//! sync. `append` writes without it (the entries are readable at once, as openraft requires)
+//! and hands its flush callback to the [`Syncer`] thread, which syncs the write-ahead log and
+//! then reports every append written before that sync began: no runtime worker thread waits
+//! on the disk. (openraft 0.9 awaits each append's flush before the next one, so today each
+//! append still has an fsync of its own.)
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, RaftLogReader, StorageIOError};
@@ -20,15 +25,21 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-/// The log store. Clones share the engine and serve as log readers.
+/// Appends waiting for a sync at most (openraft 0.9 has one outstanding); a full queue would
+/// hold the next append back.
+const SYNC_QUEUE: usize = 1024;
+
+/// The log store. Clones share the engine and the syncer, and serve as log readers.
 #[derive(Clone)]
 pub struct LogStore {
     engine: SharedEngine,
+    syncer: Arc<Syncer>,
 }
 
 impl LogStore {
     pub fn new(engine: SharedEngine) -> Self {
-        Self { engine }
+        let syncer = Arc::new(Syncer::start(engine.clone()));
+        Self { engine, syncer }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -122,13 +133,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put(Cf::Log, index_key(entry.log_id.index).to_vec(), encode(&entry));
         }
         fail::fail_point!("raft-log-before-append");
-        let result = self.engine.write(batch, true);
-        fail::fail_point!("raft-log-after-fsync");
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
+        match self.engine.write(batch, false) {
+            Ok(()) => self.syncer.after_next_sync(callback),
             Err(e) => {
                 callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
                 Err(StorageIOError::write_logs(&e).into())
@@ -148,5 +154,54 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.put(Cf::Raft, LAST_PURGED, encode(&log_id));
         batch.delete_range(Cf::Log, index_key(0).to_vec(), index_key(log_id.index + 1).to_vec());
         self.write(batch, true)
+    }
+}
+
+/// The thread that makes appended entries durable: it waits for a callback, takes every
+/// other one queued by then (all written before the sync starts), syncs the engine's
+/// write-ahead log once, and reports them all. Dropping the last log store ends the thread
+/// and waits for it, so the engine is released when the store is.
+struct Syncer {
+    queue: Option<mpsc::SyncSender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(engine: SharedEngine) -> Self {
+        let (queue, waiting) = mpsc::sync_channel(SYNC_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || sync_appends(&engine, &waiting))
+            .expect("spawning the raft log's sync thread");
+        Self { queue: Some(queue), thread: Some(thread) }
+    }
+
+    /// Reports `callback` once a sync that started after this call has finished. The append
+    /// must have been written before.
+    fn after_next_sync(&self, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError> {
+        let queue = self.queue.as_ref().expect("the queue lives as long as the syncer");
+        queue
+            .send(callback)
+            .map_err(|_| StorageIOError::write_logs(AnyError::error("the log's sync thread is gone")).into())
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn sync_appends(engine: &SharedEngine, waiting: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = waiting.recv() {
+        let batch: Vec<_> = std::iter::once(first).chain(waiting.try_iter().take(SYNC_QUEUE)).collect();
+        let result = engine.sync();
+        fail::fail_point!("raft-log-after-fsync");
+        for callback in batch {
+            callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        }
     }
 }
