@@ -204,7 +204,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     // of streams not yet accepted (its rapid-reset guard) by closing the connection, which
     // cuts a busy leader off from its followers just when they lag. Peers are authenticated
     // servers of this cluster: the guard is set far above what replication produces.
-    let mut peer_server = Server::builder().http2_max_pending_accept_reset_streams(Some(100_000));
+    //
+    // HTTP/2's default windows (64 KiB) would make every AppendEntries or forwarded batch
+    // larger than that wait a round trip for a WINDOW_UPDATE: a peer may send a whole
+    // AppendEntries (at most `MAX_PEER_WINDOW` bytes) at once.
+    let mut peer_server = Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(100_000))
+        .initial_stream_window_size(Some(corral_store::raft::network::MAX_PEER_WINDOW))
+        .initial_connection_window_size(Some(2 * corral_store::raft::network::MAX_PEER_WINDOW));
     let mut client_server = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(dir) = &args.tls_dir {
         peer_server = peer_server.tls_config(tls::server_config(dir, "server")?)?;

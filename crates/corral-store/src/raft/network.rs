@@ -23,6 +23,11 @@ use super::types::{Member, NodeId, TypeConfig, decode, encode};
 /// split by openraft after a `PayloadTooLarge` answer.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 16 << 20;
 
+/// HTTP/2 flow-control window of a stream between servers, both ways: room for a whole
+/// AppendEntries (4 entries of at most 1 MiB) or forwarded batch without waiting for a
+/// WINDOW_UPDATE. The connection's window is twice that.
+pub const MAX_PEER_WINDOW: u32 = 4 << 20;
+
 /// Lazily connected channels to the other servers, by peer URL.
 #[derive(Clone)]
 pub struct Peers {
@@ -46,7 +51,9 @@ impl Peers {
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5));
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .initial_stream_window_size(MAX_PEER_WINDOW)
+                    .initial_connection_window_size(2 * MAX_PEER_WINDOW);
                 if let Some(tls) = &self.tls {
                     endpoint = endpoint.tls_config(tls.clone())?;
                 }
