@@ -227,7 +227,11 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
         // By uid: a ReplicaSet deleted and made again under its name starts afresh.
         let live: HashSet<&str> = all_sets.iter().map(|rs| text(rs, "/metadata/uid")).collect();
         expectations.retain(|uid, _| live.contains(uid.as_str()));
-        let mut planned = Vec::with_capacity(all_sets.len());
+        // Every set's deletions (and other actions) before any set's creations: when a
+        // rolling update scales an old set down and the new one up within one pass, the old
+        // pod is terminating before its replacement exists, so a watch never sees more than
+        // replicas + maxSurge pods.
+        let (mut actions, mut creations) = (Vec::new(), Vec::new());
         for rs in &all_sets {
             let in_ns: Vec<&Arc<Value>> =
                 by_namespace.get(text(rs, "/metadata/namespace")).into_iter().flatten().collect();
@@ -236,20 +240,15 @@ pub async fn run<C: Cluster>(cluster: Arc<C>, informers: Arc<Informers>, host: S
             if met {
                 *exp = Expectations::default();
             }
-            let (creations, others): (Vec<_>, Vec<_>) =
-                reconcile(rs, &in_ns, met, now_seconds()).into_iter().partition(|a| matches!(a, Action::Create(_)));
-            planned.push((rs, others, creations));
-        }
-        // Every set's deletions before any set's creations: when a rolling update scales an
-        // old set down and the new one up within one pass, the old pod is terminating before
-        // its replacement exists, so a watch never sees more than replicas + maxSurge pods.
-        let (others, creations): (Vec<_>, Vec<_>) =
-            planned.into_iter().map(|(rs, others, creations)| ((rs, others), (rs, creations))).unzip();
-        for (rs, actions) in others.into_iter().chain(creations) {
-            let exp = expectations.entry(text(rs, "/metadata/uid").to_string()).or_default();
-            for action in actions {
-                act(cluster.as_ref(), rs, action, exp, &events).await;
+            for action in reconcile(rs, &in_ns, met, now_seconds()) {
+                let to = if matches!(action, Action::Create(_)) { &mut creations } else { &mut actions };
+                to.push((rs, action));
             }
+        }
+        for (rs, action) in actions.into_iter().chain(creations) {
+            let exp =
+                expectations.get_mut(text(rs, "/metadata/uid")).expect("every set's expectations were made above");
+            act(cluster.as_ref(), rs, action, exp, &events).await;
         }
         flush_events(cluster.as_ref(), &events).await;
         let worked = pass.elapsed();

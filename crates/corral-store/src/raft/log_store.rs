@@ -198,10 +198,10 @@ impl Drop for Syncer {
 fn sync_appends(engine: &SharedEngine, waiting: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = waiting.recv() {
         let batch: Vec<_> = std::iter::once(first).chain(waiting.try_iter().take(SYNC_QUEUE)).collect();
-        let result = engine.sync();
+        let result = engine.sync().map_err(|e| e.to_string());
         fail::fail_point!("raft-log-after-fsync");
         for callback in batch {
-            callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
     }
 }
