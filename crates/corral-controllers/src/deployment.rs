@@ -623,9 +623,10 @@ fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
         _ => None,
     };
     if let Some(i) = only {
-        if sets[i].replicas() != want {
-            sets[i].scale(d, want);
-        }
+        // Also when only its annotations are behind: a desired-replicas annotation that is
+        // not the Deployment's size makes every pass a scaling event, and the rollout would
+        // never start (Kubernetes' controller can stall so, kubernetes#138840).
+        sets[i].scale(d, want);
         return;
     }
     // The new ReplicaSet at full size and available: the old ones are no longer needed.
@@ -640,6 +641,12 @@ fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
         return;
     }
     if text(d, "/spec/strategy/type") == "Recreate" {
+        // Recreate never shares a size between sets: the annotations are brought up to
+        // date so the next pass is a rollout again, which scales the old sets down.
+        for i in active {
+            let have = sets[i].replicas();
+            sets[i].scale(d, have);
+        }
         return;
     }
     let (surge, _) = fenceposts(d);
@@ -1106,6 +1113,22 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_desired_annotation_on_the_only_active_set_does_not_stall_a_rollout() {
+        let mut w = World::new(1, rolling());
+        w.run(1, 0);
+        // A scale raced a leader change: the one active set has the Deployment's size, but
+        // its desired-replicas annotation is from before (as a chaos run left it).
+        let mut old = (*w.sets[0]).clone();
+        set_annotation(&mut old, DESIRED, "2".into());
+        w.sets[0] = Arc::new(old);
+        w.set_image("nginx:2");
+        w.run(1, 0);
+        assert_eq!(w.sizes(), [0, 1]);
+        assert_eq!(w.d["status"]["updatedReplicas"], 1);
+        assert_eq!(w.progressing(), "NewReplicaSetAvailable");
+    }
+
+    #[test]
     fn zero_surge_rolls_one_down_before_one_up() {
         let mut w =
             World::new(10, json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}));
@@ -1130,6 +1153,24 @@ mod tests {
         assert!(!actions.iter().any(|a| matches!(a, Action::Create(_))), "an old pod still runs: {actions:?}");
         w.settle();
         w.run(0, 3);
+        assert_eq!(w.sizes(), [0, 3]);
+    }
+
+    #[test]
+    fn recreate_with_two_active_sets_and_stale_annotations_goes_on_to_the_new_one() {
+        let mut w = World::new(3, json!({"type": "Recreate"}));
+        w.run(0, 3);
+        w.set_image("nginx:2");
+        w.run(0, 3);
+        // Writes from views that were behind: the old set active again, and both sets
+        // annotated with a size the Deployment no longer has.
+        for (i, replicas) in [(0, 1), (1, 3)] {
+            let mut set = (*w.sets[i]).clone();
+            set["spec"]["replicas"] = json!(replicas);
+            set_annotation(&mut set, DESIRED, "4".into());
+            w.sets[i] = Arc::new(set);
+        }
+        w.run(1, 3);
         assert_eq!(w.sizes(), [0, 3]);
     }
 

@@ -200,36 +200,33 @@ impl Kube {
     }
 
     /// Waits up to `bound` until every deployment has its replicas updated and available;
-    /// how long it took.
-    pub async fn settle(&self, bound: Duration) -> Option<Duration> {
+    /// how long it took, or the deployments still unsettled at the end, with their status.
+    pub async fn settle(&self, bound: Duration) -> Result<Duration, String> {
         let began = Instant::now();
         let path = format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments");
+        let mut unsettled = "no list of deployments answered".to_string();
         while began.elapsed() < bound {
-            if let Ok(list) = self.list(&path).await {
-                let settled = list.iter().all(|d| {
-                    let want = d.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
-                    let status = |f: &str| d.pointer(&format!("/status/{f}")).and_then(Value::as_i64).unwrap_or(0);
-                    status("observedGeneration")
-                        >= d.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0)
-                        && status("updatedReplicas") == want
-                        && status("availableReplicas") == want
-                        && status("replicas") == want
-                });
-                if settled {
-                    return Some(began.elapsed());
+            match self.list(&path).await {
+                Ok(list) => {
+                    let behind: Vec<String> = list.iter().filter_map(unsettled_status).collect();
+                    if behind.is_empty() {
+                        return Ok(began.elapsed());
+                    }
+                    unsettled = behind.join("; ");
                 }
+                Err(e) => unsettled = format!("listing deployments: {e:#}"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        None
+        Err(unsettled)
     }
 
     /// Holds the workload still and notes the running pods, once the deployments have
     /// settled (up to 90 s).
     pub async fn note_pods(&self) -> Result<()> {
         self.paused.store(true, Ordering::Relaxed);
-        if self.settle(Duration::from_secs(90)).await.is_none() {
-            warn!("the deployments did not settle before the outage: noting the pods as they are");
+        if let Err(unsettled) = self.settle(Duration::from_secs(90)).await {
+            warn!(%unsettled, "the deployments did not settle before the outage: noting the pods as they are");
         }
         let pods = self.list(&format!("/api/v1/namespaces/{NAMESPACE}/pods")).await?;
         info!(pods = pods.len(), "pods noted before the outage");
@@ -407,4 +404,22 @@ async fn watch_until(channel: &Channel, start_revision: i64, end_key: &str) -> O
         }
     }
     None
+}
+
+/// A deployment not yet settled (observed, every replica updated and available, no extra
+/// ones), as "name: want N, generation G observed O, replicas R updated U available A";
+/// None once it is settled.
+fn unsettled_status(d: &Value) -> Option<String> {
+    let want = d.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
+    let generation = d.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+    let status = |f: &str| d.pointer(&format!("/status/{f}")).and_then(Value::as_i64).unwrap_or(0);
+    let (observed, replicas) = (status("observedGeneration"), status("replicas"));
+    let (updated, available) = (status("updatedReplicas"), status("availableReplicas"));
+    if observed >= generation && updated == want && available == want && replicas == want {
+        return None;
+    }
+    let name = d.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?");
+    Some(format!(
+        "{name}: want {want}, generation {generation} observed {observed}, replicas {replicas} updated {updated} available {available}"
+    ))
 }

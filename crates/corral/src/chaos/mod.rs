@@ -169,8 +169,11 @@ async fn judge_control_plane(kube: &kube::Kube, channels: &[Channel], start: i64
     checks.push(Check {
         name: "deployments settle",
         criterion: "every Deployment has its replicas updated and available within 90 s of the end",
-        passed: settled.is_some(),
-        detail: settled.map_or("not settled after 90 s".into(), |d| format!("after {:.1} s", d.as_secs_f64())),
+        passed: settled.is_ok(),
+        detail: match settled {
+            Ok(took) => format!("after {:.1} s", took.as_secs_f64()),
+            Err(unsettled) => format!("not settled after 90 s: {unsettled}"),
+        },
     });
     match kube::read_log(channels, start, seed, Duration::from_secs(60)).await {
         Some(log) => {
