@@ -208,8 +208,12 @@ impl Set {
         text(&self.obj, "/metadata/name")
     }
     fn scale(&mut self, d: &Value, to: i64) {
-        let (surge, _) = fenceposts(d);
         self.obj["spec"]["replicas"] = json!(to.max(0));
+        self.annotate(d);
+    }
+    /// The desired- and max-replicas annotations for the Deployment's size now.
+    fn annotate(&mut self, d: &Value) {
+        let (surge, _) = fenceposts(d);
         self.touched |= set_annotation(&mut self.obj, DESIRED, replicas_of(d).to_string());
         self.touched |= set_annotation(&mut self.obj, MAX, (replicas_of(d) + surge).to_string());
     }
@@ -612,8 +616,18 @@ fn rollout_recreate(d: &Value, sets: &mut [Set], new: Option<usize>, pods: &[&Ar
 }
 
 /// A change of replicas (or a paused Deployment): the active ReplicaSets are resized, in
-/// proportion to their sizes when a rollout is under way.
+/// proportion to their sizes when a rollout is under way. Every active set ends with the
+/// Deployment's size in its annotations, even one whose size did not change: an annotation
+/// left behind would make every pass a scaling event, and the rollout would never go on
+/// (Kubernetes' controller can stall so, kubernetes#138840).
 fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
+    resize(d, sets, new);
+    for set in sets.iter_mut().filter(|s| s.replicas() > 0) {
+        set.annotate(d);
+    }
+}
+
+fn resize(d: &Value, sets: &mut [Set], new: Option<usize>) {
     let want = replicas_of(d);
     let active: Vec<usize> = (0..sets.len()).filter(|i| sets[*i].replicas() > 0).collect();
     let only = match (active.len(), new) {
@@ -623,10 +637,9 @@ fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
         _ => None,
     };
     if let Some(i) = only {
-        // Also when only its annotations are behind: a desired-replicas annotation that is
-        // not the Deployment's size makes every pass a scaling event, and the rollout would
-        // never start (Kubernetes' controller can stall so, kubernetes#138840).
-        sets[i].scale(d, want);
+        if sets[i].replicas() != want {
+            sets[i].scale(d, want);
+        }
         return;
     }
     // The new ReplicaSet at full size and available: the old ones are no longer needed.
@@ -641,12 +654,6 @@ fn scale(d: &Value, sets: &mut [Set], new: Option<usize>) {
         return;
     }
     if text(d, "/spec/strategy/type") == "Recreate" {
-        // Recreate never shares a size between sets: the annotations are brought up to
-        // date so the next pass is a rollout again, which scales the old sets down.
-        for i in active {
-            let have = sets[i].replicas();
-            sets[i].scale(d, have);
-        }
         return;
     }
     let (surge, _) = fenceposts(d);
