@@ -142,7 +142,7 @@ pub(crate) async fn append_batch(
     batch: CommandBatch,
     timeout: Duration,
 ) -> StoreResult<Vec<CommandResult>> {
-    let written = tokio::time::timeout(timeout, raft.client_write(Request(batch))).await;
+    let written = tokio::time::timeout(timeout, raft.client_write(Request::new(batch))).await;
     match written {
         Ok(Ok(resp)) => Ok(resp.data.0.results),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(StoreError::LeaderChanged),

@@ -6,15 +6,17 @@
 //! and hands its flush callback to the [`Syncer`] thread, which syncs the write-ahead log and
 //! then reports every append written before that sync began: no runtime worker thread waits
 //! on the disk. (openraft 0.9 awaits each append's flush before the next one, so today each
-//! append still has an fsync of its own.)
+//! append still has an fsync of its own.) The newest entries are also kept in memory
+//! ([`EntryCache`]), so reading them back to apply or replicate them decodes nothing.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, RaftLogReader, StorageIOError};
 
+use super::entry_cache::{BOUNDS, EntryCache};
 use super::types::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 use crate::engine::{Batch, Cf, SharedEngine};
 
@@ -29,17 +31,23 @@ fn index_key(index: u64) -> [u8; 8] {
 /// hold the next append back.
 const SYNC_QUEUE: usize = 1024;
 
-/// The log store. Clones share the engine and the syncer, and serve as log readers.
+/// The log store. Clones share the engine, the syncer and the cache, and serve as log
+/// readers.
 #[derive(Clone)]
 pub struct LogStore {
     engine: SharedEngine,
     syncer: Arc<Syncer>,
+    cache: Arc<Mutex<EntryCache>>,
 }
 
 impl LogStore {
     pub fn new(engine: SharedEngine) -> Self {
         let syncer = Arc::new(Syncer::start(engine.clone()));
-        Self { engine, syncer }
+        Self { engine, syncer, cache: Arc::new(Mutex::new(EntryCache::new(BOUNDS))) }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        self.cache.lock().expect("the entry cache's lock")
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -61,21 +69,9 @@ impl LogStore {
         Ok(last)
     }
 
-    fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
-        self.engine.write(batch, sync).map_err(|e| StorageIOError::write_logs(&e).into())
-    }
-}
-
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
-        let start = match range.start_bound() {
-            Bound::Included(i) => *i,
-            Bound::Excluded(i) => i + 1,
-            Bound::Unbounded => 0,
-        };
+    /// Entries in `range` from the engine.
+    fn read_entries(&self, range: std::ops::Range<u64>) -> Result<Vec<Entry>, StorageError> {
+        let start = range.start;
         let view = self.engine.view();
         let mut cursor = view.cursor(Cf::Log);
         cursor.seek(&index_key(start));
@@ -92,6 +88,37 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         cursor.status().map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(out)
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
+        self.engine.write(batch, sync).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let cached = self.cache().get(start, end);
+        match cached {
+            Some((entries, next)) if next >= end => Ok(entries),
+            Some((mut entries, next)) => {
+                entries.extend(self.read_entries(next..end)?);
+                Ok(entries)
+            }
+            None => self.read_entries(start..end),
+        }
     }
 }
 
@@ -128,13 +155,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut batch = Batch::default();
-        for entry in entries {
-            batch.put(Cf::Log, index_key(entry.log_id.index).to_vec(), encode(&entry));
+        for entry in &entries {
+            batch.put(Cf::Log, index_key(entry.log_id.index).to_vec(), encode(entry));
         }
         fail::fail_point!("raft-log-before-append");
         match self.engine.write(batch, false) {
-            Ok(()) => self.syncer.after_next_sync(callback),
+            Ok(()) => {
+                self.cache().append(&entries);
+                self.syncer.after_next_sync(callback)
+            }
             Err(e) => {
                 callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
                 Err(StorageIOError::write_logs(&e).into())
@@ -143,6 +174,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache().truncate(log_id.index);
         let mut batch = Batch::default();
         batch.delete_range(Cf::Log, index_key(log_id.index).to_vec(), vec![0xFF; 9]);
         self.write(batch, true)
@@ -150,6 +182,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         fail::fail_point!("raft-log-purge");
+        self.cache().purge(log_id.index);
         let mut batch = Batch::default();
         batch.put(Cf::Raft, LAST_PURGED, encode(&log_id));
         batch.delete_range(Cf::Log, index_key(0).to_vec(), index_key(log_id.index + 1).to_vec());

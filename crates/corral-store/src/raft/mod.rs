@@ -3,6 +3,7 @@
 // openraft's trait signatures fix the error type (`StorageError`), large as it is.
 #![allow(clippy::result_large_err)]
 
+mod entry_cache;
 mod log_store;
 pub mod network;
 mod state_machine;

@@ -130,7 +130,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let entries = rpc.entries.len();
-        let size: usize = rpc.entries.iter().map(approx_entry_bytes).sum();
+        let size: usize = rpc.entries.iter().map(super::types::entry_bytes).sum();
         if entries > 1 && size > MAX_PEER_MESSAGE_BYTES / 2 {
             // Bound every Raft message: ask openraft to resend fewer entries.
             let hint = ((entries * (MAX_PEER_MESSAGE_BYTES / 2)) / size).max(1) as u64;
@@ -149,13 +149,5 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call("vote", &rpc, &option).await
-    }
-}
-
-fn approx_entry_bytes(entry: &super::types::Entry) -> usize {
-    use prost::Message;
-    match &entry.payload {
-        openraft::EntryPayload::Normal(req) => req.0.encoded_len() + 32,
-        _ => 256,
     }
 }

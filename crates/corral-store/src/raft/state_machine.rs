@@ -166,8 +166,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             match entry.payload {
                 EntryPayload::Blank => replies.push(Response::default()),
                 EntryPayload::Normal(request) => {
-                    let mut results = Vec::with_capacity(request.0.commands.len());
-                    for cmd in &request.0.commands {
+                    let mut results = Vec::with_capacity(request.batch().commands.len());
+                    for cmd in &request.batch().commands {
                         results.push(writer.apply(cmd).map_err(|e| StorageIOError::apply(entry.log_id, &e))?);
                     }
                     replies.push(Response(CommandResults { results }));
@@ -400,7 +400,7 @@ mod crash_tests {
         let put = Command {
             op: Some(command::Op::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ..Default::default() })),
         };
-        let entry = Entry { log_id, payload: EntryPayload::Normal(Request(CommandBatch { commands: vec![put] })) };
+        let entry = Entry { log_id, payload: EntryPayload::Normal(Request::new(CommandBatch { commands: vec![put] })) };
         leader.apply(vec![entry]).await.expect("applies");
         let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("builds");
 

@@ -1,5 +1,7 @@
 //! The types openraft is instantiated with.
 
+use std::sync::Arc;
+
 use corral_proto::store::{CommandBatch, CommandResults};
 use prost::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -13,33 +15,67 @@ pub struct Member {
 }
 
 /// A Raft entry's application data: the etcd writes the leader batched into it.
+///
+/// It carries its protobuf encoding beside the decoded batch, behind one `Arc`: the leader
+/// encodes a batch once and each server decodes it once, however often the entry is then
+/// written to the log, sent to a follower, or read back from the log's cache to be applied
+/// or replicated (clones share both).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Request(pub CommandBatch);
+pub struct Request(Arc<Encoded>);
+
+#[derive(Debug, Default, PartialEq)]
+struct Encoded {
+    batch: CommandBatch,
+    bytes: Vec<u8>,
+}
+
+impl Request {
+    pub fn new(batch: CommandBatch) -> Self {
+        let bytes = batch.encode_to_vec();
+        Self(Arc::new(Encoded { batch, bytes }))
+    }
+
+    pub fn batch(&self) -> &CommandBatch {
+        &self.0.batch
+    }
+
+    /// The length of its protobuf encoding, which is what the log and the wire carry.
+    pub fn encoded_len(&self) -> usize {
+        self.0.bytes.len()
+    }
+}
+
+impl Serialize for Request {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0.bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?.into_vec();
+        let batch = CommandBatch::decode(bytes.as_slice()).map_err(serde::de::Error::custom)?;
+        Ok(Self(Arc::new(Encoded { batch, bytes })))
+    }
+}
 
 /// What applying a [`Request`] produced, one result per command. Blank and membership
 /// entries produce the empty default.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Response(pub CommandResults);
 
-macro_rules! serde_as_protobuf {
-    ($outer:ident, $inner:ty) => {
-        impl Serialize for $outer {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_bytes(&self.0.encode_to_vec())
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $outer {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let raw: serde_bytes::ByteBuf = serde_bytes::ByteBuf::deserialize(d)?;
-                <$inner>::decode(raw.as_slice()).map($outer).map_err(serde::de::Error::custom)
-            }
-        }
-    };
+impl Serialize for Response {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0.encode_to_vec())
+    }
 }
 
-serde_as_protobuf!(Request, CommandBatch);
-serde_as_protobuf!(Response, CommandResults);
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = serde_bytes::ByteBuf::deserialize(d)?;
+        CommandResults::decode(raw.as_slice()).map(Response).map_err(serde::de::Error::custom)
+    }
+}
 
 openraft::declare_raft_types!(
     /// Corral's Raft: u64 member ids, etcd writes as entries, snapshots as files.
@@ -66,6 +102,14 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;
 
 /// bincode with one configuration for everything the store persists or sends.
+/// About how many bytes an entry takes in the log and on the wire.
+pub(crate) fn entry_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(request) => request.encoded_len() + 32,
+        _ => 256,
+    }
+}
+
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes serde types")
 }
