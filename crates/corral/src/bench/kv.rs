@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use corral_proto::etcdserverpb::kv_client::KvClient;
-use corral_proto::etcdserverpb::{PutRequest, RangeRequest};
+use corral_proto::etcdserverpb::{PutRequest, PutResponse, RangeRequest, RangeResponse};
 use hdrhistogram::Histogram;
 
+use super::grpc::Conn;
 use super::{Target, TargetArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -46,13 +46,16 @@ pub struct KvArgs {
 pub async fn run(args: KvArgs) -> Result<()> {
     let target = Target::from_args(&args.target)?;
     let conns = args.conns.max(1);
-    let channels: Vec<_> =
-        (0..conns).map(|i| target.channel(&target.endpoints[i % target.endpoints.len()])).collect::<Result<_>>()?;
+    let mut channels = Vec::with_capacity(conns);
+    for i in 0..conns {
+        channels.push(Conn::connect(&target.endpoints[i % target.endpoints.len()], target.rustls.clone()).await?);
+    }
     if matches!(args.op, Op::Range | Op::RangeSerializable) {
         // Something to read.
-        let mut kv = KvClient::new(channels[0].clone());
+        let put = channels[0].uri(PUT)?;
         for k in 0..args.key_space.min(1000) {
-            kv.put(PutRequest { key: key(k), value: vec![b'v'; args.value_size], ..Default::default() }).await?;
+            let req = PutRequest { key: key(k), value: vec![b'v'; args.value_size], ..Default::default() };
+            channels[0].unary::<_, PutResponse>(&put, &req).await?;
         }
     }
     let next = Arc::new(AtomicU64::new(0));
@@ -63,14 +66,14 @@ pub async fn run(args: KvArgs) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let channel = super::eager::EagerEndService(channels[c % conns].clone());
+        let conn = channels[c % conns].clone();
+        let (put, range) = (conn.uri(PUT)?, conn.uri(RANGE)?);
         let next = next.clone();
         let errors = errors.clone();
         let op = args.op;
         let (value_size, key_space, total) = (args.value_size, args.key_space, args.total);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-            let mut kv = KvClient::new(channel);
             let value = vec![b'v'; value_size];
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -79,17 +82,17 @@ pub async fn run(args: KvArgs) -> Result<()> {
                 }
                 let t = Instant::now();
                 let ok = match op {
-                    Op::Put => kv
-                        .put(PutRequest { key: key(n % key_space), value: value.clone(), ..Default::default() })
-                        .await
-                        .is_ok(),
+                    Op::Put => {
+                        let req = PutRequest { key: key(n % key_space), value: value.clone(), ..Default::default() };
+                        conn.unary::<_, PutResponse>(&put, &req).await.is_ok()
+                    }
                     Op::Range | Op::RangeSerializable => {
                         let req = RangeRequest {
                             key: key(n % key_space.min(1000)),
                             serializable: matches!(op, Op::RangeSerializable),
                             ..Default::default()
                         };
-                        kv.range(req).await.is_ok()
+                        conn.unary::<_, RangeResponse>(&range, &req).await.is_ok()
                     }
                 };
                 if ok {
@@ -138,6 +141,9 @@ pub async fn run(args: KvArgs) -> Result<()> {
     );
     Ok(())
 }
+
+const PUT: &str = "/etcdserverpb.KV/Put";
+const RANGE: &str = "/etcdserverpb.KV/Range";
 
 fn key(n: u64) -> Vec<u8> {
     format!("bench/{n:010}").into_bytes()

@@ -2,9 +2,9 @@
 //! and print figures (throughput, latency percentiles, unavailability) to compare side by side.
 
 mod api;
-mod eager;
 mod etcd;
 mod failover;
+mod grpc;
 mod kv;
 mod pods;
 mod scheduler;

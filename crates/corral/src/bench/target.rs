@@ -1,6 +1,7 @@
 //! A benchmark target: endpoints, TLS, and (for local clusters) the server processes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +29,8 @@ pub struct Process {
 pub struct Target {
     pub endpoints: Vec<String>,
     pub tls: Option<ClientTlsConfig>,
+    /// The same certificates as a rustls configuration (for the load generator's own client).
+    pub rustls: Option<Arc<rustls::ClientConfig>>,
     pub state_dir: Option<PathBuf>,
     pub kind: Kind,
 }
@@ -51,23 +54,24 @@ impl Target {
                     .with_context(|| format!("etcdctl.env lacks {k}"))
             };
             let endpoints = get("ETCDCTL_ENDPOINTS")?.split(',').map(str::to_string).collect();
-            let tls = tls(
-                Path::new(&get("ETCDCTL_CACERT")?),
-                Path::new(&get("ETCDCTL_CERT")?),
-                Path::new(&get("ETCDCTL_KEY")?),
-            )?;
+            let (ca, cert, key) = (get("ETCDCTL_CACERT")?, get("ETCDCTL_CERT")?, get("ETCDCTL_KEY")?);
+            let (tls, rustls) = tls(Path::new(&ca), Path::new(&cert), Path::new(&key))?;
             let kind = if dir.join("etcd.json").exists() { Kind::Etcd } else { Kind::Corral };
-            return Ok(Self { endpoints, tls: Some(tls), state_dir: Some(dir.clone()), kind });
+            return Ok(Self { endpoints, tls: Some(tls), rustls: Some(rustls), state_dir: Some(dir.clone()), kind });
         }
         let Some(endpoints) = &args.endpoints else { bail!("give --state-dir DIR or --endpoints URL[,URL...]") };
-        let tls = match (&args.cacert, &args.cert, &args.key) {
-            (Some(ca), Some(cert), Some(key)) => Some(tls(ca, cert, key)?),
-            (None, None, None) => None,
+        let (tls, rustls) = match (&args.cacert, &args.cert, &args.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let (tls, rustls) = tls(ca, cert, key)?;
+                (Some(tls), Some(rustls))
+            }
+            (None, None, None) => (None, None),
             _ => bail!("--cacert, --cert and --key go together"),
         };
         Ok(Self {
             endpoints: endpoints.split(',').map(str::to_string).collect(),
             tls,
+            rustls,
             state_dir: None,
             kind: Kind::Remote,
         })
@@ -193,9 +197,28 @@ impl Target {
     }
 }
 
-fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig> {
+/// The client certificates, as tonic's configuration and as rustls's (HTTP/2 by ALPN).
+fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<(ClientTlsConfig, Arc<rustls::ClientConfig>)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(ca)?))
-        .identity(Identity::from_pem(read(cert)?, read(key)?)))
+    let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
+    let tonic = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca_pem))
+        .identity(Identity::from_pem(&cert_pem, &key_pem));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.with_context(|| format!("reading {}", ca.display()))?)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).with_context(|| format!("reading {}", key.display()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((tonic, Arc::new(config)))
 }

@@ -1,0 +1,164 @@
+//! The load generator's own unary gRPC client, on the `h2` crate directly.
+//!
+//! A load generator shares the machine with the servers it measures, so what it spends per
+//! request is taken from them. Through tonic's `Channel` a call passes a buffer task and
+//! hyper's dispatch task before the connection's task writes it. Here a call puts its
+//! frames on the connection's shared stream state and wakes the connection's task, which
+//! writes every call queued since it last ran in one go, and reads every answer the same
+//! way. The same client drives Corral and etcd.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{Method, Request, Uri};
+use prost::Message;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// HTTP/2 windows large enough that no answer waits for a WINDOW_UPDATE.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// One HTTP/2 connection; clones share it.
+#[derive(Clone)]
+pub struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    base: Arc<str>,
+}
+
+impl Conn {
+    /// Connects to `url` (`https://host:port`, or `http://` without `tls`).
+    pub async fn connect(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Self> {
+        let authority = url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/');
+        let tcp = TcpStream::connect(authority).await.with_context(|| format!("connecting to {url}"))?;
+        tcp.set_nodelay(true)?;
+        let send = match tls {
+            Some(config) => {
+                let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+                let name = ServerName::try_from(host.to_string()).with_context(|| format!("server name in {url}"))?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS with {url}"))?;
+                start(stream).await?
+            }
+            None => start(tcp).await?,
+        };
+        Ok(Self { send, base: url.trim_end_matches('/').into() })
+    }
+
+    /// The URI of `method` (`/package.Service/Method`) on this connection's server.
+    pub fn uri(&self, method: &str) -> Result<Uri> {
+        Ok(format!("{}{method}", self.base).parse()?)
+    }
+
+    /// One unary call.
+    pub async fn unary<Req: Message, Resp: Message + Default>(&self, uri: &Uri, req: &Req) -> Result<Resp> {
+        let mut send = self.send.clone().ready().await?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut body) = send.send_request(request, false)?;
+        body.send_data(frame(req), true)?;
+        let (head, mut answer) = response.await?.into_parts();
+        check_status(&head.headers)?;
+        let mut data = BytesMut::new();
+        while let Some(chunk) = answer.data().await {
+            let chunk = chunk?;
+            answer.flow_control().release_capacity(chunk.len())?;
+            data.extend_from_slice(&chunk);
+        }
+        if let Some(trailers) = answer.trailers().await? {
+            check_status(&trailers)?;
+        }
+        unframe(data.freeze())
+    }
+}
+
+async fn start<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Result<h2::client::SendRequest<Bytes>> {
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "bench connection closed");
+        }
+    });
+    Ok(send)
+}
+
+/// A gRPC message: uncompressed flag, length, protobuf.
+fn frame<M: Message>(msg: &M) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    msg.encode(&mut out).expect("the buffer has room for the message");
+    out.freeze()
+}
+
+fn unframe<M: Message + Default>(mut data: Bytes) -> Result<M> {
+    if data.len() < 5 {
+        bail!("the answer has no gRPC message ({} bytes)", data.len());
+    }
+    if data.get_u8() != 0 {
+        bail!("the answer is compressed");
+    }
+    let len = data.get_u32() as usize;
+    if data.len() != len {
+        bail!("the answer's message says {len} bytes, and {} came", data.len());
+    }
+    Ok(M::decode(data)?)
+}
+
+/// An error if `headers` carry a gRPC status other than OK.
+fn check_status(headers: &http::HeaderMap) -> Result<()> {
+    match headers.get("grpc-status").map(|v| v.as_bytes()) {
+        None | Some(b"0") => Ok(()),
+        Some(code) => {
+            let message = headers.get("grpc-message").and_then(|m| m.to_str().ok()).unwrap_or("");
+            bail!("gRPC status {}: {message}", String::from_utf8_lossy(code))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use corral_proto::etcdserverpb::PutRequest;
+
+    use super::*;
+
+    #[test]
+    fn a_message_survives_its_framing() {
+        let put = PutRequest { key: b"k".to_vec(), value: vec![b'v'; 300], ..Default::default() };
+        let framed = frame(&put);
+        assert_eq!(framed.len(), 5 + put.encoded_len());
+        assert_eq!(unframe::<PutRequest>(framed).expect("unframes"), put);
+    }
+
+    #[test]
+    fn a_short_compressed_or_cut_answer_is_an_error() {
+        assert!(unframe::<PutRequest>(Bytes::from_static(&[0, 0, 0])).is_err());
+        assert!(unframe::<PutRequest>(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
+        assert!(unframe::<PutRequest>(Bytes::from_static(&[0, 0, 0, 0, 9, 1])).is_err());
+    }
+
+    #[test]
+    fn a_status_other_than_ok_is_an_error() {
+        let mut headers = http::HeaderMap::new();
+        assert!(check_status(&headers).is_ok(), "no status in the headers: the trailers carry it");
+        headers.insert("grpc-status", "0".parse().expect("header"));
+        assert!(check_status(&headers).is_ok());
+        headers.insert("grpc-status", "8".parse().expect("header"));
+        headers.insert("grpc-message", "etcdserver: too many requests".parse().expect("header"));
+        let err = check_status(&headers).expect_err("not OK").to_string();
+        assert!(err.contains("8") && err.contains("too many requests"), "{err}");
+    }
+}
