@@ -21,9 +21,10 @@ pub(crate) struct Bounds {
     pub bytes: usize,
 }
 
-/// A few seconds of writes at full speed: far more than an entry waits to be applied and
-/// replicated to a follower that keeps up.
-pub(crate) const BOUNDS: Bounds = Bounds { entries: 4096, bytes: 16 << 20 };
+/// Half a second of writes at full speed (about 8 MB/s of entries at 256 clients): far more
+/// than an entry waits to be applied, and to be replicated to a follower that keeps up. Each
+/// cached entry is held twice (encoded and decoded), so this costs a server 10 MiB or so.
+pub(crate) const BOUNDS: Bounds = Bounds { entries: 1024, bytes: 4 << 20 };
 
 pub(crate) struct EntryCache {
     bounds: Bounds,
