@@ -23,21 +23,8 @@ pub struct Client {
 impl Client {
     /// `pki` holds ca.crt, admin.crt and admin.key.
     pub async fn connect(pki: &std::path::Path, url: &str, conns: usize) -> Result<Client> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(pki.join("ca.crt"))? {
-            roots.add(cert?)?;
-        }
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(pki.join("admin.crt"))?.collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(pki.join("admin.key"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = vec![b"h2".to_vec()];
+        use rustls::pki_types::ServerName;
+        let tls = crate::tls::h2_client_config(&pki.join("ca.crt"), &pki.join("admin.crt"), &pki.join("admin.key"))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let authority = url.trim_start_matches("https://").to_string();
         let mut out = Vec::with_capacity(conns);

@@ -101,7 +101,6 @@ pub type StorageError = openraft::StorageError<NodeId>;
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;
 
-/// bincode with one configuration for everything the store persists or sends.
 /// About how many bytes an entry takes in the log and on the wire.
 pub(crate) fn entry_bytes(entry: &Entry) -> usize {
     match &entry.payload {
@@ -110,6 +109,7 @@ pub(crate) fn entry_bytes(entry: &Entry) -> usize {
     }
 }
 
+/// bincode with one configuration for everything the store persists or sends.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes serde types")
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{Method, Request, Uri};
+use http::header::{CONTENT_TYPE, TE};
+use http::{HeaderValue, Method, Request, Uri};
 use prost::Message;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -57,12 +58,12 @@ impl Conn {
     /// One unary call.
     pub async fn unary<Req: Message, Resp: Message + Default>(&self, uri: &Uri, req: &Req) -> Result<Resp> {
         let mut send = self.send.clone().ready().await?;
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(uri.clone())
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
         let (response, mut body) = send.send_request(request, false)?;
         body.send_data(frame(req), true)?;
         let (head, mut answer) = response.await?.into_parts();

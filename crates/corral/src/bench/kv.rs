@@ -46,16 +46,16 @@ pub struct KvArgs {
 pub async fn run(args: KvArgs) -> Result<()> {
     let target = Target::from_args(&args.target)?;
     let conns = args.conns.max(1);
-    let mut channels = Vec::with_capacity(conns);
+    let mut connections = Vec::with_capacity(conns);
     for i in 0..conns {
-        channels.push(Conn::connect(&target.endpoints[i % target.endpoints.len()], target.rustls.clone()).await?);
+        connections.push(Conn::connect(&target.endpoints[i % target.endpoints.len()], target.rustls.clone()).await?);
     }
     if matches!(args.op, Op::Range | Op::RangeSerializable) {
         // Something to read.
-        let put = channels[0].uri(PUT)?;
+        let put = connections[0].uri(PUT)?;
         for k in 0..args.key_space.min(1000) {
             let req = PutRequest { key: key(k), value: vec![b'v'; args.value_size], ..Default::default() };
-            channels[0].unary::<_, PutResponse>(&put, &req).await?;
+            connections[0].unary::<_, PutResponse>(&put, &req).await?;
         }
     }
     let next = Arc::new(AtomicU64::new(0));
@@ -66,7 +66,7 @@ pub async fn run(args: KvArgs) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let conn = channels[c % conns].clone();
+        let conn = connections[c % conns].clone();
         let (put, range) = (conn.uri(PUT)?, conn.uri(RANGE)?);
         let next = next.clone();
         let errors = errors.clone();

@@ -199,26 +199,9 @@ impl Target {
 
 /// The client certificates, as tonic's configuration and as rustls's (HTTP/2 by ALPN).
 fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<(ClientTlsConfig, Arc<rustls::ClientConfig>)> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
     let tonic = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca_pem))
-        .identity(Identity::from_pem(&cert_pem, &key_pem));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.with_context(|| format!("reading {}", ca.display()))?)?;
-    }
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading {}", cert.display()))?;
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).with_context(|| format!("reading {}", key.display()))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((tonic, Arc::new(config)))
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?));
+    Ok((tonic, Arc::new(crate::tls::h2_client_config(ca, cert, key)?)))
 }
