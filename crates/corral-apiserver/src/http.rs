@@ -73,34 +73,8 @@ pub struct ServerConfig {
 /// Builds the TLS settings from a directory of PEM files: our certificate, and client
 /// certificates from the cluster CA accepted but not required (bearer tokens also work).
 pub fn tls_config(dir: &Path, name: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, String> {
-        CertificateDer::pem_file_iter(p)
-            .map_err(|e| format!("{}: {e}", p.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}: {e}", p.display()))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&dir.join("ca.crt"))? {
-        roots.add(ca).map_err(|e| format!("ca.crt: {e}"))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| format!("client verifier: {e}"))?;
-    let certs = read_certs(&dir.join(format!("{name}.crt")))?;
-    let key_path = dir.join(format!("{name}.key"));
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("server certificate: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    use corral_transport::tls::{ClientCerts, server_config};
+    server_config(dir, name, ClientCerts::Optional, &[b"h2", b"http/1.1"]).map_err(|e| e.to_string())
 }
 
 /// The user a client certificate names: CN is the user, O the groups.

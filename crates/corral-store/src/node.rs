@@ -143,10 +143,49 @@ pub struct StoreNode {
     metrics_rx: tokio::sync::watch::Receiver<RaftMetrics>,
     /// Bytes on disk, refreshed at most once a second for the space quota.
     size_cache: Mutex<(Instant, u64)>,
+    restart: Restart,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
+/// Where this server's log stood when it started, for the reads it leads.
+///
+/// A server whose vote was committed for itself resumes as leader of that term at once, and
+/// openraft starts its commit index at what the state machine had applied. The state
+/// machine's writes are replayable (the log replays them after a crash), so that can be well
+/// behind what clients read before the stop; openraft's read index (the larger of the commit
+/// index and the term's first entry) would let a linearizable read see the past. Everything
+/// committed before the stop is in the log, at or below its last entry then, and a leader
+/// never drops entries of its own log: while the term is the one it started in, a read
+/// through this server waits for that entry to be applied as well.
+#[derive(Clone, Copy, Debug)]
+struct Restart {
+    term: u64,
+    last_index: u64,
+}
+
+impl Restart {
+    async fn read(log: &mut LogStore) -> StoreResult<Self> {
+        use openraft::storage::RaftLogStorage;
+        let internal = |e: openraft::StorageError<NodeId>| StoreError::Internal(format!("reading the raft log: {e}"));
+        let state = log.get_log_state().await.map_err(internal)?;
+        let vote = log.read_vote().await.map_err(internal)?;
+        Ok(Self {
+            term: vote.map(|v| v.leader_id().term).unwrap_or(0),
+            last_index: state.last_log_id.map(|id| id.index).unwrap_or(0),
+        })
+    }
+}
+
 impl StoreNode {
+    /// The log index a linearizable read through this leader must see applied, beyond
+    /// openraft's read index: see [`Restart`].
+    fn restart_read_index(&self) -> u64 {
+        match self.metrics_rx.borrow().current_term == self.restart.term {
+            true => self.restart.last_index,
+            false => 0,
+        }
+    }
+
     /// Opens the server's data directory and starts Raft. The cluster is formed by
     /// [`StoreNode::bootstrap`] on a new cluster, or by joining through MemberAdd.
     pub async fn open(cfg: StoreConfig, peers: Peers) -> StoreResult<Arc<Self>> {
@@ -157,7 +196,8 @@ impl StoreNode {
         let hub = WatchHub::new(mvcc.current_revision());
         let sm = StateMachine::open(mvcc.clone(), hub.clone(), cfg.data_dir.join("snapshots"))
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let log = LogStore::new(engine.clone());
+        let mut log = LogStore::new(engine.clone());
+        let restart = Restart::read(&mut log).await?;
         let raft_config = openraft::Config {
             cluster_name: format!("corral-{:x}", cfg.cluster_id),
             heartbeat_interval: cfg.heartbeat_interval_ms,
@@ -196,6 +236,7 @@ impl StoreNode {
             lease_deadlines: Mutex::new(HashMap::new()),
             metrics_rx,
             size_cache,
+            restart,
             proposer: Proposer::start(weak.clone()),
             reads: ReadBarriers::start(weak.clone()),
             shutdown,
@@ -492,7 +533,7 @@ impl StoreNode {
             let confirmed = tokio::time::timeout(self.timeout(), self.raft.ensure_linearizable()).await;
             return match confirmed {
                 Err(_) => Err(StoreError::Timeout),
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(_)) => self.applied_at_least(self.restart_read_index()).await,
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => self.follower_barrier().await,
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(StoreError::NoLeader),
                 Ok(Err(e)) => Err(StoreError::Internal(e.to_string())),
@@ -511,6 +552,13 @@ impl StoreNode {
             .await?
             .into_inner()
             .read_index;
+        self.applied_at_least(index).await
+    }
+
+    async fn applied_at_least(&self, index: u64) -> StoreResult<()> {
+        if self.metrics_rx.borrow().last_applied.map(|id| id.index).unwrap_or(0) >= index {
+            return Ok(());
+        }
         self.raft
             .wait(Some(self.timeout()))
             .applied_index_at_least(Some(index), "read index")
@@ -528,7 +576,7 @@ impl StoreNode {
         let confirmed = tokio::time::timeout(self.timeout(), self.raft.get_read_log_id()).await;
         match confirmed {
             Err(_) => Err(StoreError::Timeout),
-            Ok(Ok((read_log_id, _))) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Ok(Ok((read_log_id, _))) => Ok(read_log_id.map(|l| l.index).unwrap_or(0).max(self.restart_read_index())),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(StoreError::NoLeader),
             Ok(Err(_)) => Err(StoreError::LeaderChanged),
         }

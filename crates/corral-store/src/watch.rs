@@ -211,7 +211,7 @@ mod tests {
             };
             w.apply(&cmd).unwrap();
         }
-        let applied = w.finish(false).unwrap();
+        let applied = w.finish().unwrap();
         hub.publish(Published {
             from_rev,
             to_rev: applied.revision,
@@ -253,7 +253,7 @@ mod tests {
             let mut without = WatchStream::new(mvcc.clone(), &hub, KeyRange::new(b"a", b""), 0, false).unwrap();
             assert!(hub.wants_prev_kvs());
             w.apply(&put_value("a", "new")).unwrap();
-            let applied = w.finish(false).unwrap();
+            let applied = w.finish().unwrap();
             assert!(!applied.prev_kvs);
             assert_eq!(applied.events[0].inner.prev_kv, None, "written without reading the old value");
             hub.publish(Published { from_rev, to_rev: applied.revision, events: applied.events, prev_kvs: false });
@@ -269,7 +269,7 @@ mod tests {
             tracing::info!("while it watches, batches carry previous versions; once it is gone, not");
             let mut w = mvcc.writer().with_prev_kvs(hub.wants_prev_kvs());
             w.apply(&put_value("a", "newer")).unwrap();
-            let applied = w.finish(false).unwrap();
+            let applied = w.finish().unwrap();
             assert!(applied.prev_kvs);
             assert_eq!(applied.events[0].inner.prev_kv.as_ref().map(|kv| kv.value.as_slice()), Some(&b"new"[..]));
             drop(with_prev);
@@ -307,7 +307,7 @@ mod tests {
             let mut w = mvcc.writer();
             w.apply(&Command { op: Some(command::Op::Compaction(CompactionRequest { revision: 5, physical: false })) })
                 .unwrap();
-            w.finish(false).unwrap();
+            w.finish().unwrap();
             match WatchStream::new(mvcc.clone(), &hub, KeyRange::new(b"a", b""), 3, false) {
                 Err(StoreError::Compacted { compact_rev }) => assert_eq!(compact_rev, 5),
                 other => panic!("expected compacted, got {:?}", other.map(|_| ())),

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
+
+use crate::tls::{certs, key, provider, read};
 
 /// The application protocol both ends must agree on.
 pub const ALPN: &[u8] = b"corral-agent/1";
@@ -33,24 +34,6 @@ pub enum TransportError {
     Tls(String),
     #[error("QUIC: {0}")]
     Quic(String),
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TransportError> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TransportError::File(what.into(), e.to_string()))
-}
-
-fn key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TransportError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TransportError::File(what.into(), e.to_string()))
-}
-
-fn read(path: &Path) -> Result<String, TransportError> {
-    std::fs::read_to_string(path).map_err(|e| TransportError::File(path.display().to_string(), e.to_string()))
 }
 
 /// The SHA-256 of a CA certificate (DER), in hex: what join tokens pin.

@@ -24,7 +24,11 @@ impl Client {
     /// `pki` holds ca.crt, admin.crt and admin.key.
     pub async fn connect(pki: &std::path::Path, url: &str, conns: usize) -> Result<Client> {
         use rustls::pki_types::ServerName;
-        let tls = crate::tls::h2_client_config(&pki.join("ca.crt"), &pki.join("admin.crt"), &pki.join("admin.key"))?;
+        let tls = corral_transport::tls::h2_client_config(
+            &pki.join("ca.crt"),
+            &pki.join("admin.crt"),
+            &pki.join("admin.key"),
+        )?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let authority = url.trim_start_matches("https://").to_string();
         let mut out = Vec::with_capacity(conns);

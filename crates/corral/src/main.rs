@@ -3,6 +3,8 @@
 mod agent;
 mod bench;
 mod chaos;
+mod coalesce;
+mod grpc_serve;
 mod image;
 mod kube;
 mod local;

@@ -13,7 +13,6 @@ use corral_store::peer::PeerService;
 use corral_store::raft::Member;
 use corral_store::raft::network::Peers;
 use serde::{Deserialize, Serialize};
-use tonic::transport::Server;
 
 use crate::tls;
 use crate::urls::{parse_initial_cluster, socket_addr, stable_id};
@@ -196,8 +195,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let node = StoreNode::open(cfg, peers).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
+    let server_tls = match &args.tls_dir {
+        Some(dir) => Some(corral_transport::tls::server_config(
+            dir,
+            "server",
+            corral_transport::tls::ClientCerts::Required,
+            &[b"h2"],
+        )?),
+        None => None,
     };
     // openraft cancels an AppendEntries or heartbeat that takes longer than its heartbeat
     // interval, and each cancel resets an HTTP/2 stream. h2 answers more than 20 such resets
@@ -208,24 +213,25 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     // HTTP/2's default windows (64 KiB) would make every AppendEntries or forwarded batch
     // larger than that wait a round trip for a WINDOW_UPDATE: a peer may send a whole
     // AppendEntries (at most `MAX_PEER_WINDOW` bytes) at once.
-    let mut peer_server = Server::builder()
-        .http2_max_pending_accept_reset_streams(Some(100_000))
-        .initial_stream_window_size(Some(corral_store::raft::network::MAX_PEER_WINDOW))
-        .initial_connection_window_size(Some(2 * corral_store::raft::network::MAX_PEER_WINDOW));
-    let mut client_server = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(10)));
-    if let Some(dir) = &args.tls_dir {
-        peer_server = peer_server.tls_config(tls::server_config(dir, "server")?)?;
-        client_server = client_server.tls_config(tls::server_config(dir, "server")?)?;
-    }
-    let peer_task = tokio::spawn(
-        peer_server
-            .add_service(PeerService::server(node.clone()))
-            .serve_with_shutdown(peer_addr, stopped(stop_rx.clone())),
-    );
-    let client_task = tokio::spawn(
-        corral_store::etcd::add_services(&mut client_server, node.clone())
-            .serve_with_shutdown(client_addr, stopped(stop_rx.clone())),
-    );
+    let mut peer_http = http2_builder();
+    peer_http
+        .max_pending_accept_reset_streams(100_000)
+        .initial_stream_window_size(corral_store::raft::network::MAX_PEER_WINDOW)
+        .initial_connection_window_size(2 * corral_store::raft::network::MAX_PEER_WINDOW);
+    let peer_task = tokio::spawn(crate::grpc_serve::serve(
+        bind(peer_addr, "peers").await?,
+        server_tls.clone(),
+        tonic::service::Routes::new(PeerService::server(node.clone())),
+        peer_http,
+        stop_rx.clone(),
+    ));
+    let client_task = tokio::spawn(crate::grpc_serve::serve(
+        bind(client_addr, "the etcd API").await?,
+        server_tls,
+        corral_store::etcd::routes(node.clone()),
+        http2_builder(),
+        stop_rx.clone(),
+    ));
 
     if args.initial_cluster_state == ClusterState::New {
         let members: BTreeMap<u64, Member> = initial
@@ -268,6 +274,18 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// HTTP/2 settings for a gRPC port: a ping every 10 seconds finds dead clients, and responses
+/// carry no Date header (gRPC has no use for it).
+fn http2_builder() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut http = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(Duration::from_secs(10)).auto_date_header(false);
+    http
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}"))
 }
 
 /// Starts the Kubernetes API on --listen-api-url, and makes sure the system namespaces exist

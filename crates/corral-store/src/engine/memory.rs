@@ -49,6 +49,10 @@ impl Engine for MemEngine {
         Ok(())
     }
 
+    fn write_replayable(&self, batch: Batch) -> Result<()> {
+        self.write(batch, false)
+    }
+
     fn sync(&self) -> Result<()> {
         Ok(())
     }

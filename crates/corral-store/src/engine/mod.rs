@@ -140,6 +140,12 @@ pub trait Engine: Send + Sync + 'static {
     /// write is durable (fsync).
     fn write(&self, batch: Batch, sync: bool) -> Result<()>;
 
+    /// Applies `batch` atomically without making it durable by itself: a crash may lose it,
+    /// and with it every later replayable write, but never an earlier write. For what can be
+    /// redone after a crash (the state machine's writes, which the Raft log replays); the
+    /// engine persists them in its own time, all together.
+    fn write_replayable(&self, batch: Batch) -> Result<()>;
+
     /// Flushes buffered writes to durable storage.
     fn sync(&self) -> Result<()>;
 

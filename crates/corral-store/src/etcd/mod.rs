@@ -14,8 +14,7 @@ use corral_proto::etcdserverpb::kv_server::KvServer;
 use corral_proto::etcdserverpb::lease_server::LeaseServer;
 use corral_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use corral_proto::etcdserverpb::watch_server::WatchServer;
-use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::service::Routes;
 
 use crate::node::StoreNode;
 
@@ -26,10 +25,9 @@ const MAX_GRPC_BYTES: usize = MAX_REQUEST_BYTES + (512 << 10);
 /// The version Maintenance.Status reports: the etcd API level Corral speaks.
 pub const ETCD_VERSION: &str = "3.5.0";
 
-/// Adds every etcd service for `node` to a tonic server.
-pub fn add_services(server: &mut Server, node: Arc<StoreNode>) -> Router {
-    server
-        .add_service(KvServer::new(kv::KvService::new(node.clone())).max_decoding_message_size(MAX_GRPC_BYTES))
+/// Every etcd service for `node`, routed by gRPC path.
+pub fn routes(node: Arc<StoreNode>) -> Routes {
+    Routes::new(KvServer::new(kv::KvService::new(node.clone())).max_decoding_message_size(MAX_GRPC_BYTES))
         .add_service(WatchServer::new(watch::WatchService::new(node.clone())).max_decoding_message_size(MAX_GRPC_BYTES))
         .add_service(LeaseServer::new(lease::LeaseService::new(node.clone())))
         .add_service(ClusterServer::new(cluster::ClusterService::new(node.clone())))

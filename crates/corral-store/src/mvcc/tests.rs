@@ -30,7 +30,7 @@ fn stores() -> Vec<(&'static str, Fixture)> {
 fn apply(mvcc: &Mvcc, op: command::Op) -> CommandResult {
     let mut w = mvcc.writer();
     let result = w.apply(&Command { op: Some(op) }).expect("engine");
-    w.finish(false).expect("write");
+    w.finish().expect("write");
     result
 }
 
@@ -241,7 +241,7 @@ fn puts_that_read_no_previous_value_keep_versions_and_leases() {
         let lean = |op: command::Op| {
             let mut w = m.writer().with_prev_kvs(false);
             let result = w.apply(&Command { op: Some(op) }).expect("engine");
-            assert!(!w.finish(false).expect("write").prev_kvs);
+            assert!(!w.finish().expect("write").prev_kvs);
             result
         };
         let put_req =
@@ -309,7 +309,7 @@ fn events_replay_in_order_with_prev_kv() {
             op: Some(command::Op::Put(PutRequest { key: "w/b".into(), value: "x".into(), ..Default::default() })),
         })
         .unwrap();
-        let applied = w.finish(false).unwrap();
+        let applied = w.finish().unwrap();
         assert_eq!(applied.events, m.events(5, 5, 10, true).unwrap(), "{name}");
     }
 }

@@ -121,10 +121,11 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Writes the batch (with `sync`, durably), then publishes the new revision. A compaction
-    /// applied in this batch is recorded in it (reads below it are refused from now on) and
-    /// carried out in the background.
-    pub fn finish(mut self, sync: bool) -> Result<Applied, EngineError> {
+    /// Writes the batch, then publishes the new revision. A compaction applied in this batch
+    /// is recorded in it (reads below it are refused from now on) and carried out in the
+    /// background. The write is replayable ([`crate::engine::Engine::write_replayable`]): the
+    /// Raft log that the batch was applied from is what makes it durable.
+    pub fn finish(mut self) -> Result<Applied, EngineError> {
         self.batch.put(Cf::Meta, meta::CURRENT_REV.to_vec(), self.rev.to_be_bytes().to_vec());
         for id in std::mem::take(&mut self.leases_changed) {
             self.persist_lease(id);
@@ -136,7 +137,7 @@ impl<'a> Writer<'a> {
         }
         let Writer { mvcc, batch, rev, events, view, mut index, overlay, prev_kvs, .. } = self;
         drop(view);
-        mvcc.engine.write(batch, sync)?;
+        mvcc.engine.write_replayable(batch)?;
         for (key, (rev, record)) in overlay {
             index.set(key, rev, &record);
         }
@@ -621,7 +622,10 @@ pub(crate) fn compact(
             batch.put(Cf::Meta, meta::COMPACT_FINISHED.to_vec(), compact_rev.to_be_bytes().to_vec());
         }
         drop(view);
-        engine.write(batch, false)?;
+        // Replayable, as the writes it compacts: a crash loses no compaction step without
+        // every later one, and the compaction resumes at the next start (`COMPACT_FINISHED`
+        // is behind `COMPACT_REV`).
+        engine.write_replayable(batch)?;
         if done {
             tracing::info!(
                 compact_rev,

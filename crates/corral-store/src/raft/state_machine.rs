@@ -50,6 +50,12 @@ struct SnapshotDir {
 impl SnapshotDir {
     fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
+        // Files being built or received when the server stopped are never published.
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let current = match std::fs::read(dir.join("current.meta")) {
             Ok(raw) => decode::<SnapshotMeta>(&raw).ok().filter(|m| dir.join(file_name(m)).exists()),
             Err(_) => None,
@@ -61,16 +67,24 @@ impl SnapshotDir {
         self.dir.join(file_name(meta))
     }
 
-    /// Makes `meta` current unless a newer snapshot already is; removes the older files.
-    fn publish(&self, meta: &SnapshotMeta) -> std::io::Result<bool> {
+    /// A name for a snapshot file being written: nothing removes it until it is published.
+    fn temp_path(&self, purpose: &str) -> PathBuf {
+        self.dir.join(format!("{purpose}-{:x}.tmp", rand::random::<u64>()))
+    }
+
+    /// Makes the snapshot written to `written` (a [`Self::temp_path`]) current as `meta`,
+    /// unless a newer snapshot already is; removes the older files. The file is renamed under
+    /// the lock, so another publish cannot remove it between the rename and the switch.
+    fn publish(&self, meta: &SnapshotMeta, written: &Path) -> std::io::Result<bool> {
         let mut current = self.current.lock().expect("snapshot lock");
         if let Some(cur) = current.as_ref()
             && cur.last_log_id >= meta.last_log_id
             && cur.snapshot_id != meta.snapshot_id
         {
-            let _ = std::fs::remove_file(self.path(meta));
+            let _ = std::fs::remove_file(written);
             return Ok(false);
         }
+        std::fs::rename(written, self.path(meta))?;
         let tmp = self.dir.join("current.meta.tmp");
         std::fs::write(&tmp, encode(meta))?;
         std::fs::File::open(&tmp)?.sync_all()?;
@@ -182,7 +196,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         writer.put_meta(APPLIED, encode(&self.applied));
         writer.put_meta(MEMBERSHIP, encode(&self.membership));
         fail::fail_point!("sm-before-batch");
-        let applied = writer.finish(false).map_err(sm_err)?;
+        let applied = writer.finish().map_err(sm_err)?;
         fail::fail_point!("sm-after-batch");
         self.hub.publish(Published {
             from_rev,
@@ -198,7 +212,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let path = self.snapshots.dir.join(format!("receiving-{}.tmp", rand::random::<u64>()));
+        let path = self.snapshots.temp_path("receiving");
         let file = tokio::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -222,12 +236,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut source = *snapshot;
         source.flush().await.map_err(snap_err)?;
         source.seek(std::io::SeekFrom::Start(0)).await.map_err(snap_err)?;
-        let path = self.snapshots.path(meta);
-        let mut target = tokio::fs::File::create(&path).await.map_err(snap_err)?;
+        let written = self.snapshots.temp_path("installing");
+        let mut target = tokio::fs::File::create(&written).await.map_err(snap_err)?;
         tokio::io::copy(&mut source, &mut target).await.map_err(snap_err)?;
         target.sync_all().await.map_err(snap_err)?;
         drop(target);
-        self.snapshots.publish(meta).map_err(snap_err)?;
+        if !self.snapshots.publish(meta, &written).map_err(snap_err)? {
+            // Only a snapshot built here can be current, and it is at most what was applied
+            // here, which is behind what a leader sends.
+            return Err(snap_err(std::io::Error::other(format!(
+                "snapshot {} is older than the current one",
+                meta.snapshot_id
+            ))));
+        }
+        let path = self.snapshots.path(meta);
         fail::fail_point!("snapshot-install-before-restore");
         let mvcc = self.mvcc.clone();
         let restore_path = path.clone();
@@ -265,7 +287,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let snapshots = self.snapshots.clone();
         let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
             fail::fail_point!("snapshot-build", |_| Err(snap_err(std::io::Error::other("failpoint"))));
-            let tmp = snapshots.dir.join(format!("building-{}.tmp", rand::random::<u64>()));
+            let tmp = snapshots.temp_path("building");
             let (applied, membership) = write_snapshot(engine.as_ref(), &tmp).map_err(snap_err)?;
             let snapshot_id = match applied {
                 Some(id) => {
@@ -274,8 +296,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => format!("0-0-0-{:x}", rand::random::<u32>()),
             };
             let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-            std::fs::rename(&tmp, snapshots.path(&meta)).map_err(snap_err)?;
-            snapshots.publish(&meta).map_err(snap_err)?;
+            snapshots.publish(&meta, &tmp).map_err(snap_err)?;
             Ok(meta)
         })
         .await
@@ -330,18 +351,20 @@ fn corrupt(what: String) -> EngineError {
 
 /// Replaces the state machine's column families with a snapshot file's contents.
 fn restore(engine: &dyn Engine, path: &Path) -> Result<(), EngineError> {
-    let mut start = Batch::default();
-    for cf in SNAPSHOT_CFS {
-        start.delete_range(cf, Vec::new(), vec![0xFF; 64]);
-    }
-    start.put(Cf::Meta, RESTORING.to_vec(), path.to_string_lossy().as_bytes().to_vec());
-    engine.write(start, true)?;
+    // The file is checked before anything is removed: a state machine is never emptied for a
+    // snapshot that cannot be read.
     let mut input = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
     let mut magic = vec![0u8; MAGIC.len()];
     input.read_exact(&mut magic)?;
     if magic != MAGIC {
         return Err(corrupt(format!("{} is not a snapshot", path.display())));
     }
+    let mut start = Batch::default();
+    for cf in SNAPSHOT_CFS {
+        start.delete_range(cf, Vec::new(), vec![0xFF; 64]);
+    }
+    start.put(Cf::Meta, RESTORING.to_vec(), path.to_string_lossy().as_bytes().to_vec());
+    engine.write(start, true)?;
     let mut batch = Batch::default();
     let mut bytes = 0usize;
     loop {
@@ -408,8 +431,9 @@ mod crash_tests {
         let follower_dir = tempfile::tempdir().expect("tempdir");
         let follower_engine: SharedEngine = Arc::new(MemEngine::new());
         let follower = open(follower_engine.clone(), follower_dir.path());
-        std::fs::copy(leader.snapshots.path(&snapshot.meta), follower.snapshots.path(&snapshot.meta)).expect("copies");
-        follower.snapshots.publish(&snapshot.meta).expect("publishes");
+        let received = follower.snapshots.temp_path("installing");
+        std::fs::copy(leader.snapshots.path(&snapshot.meta), &received).expect("copies");
+        follower.snapshots.publish(&snapshot.meta, &received).expect("publishes");
         drop(follower);
 
         tracing::info!("at its next start the state machine holds the snapshot, as openraft requires");
@@ -417,5 +441,66 @@ mod crash_tests {
         assert_eq!(follower.applied_state().await.expect("applied").0, Some(log_id));
         let found = follower.mvcc.range(&RangeRequest { key: b"k".to_vec(), ..Default::default() }).expect("reads");
         assert_eq!(found.kvs.len(), 1, "the snapshot's data is restored");
+    }
+
+    fn meta(index: u64, id: &str) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: id.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_being_received_survives_a_build_published_meanwhile() {
+        tracing::info!("a follower starts receiving a leader's snapshot at index 90");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapshots = SnapshotDir::open(dir.path().join("snapshots")).expect("opens");
+        let received = snapshots.temp_path("installing");
+        std::fs::write(&received, b"from the leader").expect("writes");
+
+        tracing::info!("its own build, at index 40, finishes first and is published");
+        let built = snapshots.temp_path("building");
+        std::fs::write(&built, b"built here").expect("writes");
+        assert!(snapshots.publish(&meta(40, "built"), &built).expect("publishes"));
+        assert!(received.exists(), "a publish removes only published snapshots");
+
+        tracing::info!("the received one becomes current, with its file, and stays so after a restart");
+        assert!(snapshots.publish(&meta(90, "received"), &received).expect("publishes"));
+        assert_eq!(std::fs::read(snapshots.path(&meta(90, "received"))).expect("reads"), b"from the leader");
+        assert!(!snapshots.path(&meta(40, "built")).exists(), "the older snapshot is removed");
+        drop(snapshots);
+        let reopened = SnapshotDir::open(dir.path().join("snapshots")).expect("opens");
+        let current = reopened.current.lock().expect("lock").clone().expect("a current snapshot");
+        assert_eq!(current.snapshot_id, "received");
+
+        tracing::info!("an older build published late is dropped, and the current one stays");
+        let late = reopened.temp_path("building");
+        std::fs::write(&late, b"late").expect("writes");
+        assert!(!reopened.publish(&meta(60, "late"), &late).expect("publishes"));
+        assert!(!late.exists() && reopened.path(&meta(90, "received")).exists());
+    }
+
+    #[tokio::test]
+    async fn a_restore_from_a_missing_file_leaves_the_state_machine_as_it_was() {
+        tracing::info!("a state machine holds a put applied at index 5");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine: SharedEngine = Arc::new(MemEngine::new());
+        let mut sm = open(engine.clone(), dir.path());
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 5);
+        let put = Command {
+            op: Some(command::Op::Put(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ..Default::default() })),
+        };
+        let entry = Entry { log_id, payload: EntryPayload::Normal(Request::new(CommandBatch { commands: vec![put] })) };
+        sm.apply(vec![entry]).await.expect("applies");
+
+        tracing::info!("a restore from a file that is not there fails before touching anything");
+        assert!(restore(engine.as_ref(), &dir.path().join("gone.snap")).is_err());
+        assert!(engine.view().get(Cf::Meta, RESTORING).expect("reads").is_none(), "no install is marked as begun");
+        drop(sm);
+        let mut sm = open(engine, dir.path());
+        assert_eq!(sm.applied_state().await.expect("applied").0, Some(log_id));
+        let found = sm.mvcc.range(&RangeRequest { key: b"k".to_vec(), ..Default::default() }).expect("reads");
+        assert_eq!(found.kvs.len(), 1, "the data is still there");
     }
 }

@@ -88,7 +88,7 @@ async fn start<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Res
         .handshake(io)
         .await?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = crate::coalesce::Coalesced::new(connection).await {
             tracing::debug!(error = %e, "bench connection closed");
         }
     });

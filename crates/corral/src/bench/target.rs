@@ -203,5 +203,5 @@ fn tls(ca: &Path, cert: &Path, key: &Path) -> Result<(ClientTlsConfig, Arc<rustl
     let tonic = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(ca)?))
         .identity(Identity::from_pem(read(cert)?, read(key)?));
-    Ok((tonic, Arc::new(crate::tls::h2_client_config(ca, cert, key)?)))
+    Ok((tonic, Arc::new(corral_transport::tls::h2_client_config(ca, cert, key)?)))
 }
