@@ -1,5 +1,5 @@
-//! What a cluster refuses, and how it says so: a leader cut off from its quorum, and a
-//! full disk quota.
+//! What a cluster refuses, and how it says so: a leader cut off from its quorum, a full
+//! disk quota, and a client that never finishes its TLS handshake.
 
 use std::time::{Duration, Instant};
 
@@ -83,5 +83,41 @@ fn a_full_quota_raises_the_alarm_until_compaction_defragment_and_disarm() -> Res
     c.ctl(&["alarm", "disarm"])?;
     ensure!(c.ctl(&["alarm", "list"])?.is_empty());
     c.ctl(&["put", "small", "ok"])?;
+    Ok(())
+}
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_dropped() -> Result<()> {
+    init_tracing();
+    let c = Cluster::up(1, 25000, &[])?;
+    let server = c.servers()?.remove(0);
+
+    info!("open a bare TCP connection to each of the etcd, peer and API ports, and send nothing");
+    let mut silent = Vec::new();
+    for url in [&server.client_url, &server.peer_url, &server.api_url] {
+        let authority = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest).trim_end_matches('/');
+        let tcp = std::net::TcpStream::connect(authority)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        silent.push((url.clone(), tcp));
+    }
+
+    info!("each server end closes its connection after the 10 s handshake timeout");
+    let opened = Instant::now();
+    for (url, mut tcp) in silent {
+        let mut buf = [0u8; 64];
+        let read = std::io::Read::read(&mut tcp, &mut buf);
+        let waited = opened.elapsed();
+        let closed = match &read {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        ensure!(closed, "{url}: expected the server to close the connection, read {read:?} after {waited:?}");
+        ensure!(waited >= Duration::from_secs(9), "{url} closed after {waited:?}, before the timeout");
+        ensure!(waited < Duration::from_secs(25), "{url} was kept open for {waited:?}");
+    }
+
+    info!("a real client is still served");
+    ensure!(c.ctl(&["put", "k", "v"]).is_ok());
     Ok(())
 }

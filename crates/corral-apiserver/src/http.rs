@@ -106,10 +106,15 @@ pub async fn serve(
             match &config.tls {
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                    let stream = match acceptor.accept(tcp).await {
-                        Ok(s) => s,
-                        Err(e) => {
+                    let handshake = acceptor.accept(tcp);
+                    let stream = match tokio::time::timeout(corral_transport::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
                             return;
                         }
                     };

@@ -10,6 +10,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::quic::TransportError;
 
+/// A client that connects but does not finish its TLS handshake in this time is dropped, so
+/// that it holds no task nor descriptor (HTTP/2 pings find dead clients after it).
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Whether a server asks its clients for a certificate from the cluster CA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientCerts {

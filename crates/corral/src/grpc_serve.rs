@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use corral_transport::tls::HANDSHAKE_TIMEOUT;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -10,10 +11,6 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 use crate::coalesce::Coalesced;
-
-/// A client that connects but does not finish its TLS handshake in this time is dropped, so
-/// that it holds no task nor descriptor (HTTP/2 pings find dead clients after it).
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Accepts connections on `listener` until `stop` turns true, and serves `routes` on each.
 pub async fn serve(
