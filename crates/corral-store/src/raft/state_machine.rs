@@ -67,6 +67,15 @@ impl SnapshotDir {
         self.dir.join(file_name(meta))
     }
 
+    /// The current snapshot, with its file opened under the lock: a publish that comes after
+    /// may remove the file's name, but not what the open file reads.
+    fn open_current(&self) -> std::io::Result<Option<(SnapshotMeta, tokio::fs::File)>> {
+        let current = self.current.lock().expect("snapshot lock");
+        let Some(meta) = current.as_ref() else { return Ok(None) };
+        let file = std::fs::File::open(self.path(meta))?;
+        Ok(Some((meta.clone(), tokio::fs::File::from_std(file))))
+    }
+
     /// A name for a snapshot file being written: nothing removes it until it is published.
     fn temp_path(&self, purpose: &str) -> PathBuf {
         self.dir.join(format!("{purpose}-{:x}.tmp", rand::random::<u64>()))
@@ -268,10 +277,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let meta = self.snapshots.current.lock().expect("snapshot lock").clone();
-        let Some(meta) = meta else { return Ok(None) };
-        let file = tokio::fs::File::open(self.snapshots.path(&meta)).await.map_err(snap_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+        let current = self.snapshots.open_current().map_err(snap_err)?;
+        Ok(current.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
@@ -303,9 +310,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .map_err(|e| snap_err(std::io::Error::other(e.to_string())))??;
         tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
         // A newer snapshot may have been installed meanwhile: serve whichever is current.
-        let current = self.snapshots.current.lock().expect("snapshot lock").clone().unwrap_or(meta);
-        let file = tokio::fs::File::open(self.snapshots.path(&current)).await.map_err(snap_err)?;
-        Ok(Snapshot { meta: current, snapshot: Box::new(file) })
+        let (meta, file) = self
+            .snapshots
+            .open_current()
+            .map_err(snap_err)?
+            .ok_or_else(|| snap_err(std::io::Error::other("no current snapshot after a build")))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -452,7 +462,7 @@ mod crash_tests {
     }
 
     #[test]
-    fn a_snapshot_being_received_survives_a_build_published_meanwhile() {
+    fn snapshot_files_survive_every_publish_that_races_with_them() {
         tracing::info!("a follower starts receiving a leader's snapshot at index 90");
         let dir = tempfile::tempdir().expect("tempdir");
         let snapshots = SnapshotDir::open(dir.path().join("snapshots")).expect("opens");
@@ -474,11 +484,25 @@ mod crash_tests {
         let current = reopened.current.lock().expect("lock").clone().expect("a current snapshot");
         assert_eq!(current.snapshot_id, "received");
 
+        tracing::info!("a snapshot opened to be sent stays readable when a newer one replaces it");
+        let (sending, mut file) = reopened.open_current().expect("opens").expect("a current snapshot");
+        assert_eq!(sending.snapshot_id, "received");
+        let newer = reopened.temp_path("building");
+        std::fs::write(&newer, b"newer").expect("writes");
+        assert!(reopened.publish(&meta(120, "newer"), &newer).expect("publishes"));
+        assert!(!reopened.path(&meta(90, "received")).exists(), "its name is gone");
+        let mut sent = Vec::new();
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
+            use tokio::io::AsyncReadExt;
+            file.read_to_end(&mut sent).await.expect("reads")
+        });
+        assert_eq!(sent, b"from the leader", "the open file still reads the whole snapshot");
+
         tracing::info!("an older build published late is dropped, and the current one stays");
         let late = reopened.temp_path("building");
         std::fs::write(&late, b"late").expect("writes");
         assert!(!reopened.publish(&meta(60, "late"), &late).expect("publishes"));
-        assert!(!late.exists() && reopened.path(&meta(90, "received")).exists());
+        assert!(!late.exists() && reopened.path(&meta(120, "newer")).exists());
     }
 
     #[tokio::test]
