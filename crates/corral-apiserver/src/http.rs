@@ -106,18 +106,7 @@ pub async fn serve(
             match &config.tls {
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                    let handshake = acceptor.accept(tcp);
-                    let stream = match tokio::time::timeout(corral_transport::tls::HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                    let Some(stream) = corral_transport::tls::accept(&acceptor, tcp, peer).await else { return };
                     let user =
                         stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| cert_user(c));
                     connection(TokioIo::new(stream), shared.clone(), user, peer).await;

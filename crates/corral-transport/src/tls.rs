@@ -12,7 +12,27 @@ use crate::quic::TransportError;
 
 /// A client that connects but does not finish its TLS handshake in this time is dropped, so
 /// that it holds no task nor descriptor (HTTP/2 pings find dead clients after it).
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The server side of a TLS handshake on an accepted connection, bounded by
+/// [`HANDSHAKE_TIMEOUT`]; `None` (logged at debug level) when it fails or times out.
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
 
 /// Whether a server asks its clients for a certificate from the cluster CA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

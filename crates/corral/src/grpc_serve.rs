@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use corral_transport::tls::HANDSHAKE_TIMEOUT;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -43,17 +42,10 @@ pub async fn serve(
         let stop = stop.clone();
         tokio::spawn(async move {
             let result = match acceptor {
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => connection(http.serve_connection(TokioIo::new(tls), service), stop).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                Some(acceptor) => {
+                    let Some(tls) = corral_transport::tls::accept(&acceptor, tcp, peer).await else { return };
+                    connection(http.serve_connection(TokioIo::new(tls), service), stop).await
+                }
                 None => connection(http.serve_connection(TokioIo::new(tcp), service), stop).await,
             };
             if let Err(e) = result {
