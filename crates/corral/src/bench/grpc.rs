@@ -7,15 +7,18 @@
 //! writes every call queued since it last ran in one go, and reads every answer the same
 //! way. The same client drives Corral and etcd.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context as _, Result, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, TE};
 use http::{HeaderValue, Method, Request, Uri};
 use prost::Message;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// HTTP/2 windows large enough that no answer waits for a WINDOW_UPDATE.
@@ -82,6 +85,11 @@ impl Conn {
 }
 
 async fn start<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Result<h2::client::SendRequest<Bytes>> {
+    drive(Unvectored(io)).await
+}
+
+/// The HTTP/2 handshake on `io`, and the connection's task.
+async fn drive<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Result<h2::client::SendRequest<Bytes>> {
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -93,6 +101,40 @@ async fn start<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Res
         }
     });
     Ok(send)
+}
+
+/// A stream that tells h2 it has no vectored writes, so that h2 copies every DATA payload
+/// under 1 KiB into its write buffer instead of chaining it.
+///
+/// Over a stream with vectored writes h2 chains any payload of 256 bytes or more (a put of
+/// a 256-byte value is one), and must write it out before it can buffer the next frame: each
+/// request then leaves in a `writev` (one TLS record, one loopback segment, one wake-up of
+/// the server) of its own. Copied, the requests that the clients queued since the
+/// connection last ran leave together, as a gRPC client's buffered writer sends them.
+struct Unvectored<T>(T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Unvectored<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Unvectored<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
 }
 
 /// A gRPC message: uncompressed flag, length, protobuf.
@@ -132,9 +174,103 @@ fn check_status(headers: &http::HeaderMap) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use corral_proto::etcdserverpb::PutRequest;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use corral_proto::etcdserverpb::{PutRequest, PutResponse};
+    use tokio::io::DuplexStream;
 
     use super::*;
+
+    /// An in-memory stream that counts the writes reaching it and takes vectored writes, as
+    /// a TCP or TLS stream does.
+    struct CountedWrites {
+        io: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for CountedWrites {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountedWrites {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            Pin::new(&mut self.io).poll_write(cx, &whole)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// An HTTP/2 server that answers every call with an empty PutResponse.
+    async fn serve(io: DuplexStream) {
+        let mut conn = h2::server::handshake(io).await.expect("server handshake");
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let mut body = request.into_body();
+                while let Some(Ok(chunk)) = body.data().await {
+                    body.flow_control().release_capacity(chunk.len()).expect("capacity");
+                }
+                let head = http::Response::builder().header(CONTENT_TYPE, "application/grpc").body(()).expect("head");
+                let mut send = respond.send_response(head, false).expect("response");
+                send.send_data(frame(&PutResponse::default()), false).expect("data");
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                send.send_trailers(trailers).expect("trailers");
+            });
+        }
+    }
+
+    /// How many writes carry `calls` puts of a 256-byte value made at once, on a connection
+    /// set up by `connect` (after one call that flushes the handshake's own frames).
+    async fn writes_for<F, Fut>(calls: usize, connect: F) -> usize
+    where
+        F: FnOnce(CountedWrites) -> Fut,
+        Fut: Future<Output = Result<h2::client::SendRequest<Bytes>>>,
+    {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(serve(server));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let send = connect(CountedWrites { io: client, writes: writes.clone() }).await.expect("handshake");
+        let conn = Conn { send, base: "http://bench.test".into() };
+        let uri = conn.uri("/etcdserverpb.KV/Put").expect("uri");
+        let put = PutRequest { key: b"k".to_vec(), value: vec![b'v'; 256], ..Default::default() };
+        conn.unary::<_, PutResponse>(&uri, &put).await.expect("first call");
+        let before = writes.load(Ordering::Relaxed);
+        let answers = futures::future::join_all((0..calls).map(|_| conn.unary::<_, PutResponse>(&uri, &put))).await;
+        assert!(answers.iter().all(Result::is_ok), "every call is answered");
+        writes.load(Ordering::Relaxed) - before
+    }
+
+    #[tokio::test]
+    async fn requests_queued_together_leave_in_one_write() {
+        let chained = writes_for(8, drive).await;
+        assert!(chained >= 8, "over a vectored stream h2 writes each such request alone: {chained} writes");
+        let copied = writes_for(8, start).await;
+        assert!(copied <= 2, "the eight requests leave together: {copied} writes");
+    }
 
     #[test]
     fn a_message_survives_its_framing() {
