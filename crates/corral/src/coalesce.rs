@@ -1,9 +1,13 @@
 //! A future that lets every other ready task run before it is polled, so that a connection
-//! writes what they all queued at once.
+//! writes what they all queued at once; and a stream under it that keeps h2 from writing
+//! larger messages one by one.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A connection future that, each time it is woken, first goes to the back of the runtime's
 /// queue, so that every task already ready runs before the connection is polled.
@@ -42,6 +46,40 @@ impl<F: Future> Future for Coalesced<F> {
         }
         self.requeued = false;
         self.inner.as_mut().poll(cx)
+    }
+}
+
+/// A stream that tells h2 it has no vectored writes, so that h2 copies every DATA payload
+/// under 1 KiB into its write buffer instead of chaining it.
+///
+/// Over a stream with vectored writes h2 chains any payload of 256 bytes or more (a put of
+/// a 256-byte value, a range answer holding one) and must write it out before it can buffer
+/// the next frame: each such message then leaves in a `writev` (one TLS record, one segment,
+/// one wake-up of the reader) of its own, whatever [`Coalesced`] gathered. Copied, the
+/// messages queued since the connection last ran leave together.
+pub struct Unvectored<T>(pub T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Unvectored<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Unvectored<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
     }
 }
 

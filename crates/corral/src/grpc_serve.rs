@@ -1,5 +1,5 @@
 //! Serves gRPC routes from an accept loop of our own: TLS by rustls, HTTP/2 by hyper, each
-//! connection in one task whose writes are coalesced (see [`Coalesced`]).
+//! connection in one task whose writes are coalesced (see [`Coalesced`] and [`Unvectored`]).
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use crate::coalesce::Coalesced;
+use crate::coalesce::{Coalesced, Unvectored};
 
 /// Accepts connections on `listener` until `stop` turns true, and serves `routes` on each.
 pub async fn serve(
@@ -44,9 +44,9 @@ pub async fn serve(
             let result = match acceptor {
                 Some(acceptor) => {
                     let Some(tls) = corral_transport::tls::accept(&acceptor, tcp, peer).await else { return };
-                    connection(http.serve_connection(TokioIo::new(tls), service), stop).await
+                    connection(http.serve_connection(TokioIo::new(Unvectored(tls)), service), stop).await
                 }
-                None => connection(http.serve_connection(TokioIo::new(tcp), service), stop).await,
+                None => connection(http.serve_connection(TokioIo::new(Unvectored(tcp)), service), stop).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "gRPC connection ended");

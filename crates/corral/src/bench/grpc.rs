@@ -7,19 +7,18 @@
 //! writes every call queued since it last ran in one go, and reads every answer the same
 //! way. The same client drives Corral and etcd.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, TE};
 use http::{HeaderValue, Method, Request, Uri};
 use prost::Message;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::coalesce::Unvectored;
 
 /// HTTP/2 windows large enough that no answer waits for a WINDOW_UPDATE.
 const STREAM_WINDOW: u32 = 1 << 20;
@@ -103,40 +102,6 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Res
     Ok(send)
 }
 
-/// A stream that tells h2 it has no vectored writes, so that h2 copies every DATA payload
-/// under 1 KiB into its write buffer instead of chaining it.
-///
-/// Over a stream with vectored writes h2 chains any payload of 256 bytes or more (a put of
-/// a 256-byte value is one), and must write it out before it can buffer the next frame: each
-/// request then leaves in a `writev` (one TLS record, one loopback segment, one wake-up of
-/// the server) of its own. Copied, the requests that the clients queued since the
-/// connection last ran leave together, as a gRPC client's buffered writer sends them.
-struct Unvectored<T>(T);
-
-impl<T: AsyncRead + Unpin> AsyncRead for Unvectored<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Unvectored<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-}
-
 /// A gRPC message: uncompressed flag, length, protobuf.
 fn frame<M: Message>(msg: &M) -> Bytes {
     let len = msg.encoded_len();
@@ -175,10 +140,13 @@ fn check_status(headers: &http::HeaderMap) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use std::future::Future;
+    use std::io;
+    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
 
     use corral_proto::etcdserverpb::{PutRequest, PutResponse};
-    use tokio::io::DuplexStream;
+    use tokio::io::{DuplexStream, ReadBuf};
 
     use super::*;
 
