@@ -254,23 +254,28 @@ async fn new_leader_after(target: &Target, survivors: &[String], old: u64, kille
     None
 }
 
+/// Waits until every member answers with a leader and has applied everything in the
+/// cluster's log: a member restarted after the previous kill may still be applying what its
+/// crash left unapplied (Corral replays it from the Raft log after starting; etcd from its
+/// WAL before serving). Killing the leader then would be a second fault, not the one measured.
 async fn wait_all_healthy(target: &Target) -> Result<()> {
     use corral_proto::etcdserverpb::StatusRequest;
     use corral_proto::etcdserverpb::maintenance_client::MaintenanceClient;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut healthy = 0;
+        let mut statuses = Vec::new();
         for url in &target.endpoints {
             let mut client = MaintenanceClient::new(target.channel(url)?);
             let mut req = tonic::Request::new(StatusRequest {});
             req.set_timeout(Duration::from_secs(1));
-            if let Ok(resp) = client.status(req).await
-                && resp.into_inner().leader != 0
-            {
-                healthy += 1;
+            if let Ok(resp) = client.status(req).await {
+                statuses.push(resp.into_inner());
             }
         }
-        if healthy == target.endpoints.len() {
+        let logged = statuses.iter().map(|s| s.raft_index).max().unwrap_or(0);
+        if statuses.len() == target.endpoints.len()
+            && statuses.iter().all(|s| s.leader != 0 && s.raft_applied_index >= logged)
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
