@@ -30,7 +30,7 @@ const MAGIC: &[u8] = b"CORRAL-SNAPSHOT-1\n";
 /// The column families a snapshot carries.
 const SNAPSHOT_CFS: [Cf; 4] = [Cf::Kv, Cf::Rev, Cf::Lease, Cf::Meta];
 const RESTORE_BATCH_BYTES: usize = 8 << 20;
-/// Commands applied in one write at most. Live traffic brings a few entries of up to a few
+/// Commands (an entry without any counting as one) applied in one write at most. Live traffic brings a few entries of up to a few
 /// hundred commands per apply, one write each; a server catching up gets thousands of entries
 /// at once, and applies them in writes of about this many commands, yielding in between.
 const APPLY_CHUNK_COMMANDS: usize = 2048;
@@ -188,23 +188,24 @@ impl StateMachine {
         while commands < APPLY_CHUNK_COMMANDS {
             let Some(entry) = entries.next() else { break };
             self.applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => replies.push(Response::default()),
+            let reply = match entry.payload {
+                EntryPayload::Blank => Response::default(),
                 EntryPayload::Normal(request) => {
-                    let batch = &request.batch().commands;
-                    let mut results = Vec::with_capacity(batch.len());
-                    for cmd in batch {
+                    let mut results = Vec::with_capacity(request.batch().commands.len());
+                    for cmd in &request.batch().commands {
                         results.push(writer.apply(cmd).map_err(|e| StorageIOError::apply(entry.log_id, &e))?);
                     }
-                    commands += batch.len();
-                    replies.push(Response(CommandResults { results }));
+                    Response(CommandResults { results })
                 }
                 EntryPayload::Membership(m) => {
                     fail::fail_point!("sm-membership-apply");
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
-                    replies.push(Response::default());
+                    Response::default()
                 }
-            }
+            };
+            // An entry without commands counts as one, so that a long run of them is bounded too.
+            commands += reply.0.results.len().max(1);
+            replies.push(reply);
         }
         writer.put_meta(APPLIED, encode(&self.applied));
         writer.put_meta(MEMBERSHIP, encode(&self.membership));
